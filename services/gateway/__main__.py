@@ -1,0 +1,3 @@
+from wicore.cli import main
+
+main(["gateway"])

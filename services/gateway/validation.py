@@ -1,0 +1,71 @@
+"""Validation of the public API's requests. Every failure names its field.
+
+Checks that need the model (prompt + max_tokens against the context) happen
+on the worker, which has the tokenizer; its error reaches the client as is.
+"""
+
+from __future__ import annotations
+
+import math
+
+from wicore.config import GatewayConfig
+from wicore.errors import InvalidRequest
+from wicore.v1 import inference_pb2
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_MODEL_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
+
+def validate_generate(request: inference_pb2.GenerateRequest, limits: GatewayConfig) -> None:
+    _check_model(request.model)
+    if not request.prompt:
+        raise InvalidRequest("prompt", "must not be empty")
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise InvalidRequest(
+            "prompt", f"is {len(request.prompt)} characters; the limit is {limits.max_prompt_chars}"
+        )
+    if request.HasField("max_tokens") and request.max_tokens == 0:
+        raise InvalidRequest("max_tokens", "must be at least 1 (leave it unset for the server default)")
+    _check_sampling(request.sampling)
+    if len(request.stop) > limits.max_stop_strings:
+        raise InvalidRequest(
+            "stop", f"has {len(request.stop)} strings; the limit is {limits.max_stop_strings}"
+        )
+    for i, stop in enumerate(request.stop):
+        if not stop:
+            raise InvalidRequest(f"stop[{i}]", "must not be empty")
+        if len(stop) > limits.max_stop_chars:
+            raise InvalidRequest(f"stop[{i}]", f"is longer than {limits.max_stop_chars} characters")
+    if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequest("stop_token_ids", f"has more than {MAX_STOP_TOKEN_IDS} ids")
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest("request_id", f"is longer than {MAX_REQUEST_ID_CHARS} characters")
+    if request.priority not in inference_pb2.Priority.values():
+        raise InvalidRequest("priority", f"unknown value {request.priority}")
+
+
+def validate_tokenize(request: inference_pb2.TokenizeRequest, limits: GatewayConfig) -> None:
+    _check_model(request.model)
+    if len(request.text) > limits.max_prompt_chars:
+        raise InvalidRequest(
+            "text", f"is {len(request.text)} characters; the limit is {limits.max_prompt_chars}"
+        )
+
+
+def _check_model(model: str) -> None:
+    if len(model) > MAX_MODEL_CHARS:
+        raise InvalidRequest("model", f"is longer than {MAX_MODEL_CHARS} characters")
+
+
+def _check_sampling(sampling: inference_pb2.SamplingParams) -> None:
+    if sampling.HasField("temperature"):
+        t = sampling.temperature
+        if not math.isfinite(t) or t < 0:
+            raise InvalidRequest("sampling.temperature", f"must be a finite number >= 0, got {t}")
+    if sampling.HasField("top_p"):
+        p = sampling.top_p
+        if not (math.isfinite(p) and 0 < p <= 1):
+            raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {p}")
+    if sampling.HasField("top_k") and sampling.top_k < 0:
+        raise InvalidRequest("sampling.top_k", f"must be >= 0 (0 disables it), got {sampling.top_k}")

@@ -1,0 +1,1 @@
+"""WiCore scheduler service."""

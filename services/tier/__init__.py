@@ -1,0 +1,1 @@
+"""WiCore tier service."""

@@ -1,0 +1,153 @@
+"""Protobuf <-> tier types, for the tier's servicer only.
+
+A block travels as ordered chunks of one stream:
+
+    chunk 0: header{hash, codec, dtype, shape, payload_bytes, checksum}, offset 0, data[0:c)
+    chunk 1: offset c,  data[c:2c)
+    ...      offsets contiguous; the bytes add up to payload_bytes exactly
+    next block: its own header ...
+
+`ChunkAssembler` checks that protocol and every header field, naming the field
+it rejects, and hands back whole, checksum-verified blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from wicore.errors import InvalidRequest
+from wicore.hashing import BlockHash, payload_checksum, validate_block_hash
+from wicore.tier.store import Codec, StorageTier, StoredBlock, TierStats
+from wicore.v1 import tier_pb2
+
+CODEC_FROM_PROTO = {tier_pb2.CODEC_RAW: Codec.RAW}
+CODEC_TO_PROTO = {codec: proto for proto, codec in CODEC_FROM_PROTO.items()}
+TIER_TO_PROTO = {StorageTier.CPU: tier_pb2.STORAGE_TIER_CPU}
+
+MAX_SHAPE_DIMS = 8
+_DTYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_CHECKSUM_RE = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(slots=True)
+class IncomingBlock:
+    """A block whose header has arrived and whose payload is being assembled."""
+
+    block_hash: BlockHash
+    codec: Codec
+    dtype: str
+    shape: tuple[int, ...]
+    payload_bytes: int
+    checksum: str
+    buffer: bytearray = field(default_factory=bytearray)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.buffer) == self.payload_bytes
+
+
+def header_from_proto(header: tier_pb2.BlockHeader, max_block_bytes: int) -> IncomingBlock:
+    block_hash = validate_block_hash(header.block_hash, "header.block_hash")
+    codec = CODEC_FROM_PROTO.get(header.codec)
+    if codec is None:
+        supported = sorted(tier_pb2.Codec.Name(c) for c in CODEC_FROM_PROTO)
+        raise InvalidRequest("header.codec", f"unsupported codec {header.codec} (supported: {supported})")
+    if _DTYPE_RE.fullmatch(header.dtype) is None:
+        raise InvalidRequest("header.dtype", f"expected a dtype name like 'float16', got {header.dtype!r}")
+    if len(header.shape) > MAX_SHAPE_DIMS:
+        raise InvalidRequest("header.shape", f"at most {MAX_SHAPE_DIMS} dimensions, got {len(header.shape)}")
+    if not 0 < header.payload_bytes <= max_block_bytes:
+        raise InvalidRequest(
+            "header.payload_bytes", f"must be between 1 and {max_block_bytes}, got {header.payload_bytes}"
+        )
+    if _CHECKSUM_RE.fullmatch(header.checksum) is None:
+        raise InvalidRequest("header.checksum", "expected 32 lowercase hex characters (blake2b-128)")
+    return IncomingBlock(
+        block_hash, codec, header.dtype, tuple(header.shape), header.payload_bytes, header.checksum
+    )
+
+
+class ChunkAssembler:
+    """Turns a PutBlocks chunk stream into whole blocks, one at a time."""
+
+    def __init__(self, max_block_bytes: int) -> None:
+        self._max_block_bytes = max_block_bytes
+        self._current: IncomingBlock | None = None
+
+    def feed(self, chunk: tier_pb2.BlockChunk) -> IncomingBlock | None:
+        """Adds one chunk; returns the block it completes, if any."""
+        block_hash = validate_block_hash(chunk.block_hash, "block_hash")
+        current = self._current
+        if current is None:
+            if not chunk.HasField("header"):
+                raise InvalidRequest("header", f"the first chunk of block {block_hash} must carry its header")
+            current = header_from_proto(chunk.header, self._max_block_bytes)
+            if current.block_hash != block_hash:
+                raise InvalidRequest("header.block_hash", f"{current.block_hash} != chunk's {block_hash}")
+            self._current = current
+        elif chunk.HasField("header") or block_hash != current.block_hash:
+            raise InvalidRequest("data", self._short(current))
+        if chunk.offset != len(current.buffer):
+            raise InvalidRequest(
+                "offset", f"block {block_hash}: expected offset {len(current.buffer)}, got {chunk.offset}"
+            )
+        if len(current.buffer) + len(chunk.data) > current.payload_bytes:
+            raise InvalidRequest("data", f"block {block_hash}: over payload_bytes={current.payload_bytes}")
+        current.buffer += chunk.data
+        if not current.complete:
+            return None
+        self._current = None
+        if payload_checksum(current.buffer) != current.checksum:
+            raise InvalidRequest("header.checksum", f"block {block_hash}: payload does not match checksum")
+        return current
+
+    def finish(self) -> None:
+        """Raises if the stream ended in the middle of a block."""
+        if self._current is not None:
+            raise InvalidRequest("data", self._short(self._current))
+
+    @staticmethod
+    def _short(block: IncomingBlock) -> str:
+        return f"block {block.block_hash} ended after {len(block.buffer)} of {block.payload_bytes} bytes"
+
+
+def block_to_chunks(block: StoredBlock, chunk_bytes: int) -> Iterator[tier_pb2.BlockChunk]:
+    """One block as ordered chunks of at most `chunk_bytes`; the first carries the header."""
+    header = tier_pb2.BlockHeader(
+        block_hash=block.block_hash,
+        codec=CODEC_TO_PROTO[block.codec],
+        dtype=block.dtype,
+        shape=block.shape,
+        payload_bytes=block.nbytes,
+        checksum=block.checksum,
+    )
+    payload = block.payload
+    for offset in range(0, len(payload), chunk_bytes):
+        chunk = tier_pb2.BlockChunk(
+            block_hash=block.block_hash, offset=offset, data=payload[offset : offset + chunk_bytes]
+        )
+        if offset == 0:
+            chunk.header.CopyFrom(header)
+        yield chunk
+
+
+def hashes_from_proto(values: Sequence[str], field_name: str, limit: int) -> list[BlockHash]:
+    if len(values) > limit:
+        raise InvalidRequest(field_name, f"at most {limit} hashes per request, got {len(values)}")
+    return [validate_block_hash(v, f"{field_name}[{i}]") for i, v in enumerate(values)]
+
+
+def stats_to_proto(stats: TierStats) -> tier_pb2.TierStats:
+    return tier_pb2.TierStats(
+        tier=TIER_TO_PROTO[stats.tier],
+        capacity_bytes=stats.capacity_bytes,
+        used_bytes=stats.used_bytes,
+        blocks=stats.blocks,
+        hits=stats.hits,
+        misses=stats.misses,
+        bytes_in=stats.bytes_in,
+        bytes_out=stats.bytes_out,
+        evictions=stats.evictions,
+    )

@@ -1,0 +1,1 @@
+"""WiCore worker service."""

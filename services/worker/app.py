@@ -1,0 +1,142 @@
+"""Worker process: load the model, serve `wicore.v1.Worker`, register with the
+scheduler and keep heartbeating until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from wicore.config import Config
+from wicore.server import CHANNEL_OPTIONS, ServiceServer
+from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
+from wicore.worker.async_engine import AsyncEngine
+from wicore.worker.convert import ModelDefaults
+from wicore.worker.engine import SequentialEngine
+from wicore.worker.model_files import resolve_model
+from wicore.worker.servicer import WorkerServicer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(config: Config) -> tuple[str, Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wc = config.worker
+    if wc.dtype not in DTYPES:
+        raise ValueError(f"worker.dtype: {wc.dtype!r} is not one of {sorted(DTYPES)}")
+    source = resolve_model(wc.model, config.cache_path, wc.model_id)
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[wc.dtype])
+    model = model.to(torch_device(wc.device)).eval()  # type: ignore[arg-type]
+    log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
+    return source.model_id, model, tokenizer
+
+
+def torch_device(device: str) -> torch.device:
+    """`cpu` or `gpu:N` (the seed's names) -> a torch device."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("gpu:") and device[4:].isdigit():
+        return torch.device("cuda", int(device[4:]))
+    raise ValueError(f"worker.device: {device!r} is neither 'cpu' nor 'gpu:N'")
+
+
+class Registration:
+    """Registers with the scheduler and heartbeats; re-registers when forgotten."""
+
+    def __init__(self, config: Config, request: scheduler_pb2.RegisterWorkerRequest, engine: AsyncEngine):
+        self.address = f"{config.scheduler.host}:{config.scheduler.port}"
+        self.request = request
+        self.engine = engine
+        self.interval = config.scheduler.heartbeat_interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def _load(self) -> scheduler_pb2.WorkerLoad:
+        stats = self.engine.stats()
+        return scheduler_pb2.WorkerLoad(
+            running=stats.running, waiting=stats.waiting, free_blocks=stats.free_blocks
+        )
+
+    async def _run(self) -> None:
+        registered = False
+        async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            while True:
+                try:
+                    if not registered:
+                        self.request.load.CopyFrom(self._load())
+                        reply = await stub.RegisterWorker(self.request, timeout=2.0)
+                        self.interval = reply.heartbeat_interval_s or self.interval
+                        registered = True
+                        log.info("registered with the scheduler at %s", self.address)
+                    else:
+                        beat = scheduler_pb2.HeartbeatRequest(
+                            worker_id=self.request.worker_id, load=self._load()
+                        )
+                        registered = (await stub.Heartbeat(beat, timeout=2.0)).known
+                except grpc.aio.AioRpcError as exc:
+                    if registered:
+                        log.warning("scheduler unreachable (%s); will re-register", exc.code().name)
+                    registered = False
+                await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            try:
+                await stub.DeregisterWorker(
+                    scheduler_pb2.DeregisterWorkerRequest(worker_id=self.request.worker_id), timeout=2.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("could not deregister: %s", exc.code().name)
+
+
+async def serve(config: Config) -> None:
+    wc = config.worker
+    server = ServiceServer("worker", wc.host, wc.port, config.shutdown_grace_s)
+    model_id, model, tokenizer = await asyncio.to_thread(load_model, config)
+    defaults = ModelDefaults.from_model(model, wc.default_max_tokens)
+    engine = AsyncEngine(SequentialEngine(model, max_running=wc.max_batch_size), tokenizer)
+    engine.start()
+    servicer = WorkerServicer(engine, tokenizer, model_id, defaults)
+    server.add(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, "wicore.v1.Worker")
+    await server.start()
+    stats = engine.stats()
+    registration = Registration(
+        config,
+        scheduler_pb2.RegisterWorkerRequest(
+            worker_id=f"{wc.device}@{wc.host}:{wc.port}",
+            address=f"{wc.host}:{wc.port}",
+            device=wc.device,
+            model=model_id,
+            max_context=defaults.max_context,
+            total_blocks=stats.total_blocks,
+            block_size=stats.block_size,
+            max_batch_size=wc.max_batch_size,
+        ),
+        engine,
+    )
+    await server.set_serving(True)
+    registration.start()
+
+    async def drain() -> None:
+        # Leave the registry first so no new work arrives, then let streams finish.
+        await registration.stop()
+
+    try:
+        await server.serve_until_signal(drain)
+    finally:
+        engine.stop()

@@ -1,0 +1,141 @@
+"""Runs an `Engine` on its own thread and streams deltas to asyncio callers.
+
+    gRPC handlers (event loop)          engine thread
+    ───────────────────────────         ─────────────────────────────
+    generate() ── inbox: add ─────────▶ engine.add_request()
+    (cancel)   ── inbox: abort ───────▶ engine.abort_request()
+    queue.get() ◀─ call_soon_threadsafe ─ engine.step() -> TextStream.push()
+
+The engine is touched by its thread only. A stop string found by the text
+stream finishes the request and aborts it in the engine in the same step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from wicore.errors import InvalidRequest, NotReady
+from wicore.worker.engine import Engine
+from wicore.worker.engine_types import EngineRequest, EngineStats
+from wicore.worker.output import Delta, TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Active:
+    stream: TextStream
+    queue: asyncio.Queue[Delta | BaseException]
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, tokenizer: Any) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._active: dict[str, _Active] = {}
+        self._stats = engine.stats()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def generate(self, request: EngineRequest, stop: tuple[str, ...] = ()) -> AsyncIterator[Delta]:
+        """Yields deltas until the request finishes; aborts it if the caller goes away."""
+        if self._stopped:
+            raise NotReady("worker is shutting down")
+        active = _Active(
+            TextStream(self.tokenizer, stop, prompt_tokens=len(request.prompt_token_ids)),
+            asyncio.Queue(),
+            asyncio.get_running_loop(),
+        )
+        self._send("add", (request, active))
+        finished = False
+        try:
+            while True:
+                item = await active.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._send("abort", request.request_id)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._stats = self.engine.stats()
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:
+                log.exception("engine step failed; failing %d requests", len(self._active))
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                active = self._active.get(out.request_id)
+                if active is None:
+                    continue
+                delta = active.stream.push(out.new_token_ids, out.finish_reason, out.cached_tokens)
+                if delta.finish_reason is not None:
+                    del self._active[out.request_id]
+                    if not out.finished:  # ended by a stop string
+                        self.engine.abort_request(out.request_id)
+                active.loop.call_soon_threadsafe(active.queue.put_nowait, delta)
+            self._stats = self.engine.stats()
+        self._fail_all(NotReady("worker stopped"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request, active = payload
+                try:
+                    self.engine.add_request(request)
+                except ValueError as exc:  # a duplicate request id
+                    error = InvalidRequest("request_id", str(exc))
+                    active.loop.call_soon_threadsafe(active.queue.put_nowait, error)
+                    continue
+                self._active[request.request_id] = active
+            elif kind == "abort" and self._active.pop(payload, None) is not None:
+                self.engine.abort_request(payload)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for request_id, active in list(self._active.items()):
+            self.engine.abort_request(request_id)
+            active.loop.call_soon_threadsafe(active.queue.put_nowait, exc)
+        self._active.clear()

@@ -1,0 +1,97 @@
+"""Protobuf <-> engine types, for the worker's servicer only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from wicore.errors import InvalidRequest, Overloaded
+from wicore.v1 import inference_pb2
+from wicore.worker.engine_types import EngineRequest, FinishReason, SamplingParams
+from wicore.worker.output import Delta
+
+FINISH_TO_PROTO = {
+    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: inference_pb2.FINISH_REASON_UNSPECIFIED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDefaults:
+    """What "unset" means for this model: its generation_config, else greedy."""
+
+    sampling: SamplingParams
+    eos_token_ids: frozenset[int]
+    max_context: int
+    default_max_tokens: int
+
+    @classmethod
+    def from_model(cls, model: Any, default_max_tokens: int) -> ModelDefaults:
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
+        eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        if gen.do_sample:
+            sampling = SamplingParams(
+                temperature=float(gen.temperature or 1.0),
+                top_p=float(gen.top_p or 1.0),
+                top_k=int(gen.top_k or 0),
+            )
+        else:
+            sampling = SamplingParams()
+        max_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        return cls(sampling, eos_ids, max_context, default_max_tokens)
+
+
+def sampling_from_proto(msg: inference_pb2.SamplingParams, defaults: SamplingParams) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=msg.temperature if msg.HasField("temperature") else defaults.temperature,
+            top_p=msg.top_p if msg.HasField("top_p") else defaults.top_p,
+            top_k=msg.top_k if msg.HasField("top_k") else defaults.top_k,
+            seed=msg.seed if msg.HasField("seed") else None,
+        )
+    except ValueError as exc:
+        raise InvalidRequest("sampling", str(exc)) from None
+
+
+def engine_request(
+    request: inference_pb2.GenerateRequest, prompt_ids: list[int], defaults: ModelDefaults
+) -> EngineRequest:
+    room = defaults.max_context - len(prompt_ids)
+    if request.HasField("max_tokens"):
+        if request.max_tokens > room:
+            raise Overloaded(
+                f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
+                f"exceeds the model's context of {defaults.max_context} tokens"
+            )
+        max_new = request.max_tokens
+    else:
+        if room < 1:
+            raise Overloaded(
+                f"prompt: {len(prompt_ids)} tokens leave no room in the model's context "
+                f"of {defaults.max_context} tokens"
+            )
+        max_new = min(defaults.default_max_tokens, room)
+    stop_ids = frozenset(request.stop_token_ids)
+    if not request.ignore_eos:
+        stop_ids |= defaults.eos_token_ids
+    return EngineRequest(
+        request_id=request.request_id,
+        prompt_token_ids=prompt_ids,
+        max_new_tokens=max_new,
+        sampling=sampling_from_proto(request.sampling, defaults.sampling),
+        stop_token_ids=stop_ids,
+    )
+
+
+def delta_to_proto(delta: Delta, request_id: str, model_id: str) -> inference_pb2.GenerateStreamResponse:
+    msg = inference_pb2.GenerateStreamResponse(
+        request_id=request_id, text=delta.text, token_ids=delta.token_ids, model=model_id
+    )
+    if delta.finish_reason is not None:
+        msg.finish_reason = FINISH_TO_PROTO[delta.finish_reason]
+        msg.usage.prompt_tokens = delta.prompt_tokens
+        msg.usage.completion_tokens = delta.completion_tokens
+        msg.usage.cached_tokens = delta.cached_tokens
+    return msg

@@ -1,0 +1,70 @@
+"""Turns token ids into text deltas, and ends requests on stop strings.
+
+Invariants of `TextStream`:
+- the deltas it returns, joined, are the final text;
+- no delta ends in the middle of a UTF-8 character (text ending in U+FFFD is
+  held back until the next token completes it, or the request ends);
+- while a request runs, the last `len(longest stop string) - 1` characters are
+  held back, so a stop string split across tokens never leaks a prefix;
+- a stop string ends the request; the text stops right before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from wicore.worker.engine_types import FinishReason
+
+
+@dataclass(slots=True)
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class TextStream:
+    tokenizer: Any
+    stop: tuple[str, ...] = ()
+    prompt_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    sent: str = ""
+    finished: bool = False
+
+    def push(self, new_ids: list[int], finish_reason: FinishReason | None, cached_tokens: int = 0) -> Delta:
+        """Adds one step's tokens; returns the delta to send (possibly empty text)."""
+        self.token_ids.extend(new_ids)
+        text = self.tokenizer.decode(
+            self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        stop_at = self._find_stop(text)
+        if stop_at is not None:
+            text, finish_reason = text[:stop_at], FinishReason.STOP
+        if finish_reason is None:
+            visible = len(text) - max((len(s) for s in self.stop), default=1) + 1
+            while visible > len(self.sent) and text[visible - 1] == "\ufffd":
+                visible -= 1
+            text = text[: max(visible, len(self.sent))]
+        self.finished = finish_reason is not None
+        delta_text = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent += delta_text
+        return Delta(
+            text=delta_text,
+            token_ids=list(new_ids),
+            finish_reason=finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.token_ids),
+            cached_tokens=cached_tokens,
+        )
+
+    def _find_stop(self, text: str) -> int | None:
+        if not self.stop:
+            return None
+        start = max(0, len(self.sent) - max(len(s) for s in self.stop))
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None

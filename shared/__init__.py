@@ -1,0 +1,3 @@
+"""WiCore: LLM serving as gRPC microservices (gateway, scheduler, workers, memory tiers)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""The `wicore` command: run one service, all of them (`up`), or a client.
+
+wicore up [--model PATH] [--port 50051] [--workers N] ...   everything, locally
+wicore gateway|scheduler|worker|tier [--config F] [--set section.key=value]...
+wicore generate "prompt" [--addr 127.0.0.1:50051] [--max-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from wicore.config import Config, config_from_environ
+from wicore.errors import ConfigError
+from wicore.logs import setup_logging
+
+SERVICES = ("gateway", "scheduler", "worker", "tier")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting (repeatable), e.g. --set worker.max_batch_size=8",
+    )
+    parser.add_argument("--state-dir", help="where runtime state lives (default ~/.wicore)")
+    parser.add_argument("--redis-url", help="Redis URL, e.g. redis://127.0.0.1:6379/0 or unix:///path.sock")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wicore", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Redis (if none answers) and every service, locally")
+    _common(up)
+    up.add_argument("--port", type=int, help="public API port (default 50051)")
+    up.add_argument("--model", help="'smollm2' (default) or a local Hugging Face model directory")
+    up.add_argument("--device", help="worker devices, comma-separated: cpu, gpu:0, ... (default cpu)")
+    up.add_argument("--workers", type=int, default=1, help="number of worker processes (default 1)")
+
+    for name in SERVICES:
+        svc = sub.add_parser(name, help=f"run the {name} service")
+        _common(svc)
+        svc.add_argument("--port", type=int, help=f"port of the {name} service")
+        if name == "worker":
+            svc.add_argument("--model", help="'smollm2' (default) or a local Hugging Face model directory")
+            svc.add_argument("--device", help="cpu or gpu:N")
+
+    gen = sub.add_parser("generate", help="stream a completion from a running gateway")
+    gen.add_argument("prompt")
+    gen.add_argument("--addr", default="127.0.0.1:50051")
+    gen.add_argument("--model", default="")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--api-key", default="")
+    return parser
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        overrides[key] = yaml.safe_load(value) if value else ""
+    if args.state_dir:
+        overrides["state_dir"] = args.state_dir
+    if args.redis_url:
+        overrides["redis.url"] = args.redis_url
+    section = "gateway" if args.command == "up" else args.command
+    if getattr(args, "port", None) is not None:
+        overrides[f"{section}.port"] = args.port
+    if getattr(args, "model", None):
+        overrides["worker.model"] = args.model
+    if getattr(args, "device", None) and args.command == "worker":
+        overrides["worker.device"] = args.device
+    return overrides
+
+
+def load(args: argparse.Namespace) -> Config:
+    return config_from_environ(args.config, overrides_from_args(args))
+
+
+def main(prefix: Sequence[str] = ()) -> None:
+    argv = [*prefix, *sys.argv[1:]]
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            from wicore.client import generate_to_terminal
+
+            sys.exit(asyncio.run(generate_to_terminal(args)))
+        config = load(args)
+        if args.command == "up":
+            from wicore.launcher import run_up
+
+            sys.exit(run_up(config, workers=args.workers, devices=args.device))
+        setup_logging(args.command, config.log_level)
+        app = importlib.import_module(f"wicore.{args.command}.app")
+        asyncio.run(app.serve(config))
+    except ConfigError as exc:
+        print(f"wicore: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

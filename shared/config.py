@@ -1,0 +1,236 @@
+"""One typed, frozen configuration for every service.
+
+Sources, later ones winning: the defaults below, a YAML file (`--config`), the
+environment (`WICORE_<SECTION>__<FIELD>=value`, e.g. `WICORE_GATEWAY__PORT=8001`)
+and command-line flags. `load_config` is called once, in each process's entry
+point, and the result is passed down; nothing below reads the environment.
+
+The section names `gpu_config`, `gpu_pool_config` and `a2cr_config` are those of
+the performance guide (DESIGN.md §1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wicore.errors import ConfigError
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CudaOptimization:
+    mixed_precision: str = "fp32"  # fp32 | fp16 | bf16
+
+
+@dataclass(frozen=True, slots=True)
+class GpuConfig:
+    target_devices: tuple[str, ...] = ("cpu",)
+    memory_limit_per_gpu: float = 16.0  # GiB of KV pool per device
+    enable_p2p: bool = False
+    cuda_optimization: CudaOptimization = field(default_factory=CudaOptimization)
+    enable_tensor_cores: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GpuPoolConfig:
+    initial_size: int = 0
+    max_size: int = 0
+    block_size: int = 4096  # byte alignment of pool allocations
+    enable_defragmentation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class A2crConfig:
+    time_decay_factor: float = 0.05
+    attention_weight: float = 0.4
+    frequency_weight: float = 0.3
+    recency_weight: float = 0.3
+    eviction_threshold: float = 0.2
+    cleanup_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    max_concurrent_requests: int = 256
+    max_prompt_chars: int = 1_000_000
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50052
+    heartbeat_interval_s: float = 1.0
+    worker_timeout_s: float = 5.0  # a worker silent this long is dropped
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50060  # worker i of `wicore up` listens on port + i
+    model: str = "smollm2"  # "smollm2" (the bundled default) or a local HF model directory
+    model_id: str = ""  # the name clients use; default: derived from the model
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 16
+    default_max_tokens: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class TierConfig:
+    host: str = "127.0.0.1"
+    port: int = 50053
+    cpu_capacity_bytes: int = 2 * GiB
+    chunk_bytes: int = 1 * MiB  # well under gRPC's 4 MiB message limit
+    max_block_bytes: int = 256 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "wicore"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    tier: TierConfig = field(default_factory=TierConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    gpu_config: GpuConfig = field(default_factory=GpuConfig)
+    gpu_pool_config: GpuPoolConfig = field(default_factory=GpuPoolConfig)
+    a2cr_config: A2crConfig = field(default_factory=A2crConfig)
+    state_dir: str = "~/.wicore"
+    cache_dir: str = "~/.cache/wicore"
+    log_level: str = "INFO"
+    shutdown_grace_s: float = 10.0
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+
+ENV_PREFIX = "WICORE_"
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Builds the config from file, environment and dotted overrides ("gateway.port": 1)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).expanduser().read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for key, raw in (env or {}).items():
+        dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+        # Other WICORE_* variables (test settings, say) are not configuration.
+        if key.startswith(ENV_PREFIX) and dotted.split(".")[0] in sections:
+            _set_dotted(data, dotted, yaml.safe_load(raw) if raw != "" else "")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    return _build(Config, data, "")
+
+
+def config_from_environ(path: str | Path | None, overrides: Mapping[str, Any]) -> Config:
+    """The entry points' way in: file + this process's environment + flags."""
+    return load_config(path, os.environ, overrides)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain data (tuples as lists) that `load_config` reads back unchanged."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return typing.cast(dict[str, Any], plain(config))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where + '.' if where else ''}{unknown[0]}: unknown setting (known: {sorted(names)})"
+        )
+    kwargs = {
+        name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
+        for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: unsupported union type")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {hint!r}")

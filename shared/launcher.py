@@ -1,0 +1,170 @@
+"""`wicore up`: every service as its own process on this machine.
+
+    redis (configured, or private)  ─┐
+    tier :50053                      │  started in this order, each waited on
+    scheduler :50052                 │  until grpc.health says SERVING
+    worker :50060 (+i for worker i)  │
+    gateway :50051 (public)         ─┘  stopped in the reverse order
+
+Children get the resolved config as a file in the state directory. A child
+that dies is restarted (at most RESTARTS_PER_MINUTE times a minute; a worker
+registers again by itself); past that, or if one fails to start, all are
+stopped. Ctrl-C or SIGTERM stops every child within 15 s (SIGTERM, then
+SIGKILL); children also get SIGTERM if this process dies abruptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import yaml
+
+from wicore.config import Config, to_dict
+from wicore.redis_server import redis_answers, start_private_redis
+from wicore.server import wait_for_serving
+from wicore.worker.model_files import resolve_model
+
+STOP_TIMEOUT_S = 12.0
+READY_TIMEOUT_S = 300.0
+RESTARTS_PER_MINUTE = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(slots=True)
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    address: str | None  # gRPC address to health-check; None for Redis
+    args: list[str] = field(default_factory=list)  # how to start it again
+    restarts: list[float] = field(default_factory=list)  # when it was restarted
+
+    def may_restart(self, now: float) -> bool:
+        """At most RESTARTS_PER_MINUTE restarts in any minute; Redis is never restarted."""
+        self.restarts = [t for t in self.restarts if now - t < 60]
+        return bool(self.args) and len(self.restarts) < RESTARTS_PER_MINUTE
+
+
+def _say(message: str) -> None:
+    print(f"wicore: {message}", file=sys.stderr, flush=True)
+
+
+def _spawn(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "wicore", *args],
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches `up` only; it stops the children in order
+        preexec_fn=_die_with_parent,
+    )
+
+
+def _stop(children: list[Child]) -> None:
+    for child in reversed(children):
+        if child.proc.poll() is None:
+            child.proc.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for child in reversed(children):
+        try:
+            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _say(f"{child.name} did not stop in time; killing it")
+            child.proc.kill()
+            child.proc.wait()
+
+
+def prepare(config: Config, devices: str | None) -> tuple[Config, list[str]]:
+    """Resolves the model (converting the default once) and the device list."""
+    source = resolve_model(config.worker.model, config.cache_path, config.worker.model_id)
+    worker = dataclasses.replace(config.worker, model=str(source.path), model_id=source.model_id)
+    device_list = [d.strip() for d in (devices or config.worker.device).split(",") if d.strip()]
+    return dataclasses.replace(config, worker=worker), device_list
+
+
+def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
+    if workers < 1:
+        _say("--workers must be at least 1")
+        return 2
+    state = config.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    children: list[Child] = []
+    stop_requested = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        config, device_list = prepare(config, devices)
+        if not redis_answers(config.redis.url):
+            _say(f"no Redis answers at {config.redis.url}; starting a private one in {state}")
+            proc, url = start_private_redis(state)
+            children.append(Child("redis", proc, None))
+            config = dataclasses.replace(config, redis=dataclasses.replace(config.redis, url=url))
+        config_path = state / "config.yaml"
+        config_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        base = ["--config", str(config_path)]
+        plan: list[tuple[str, list[str], str]] = [
+            ("tier", ["tier", *base], f"{config.tier.host}:{config.tier.port}"),
+            ("scheduler", ["scheduler", *base], f"{config.scheduler.host}:{config.scheduler.port}"),
+        ]
+        for i in range(workers):
+            port = config.worker.port + i
+            device = device_list[i % len(device_list)]
+            args = ["worker", *base, "--port", str(port), "--device", device]
+            plan.append((f"worker-{i}", args, f"{config.worker.host}:{port}"))
+        plan.append(("gateway", ["gateway", *base], f"{config.gateway.host}:{config.gateway.port}"))
+        for name, args, address in plan:
+            if stop_requested:
+                break
+            children.append(Child(name, _spawn(name, args), address, args))
+            if not _wait_ready(children[-1], lambda: stop_requested) and not stop_requested:
+                _say(f"{name} did not become ready; stopping everything")
+                return 1
+        if stop_requested:
+            return 0
+        _say(
+            f"serving {config.worker.model_id} on {config.gateway.host}:{config.gateway.port} "
+            f"({workers} worker{'s' if workers > 1 else ''}); Ctrl-C stops"
+        )
+        while not stop_requested:
+            for child in children:
+                if child.proc.poll() is None:
+                    continue
+                if not child.may_restart(time.monotonic()):
+                    _say(f"{child.name} exited with {child.proc.returncode}; stopping everything")
+                    return 1
+                _say(f"{child.name} exited with {child.proc.returncode}; restarting it")
+                child.restarts.append(time.monotonic())
+                child.proc = _spawn(child.name, child.args)
+            time.sleep(0.2)
+        return 0
+    finally:
+        if children:
+            _say("stopping...")
+        _stop(children)
+
+
+def _wait_ready(child: Child, stopping: Callable[[], bool]) -> bool:
+    assert child.address is not None
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None or stopping():
+            return False
+        if asyncio.run(wait_for_serving(child.address, timeout_s=1.0)):
+            return True
+    return False

@@ -1,0 +1,35 @@
+"""Fixtures shared by every test: a tiny model directory, a real Redis."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wicore.redis_server import redis_answers, start_private_redis
+
+from tiny_models import save_tiny_llama
+
+DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """WICORE_TEST_REDIS_URL, else the local default, else a private redis-server."""
+    url = os.environ.get("WICORE_TEST_REDIS_URL", DEFAULT_TEST_REDIS)
+    if redis_answers(url):
+        yield url
+        return
+    proc, private_url = start_private_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield private_url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

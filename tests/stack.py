@@ -1,0 +1,145 @@
+"""Runs the whole WiCore stack (`wicore up`) as processes, for service tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wicore.server import wait_for_serving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_pids(pid: int) -> set[int]:
+    """All descendants of pid, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[bytes]
+    gateway: str
+    scheduler: str
+    tier: str
+    workers: list[str]
+    namespace: str
+    state_dir: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for pid in child_pids(self.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start_stack(
+    tmp: Path,
+    model: str,
+    redis_url: str,
+    workers: int = 1,
+    settings: dict[str, Any] | None = None,
+    ready_timeout_s: float = 240.0,
+) -> Stack:
+    namespace = f"wicore-test-{uuid.uuid4().hex[:8]}"
+    ports = {name: free_port() for name in ("gateway", "scheduler", "tier")}
+    worker_base = free_port()
+    config: dict[str, Any] = {
+        "gateway": {"port": ports["gateway"]},
+        "scheduler": {"port": ports["scheduler"], "heartbeat_interval_s": 0.2, "worker_timeout_s": 2.0},
+        "tier": {"port": ports["tier"], "cpu_capacity_bytes": 64 << 20},
+        "worker": {"port": worker_base, "model": model, "max_batch_size": 8},
+        "redis": {"url": redis_url, "namespace": namespace},
+        "state_dir": str(tmp / "state"),
+        "shutdown_grace_s": 10.0,
+    }
+    for dotted, value in (settings or {}).items():
+        section, key = dotted.split(".")
+        config.setdefault(section, {})[key] = value
+    cfg = tmp / "wicore.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    log_path = tmp / "up.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wicore", "up", "--config", str(cfg), "--workers", str(workers)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    stack = Stack(
+        proc=proc,
+        gateway=f"127.0.0.1:{ports['gateway']}",
+        scheduler=f"127.0.0.1:{ports['scheduler']}",
+        tier=f"127.0.0.1:{ports['tier']}",
+        workers=[f"127.0.0.1:{worker_base + i}" for i in range(workers)],
+        namespace=namespace,
+        state_dir=tmp / "state",
+        log_path=log_path,
+    )
+    deadline = time.monotonic() + ready_timeout_s
+    while not asyncio.run(wait_for_serving(stack.gateway, timeout_s=1.0)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stack.stop()
+            raise RuntimeError(f"wicore up did not become ready:\n{stack.log()[-4000:]}")
+    # The gateway is the last to start; its SERVING means everything is up, but
+    # the worker registers asynchronously: wait until the scheduler knows it.
+    _wait_registered(stack, workers, deadline)
+    return stack
+
+
+def _wait_registered(stack: Stack, workers: int, deadline: float) -> None:
+    import grpc
+
+    from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    with grpc.insecure_channel(stack.scheduler) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        while len(stub.ListWorkers(scheduler_pb2.ListWorkersRequest()).workers) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not register:\n{stack.log()[-4000:]}")
+            time.sleep(0.05)
