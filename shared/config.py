@@ -87,8 +87,11 @@ class WorkerConfig:
     model_id: str = ""  # the name clients use; default: derived from the model
     device: str = "cpu"
     dtype: str = "float32"
-    max_batch_size: int = 16
+    max_batch_size: int = 64  # sequences running at once
     default_max_tokens: int = 256
+    block_size: int = 16  # tokens per KV block
+    kv_cache_bytes: int = 1 * GiB  # KV pool on CPU; on a GPU gpu_config.memory_limit_per_gpu
+    max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
 
 
 @dataclass(frozen=True, slots=True)

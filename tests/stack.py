@@ -93,7 +93,7 @@ def start_stack(
         "gateway": {"port": ports["gateway"]},
         "scheduler": {"port": ports["scheduler"], "heartbeat_interval_s": 0.2, "worker_timeout_s": 2.0},
         "tier": {"port": ports["tier"], "cpu_capacity_bytes": 64 << 20},
-        "worker": {"port": worker_base, "model": model, "max_batch_size": 8},
+        "worker": {"port": worker_base, "model": model, "max_batch_size": 8, "kv_cache_bytes": 64 << 20},
         "redis": {"url": redis_url, "namespace": namespace},
         "state_dir": str(tmp / "state"),
         "shutdown_grace_s": 10.0,

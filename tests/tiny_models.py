@@ -60,3 +60,61 @@ def save_tiny_llama(path: Path, seed: int = 0, max_context: int = 4096) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _common(tokenizer: PreTrainedTokenizerFast, max_context: int) -> dict[str, object]:
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_context,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
+def _config(family: str, tokenizer: PreTrainedTokenizerFast, max_context: int):  # type: ignore[no-untyped-def]
+    from transformers import Gemma3TextConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = _common(tokenizer, max_context)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":  # every layer slides over the last 8 positions
+        return MistralConfig(**common, sliding_window=8)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3":  # q/k norms, explicit head_dim
+        return Qwen3Config(**common, head_dim=16)
+    if family == "gemma3":  # local layers slide over 8 positions; every 4th layer is global
+        return Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            query_pre_attn_scalar=16,
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+
+def save_tiny(family: str, path: Path, seed: int = 0, max_context: int = 1024) -> Path:
+    """A tiny model of `family` with random weights, saved like a real checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = _config(family, tokenizer, max_context)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

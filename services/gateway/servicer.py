@@ -69,6 +69,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             reply.request_id, reply.model = msg.request_id, msg.model
             text.append(msg.text)
             reply.token_ids.extend(msg.token_ids)
+            reply.logprobs.extend(msg.logprobs)
             if msg.finish_reason:
                 reply.finish_reason = msg.finish_reason
                 reply.usage.CopyFrom(msg.usage)

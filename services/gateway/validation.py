@@ -15,6 +15,8 @@ from wicore.v1 import inference_pb2
 MAX_REQUEST_ID_CHARS = 128
 MAX_MODEL_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20
+MAX_CACHE_SALT_CHARS = 256
 
 
 def validate_generate(request: inference_pb2.GenerateRequest, limits: GatewayConfig) -> None:
@@ -43,6 +45,10 @@ def validate_generate(request: inference_pb2.GenerateRequest, limits: GatewayCon
         raise InvalidRequest("request_id", f"is longer than {MAX_REQUEST_ID_CHARS} characters")
     if request.priority not in inference_pb2.Priority.values():
         raise InvalidRequest("priority", f"unknown value {request.priority}")
+    if request.HasField("logprobs") and request.logprobs > MAX_LOGPROBS:
+        raise InvalidRequest("logprobs", f"must be at most {MAX_LOGPROBS}, got {request.logprobs}")
+    if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise InvalidRequest("cache_salt", f"is longer than {MAX_CACHE_SALT_CHARS} characters")
 
 
 def validate_tokenize(request: inference_pb2.TokenizeRequest, limits: GatewayConfig) -> None:
@@ -69,3 +75,11 @@ def _check_sampling(sampling: inference_pb2.SamplingParams) -> None:
             raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {p}")
     if sampling.HasField("top_k") and sampling.top_k < 0:
         raise InvalidRequest("sampling.top_k", f"must be >= 0 (0 disables it), got {sampling.top_k}")
+    if sampling.HasField("min_p"):
+        m = sampling.min_p
+        if not (math.isfinite(m) and 0 <= m <= 1):
+            raise InvalidRequest("sampling.min_p", f"must be in [0, 1], got {m}")
+    if sampling.HasField("repetition_penalty"):
+        r = sampling.repetition_penalty
+        if not (math.isfinite(r) and r > 0):
+            raise InvalidRequest("sampling.repetition_penalty", f"must be a finite number > 0, got {r}")

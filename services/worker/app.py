@@ -6,18 +6,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
 
-from wicore.config import Config
+from wicore.config import Config, GiB
+from wicore.errors import ConfigError
 from wicore.server import CHANNEL_OPTIONS, ServiceServer
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.convert import ModelDefaults
-from wicore.worker.engine import SequentialEngine
-from wicore.worker.model_files import resolve_model
+from wicore.worker.model_files import fingerprint, resolve_model
+from wicore.worker.model_runner import check_supported, kv_layout
+from wicore.worker.paged_attention import KVPool
+from wicore.worker.paged_engine import EngineConfig, PagedEngine
 from wicore.worker.servicer import WorkerServicer
 
 log = logging.getLogger(__name__)
@@ -25,19 +29,45 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_model(config: Config) -> tuple[str, Any, Any]:
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    model_id: str
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+
+
+def load_model(config: Config) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wc = config.worker
     if wc.dtype not in DTYPES:
-        raise ValueError(f"worker.dtype: {wc.dtype!r} is not one of {sorted(DTYPES)}")
+        raise ConfigError(f"worker.dtype: {wc.dtype!r} is not one of {sorted(DTYPES)}")
     source = resolve_model(wc.model, config.cache_path, wc.model_id)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[wc.dtype])
+    check_supported(model)
     model = model.to(torch_device(wc.device)).eval()  # type: ignore[arg-type]
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
-    return source.model_id, model, tokenizer
+    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, wc.dtype))
+
+
+def engine_config(config: Config, model: Any) -> EngineConfig:
+    """Sizes the KV pool from the byte budget: memory_limit_per_gpu on a GPU, kv_cache_bytes on CPU."""
+    wc = config.worker
+    budget = wc.kv_cache_bytes if wc.device == "cpu" else int(config.gpu_config.memory_limit_per_gpu * GiB)
+    layers, kv_heads, head_dim = kv_layout(model)
+    per_block = KVPool.bytes_per_block(layers, wc.block_size, kv_heads, head_dim, model.dtype)
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ConfigError(f"worker.kv_cache_bytes: {budget} bytes hold no block of {per_block} bytes")
+    return EngineConfig(
+        num_blocks=num_blocks,
+        block_size=wc.block_size,
+        max_running=wc.max_batch_size,
+        max_num_batched_tokens=wc.max_num_batched_tokens,
+    )
 
 
 def torch_device(device: str) -> torch.device:
@@ -107,9 +137,17 @@ class Registration:
 async def serve(config: Config) -> None:
     wc = config.worker
     server = ServiceServer("worker", wc.host, wc.port, config.shutdown_grace_s)
-    model_id, model, tokenizer = await asyncio.to_thread(load_model, config)
+    loaded = await asyncio.to_thread(load_model, config)
+    model_id, model, tokenizer = loaded.model_id, loaded.model, loaded.tokenizer
     defaults = ModelDefaults.from_model(model, wc.default_max_tokens)
-    engine = AsyncEngine(SequentialEngine(model, max_running=wc.max_batch_size), tokenizer)
+    paged = PagedEngine(model, engine_config(config, model), loaded.fingerprint)
+    log.info(
+        "KV pool: %d blocks of %d tokens (%d tokens)",
+        paged.pool.num_blocks,
+        paged.pool.block_size,
+        paged.max_sequence_tokens,
+    )
+    engine = AsyncEngine(paged, tokenizer)
     engine.start()
     servicer = WorkerServicer(engine, tokenizer, model_id, defaults)
     server.add(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, "wicore.v1.Worker")

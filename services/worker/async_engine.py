@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from wicore.errors import InvalidRequest, NotReady
+from wicore.errors import InvalidRequest, NotReady, WicoreError
 from wicore.worker.engine import Engine
 from wicore.worker.engine_types import EngineRequest, EngineStats
 from wicore.worker.output import Delta, TextStream
@@ -107,7 +107,9 @@ class AsyncEngine:
                 active = self._active.get(out.request_id)
                 if active is None:
                     continue
-                delta = active.stream.push(out.new_token_ids, out.finish_reason, out.cached_tokens)
+                delta = active.stream.push(
+                    out.new_token_ids, out.finish_reason, out.cached_tokens, out.logprobs
+                )
                 if delta.finish_reason is not None:
                     del self._active[out.request_id]
                     if not out.finished:  # ended by a stop string
@@ -126,8 +128,8 @@ class AsyncEngine:
                 request, active = payload
                 try:
                     self.engine.add_request(request)
-                except ValueError as exc:  # a duplicate request id
-                    error = InvalidRequest("request_id", str(exc))
+                except (ValueError, WicoreError) as exc:  # a duplicate id, a request too big
+                    error = exc if isinstance(exc, WicoreError) else InvalidRequest("request_id", str(exc))
                     active.loop.call_soon_threadsafe(active.queue.put_nowait, error)
                     continue
                 self._active[request.request_id] = active

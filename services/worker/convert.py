@@ -8,6 +8,7 @@ from typing import Any
 from wicore.errors import InvalidRequest, Overloaded
 from wicore.v1 import inference_pb2
 from wicore.worker.engine_types import EngineRequest, FinishReason, SamplingParams
+from wicore.worker.model_runner import text_config
 from wicore.worker.output import Delta
 
 FINISH_TO_PROTO = {
@@ -31,15 +32,18 @@ class ModelDefaults:
         gen = model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
         eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        penalty = float(gen.repetition_penalty or 1.0)
         if gen.do_sample:
             sampling = SamplingParams(
                 temperature=float(gen.temperature or 1.0),
                 top_p=float(gen.top_p or 1.0),
                 top_k=int(gen.top_k or 0),
+                min_p=float(gen.min_p or 0.0),
+                repetition_penalty=penalty,
             )
         else:
-            sampling = SamplingParams()
-        max_context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+            sampling = SamplingParams(repetition_penalty=penalty)
+        max_context = int(getattr(text_config(model), "max_position_embeddings", 0) or 2048)
         return cls(sampling, eos_ids, max_context, default_max_tokens)
 
 
@@ -49,6 +53,10 @@ def sampling_from_proto(msg: inference_pb2.SamplingParams, defaults: SamplingPar
             temperature=msg.temperature if msg.HasField("temperature") else defaults.temperature,
             top_p=msg.top_p if msg.HasField("top_p") else defaults.top_p,
             top_k=msg.top_k if msg.HasField("top_k") else defaults.top_k,
+            min_p=msg.min_p if msg.HasField("min_p") else defaults.min_p,
+            repetition_penalty=(
+                msg.repetition_penalty if msg.HasField("repetition_penalty") else defaults.repetition_penalty
+            ),
             seed=msg.seed if msg.HasField("seed") else None,
         )
     except ValueError as exc:
@@ -82,6 +90,8 @@ def engine_request(
         max_new_tokens=max_new,
         sampling=sampling_from_proto(request.sampling, defaults.sampling),
         stop_token_ids=stop_ids,
+        logprobs=request.logprobs if request.HasField("logprobs") else None,
+        cache_salt=request.cache_salt,
     )
 
 
@@ -89,6 +99,10 @@ def delta_to_proto(delta: Delta, request_id: str, model_id: str) -> inference_pb
     msg = inference_pb2.GenerateStreamResponse(
         request_id=request_id, text=delta.text, token_ids=delta.token_ids, model=model_id
     )
+    for lp in delta.logprobs:
+        entry = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+        for token_id, logprob in lp.top:
+            entry.top.add(token_id=token_id, logprob=logprob)
     if delta.finish_reason is not None:
         msg.finish_reason = FINISH_TO_PROTO[delta.finish_reason]
         msg.usage.prompt_tokens = delta.prompt_tokens

@@ -18,6 +18,8 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = disabled
+    min_p: float = 0.0  # 0 = disabled
+    repetition_penalty: float = 1.0  # 1 = disabled
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -27,6 +29,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -42,12 +48,21 @@ class EngineRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
+    cache_salt: str = ""  # requests share cached prefixes only under the same salt
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(slots=True)
@@ -58,6 +73,7 @@ class StepOutput:
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

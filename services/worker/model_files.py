@@ -5,6 +5,7 @@ converted once to safetensors in the cache directory).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import shutil
@@ -40,6 +41,19 @@ def resolve_model(spec: str, cache_dir: Path, model_id: str = "") -> ModelSource
             f"worker.model: {spec!r} is neither {DEFAULT_MODEL!r} nor a directory with a config.json"
         )
     return ModelSource(model_id or path.resolve().name, path)
+
+
+def fingerprint(source: ModelSource, dtype: str) -> str:
+    """Identifies the model's KV: id, config, dtype, and the weight files (names,
+    sizes and their first MiB). Part of every block hash's root (DESIGN.md §3)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{source.model_id}\0{dtype}\0".encode())
+    h.update((source.path / "config.json").read_bytes())
+    for weights in sorted(source.path.glob("*.safetensors")) + sorted(source.path.glob("*.bin")):
+        h.update(f"\0{weights.name}\0{weights.stat().st_size}\0".encode())
+        with open(weights, "rb") as f:
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
 
 
 def ensure_smollm2(cache_dir: Path) -> Path:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from wicore.worker.engine_types import FinishReason
+from wicore.worker.engine_types import FinishReason, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -25,6 +25,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -36,7 +37,13 @@ class TextStream:
     sent: str = ""
     finished: bool = False
 
-    def push(self, new_ids: list[int], finish_reason: FinishReason | None, cached_tokens: int = 0) -> Delta:
+    def push(
+        self,
+        new_ids: list[int],
+        finish_reason: FinishReason | None,
+        cached_tokens: int = 0,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> Delta:
         """Adds one step's tokens; returns the delta to send (possibly empty text)."""
         self.token_ids.extend(new_ids)
         text = self.tokenizer.decode(
@@ -60,6 +67,7 @@ class TextStream:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=len(self.token_ids),
             cached_tokens=cached_tokens,
+            logprobs=logprobs or [],
         )
 
     def _find_stop(self, text: str) -> int | None:

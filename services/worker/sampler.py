@@ -1,14 +1,20 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeded.
+"""Token sampling for a batch of rows, each with its own parameters and seed.
 
-The order of the filters is that of transformers' `generate` (temperature, then
-top-k, then top-p), so a seeded request samples from the same distribution.
+Per row, in the order transformers' `generate` applies them: repetition
+penalty, then (unless greedy) temperature, top-k, top-p, min-p, and a draw from
+the row's own `torch.Generator`. A row's draw depends only on its logits and its
+generator, so a seeded request samples the same tokens whatever else is in the
+batch. Greedy rows without a penalty are one batched argmax. Logprobs are those
+of the model's raw distribution (before any of the above).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
+
 import torch
 
-from wicore.worker.engine_types import SamplingParams
+from wicore.worker.engine_types import SamplingParams, TokenLogprob
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -20,9 +26,21 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+def apply_repetition_penalty(logits: torch.Tensor, seen: Seq[int], penalty: float) -> torch.Tensor:
+    """transformers' rule: a seen token's logit is divided by the penalty if > 0, else multiplied."""
+    if penalty == 1.0 or not seen:
+        return logits
+    index = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+    picked = logits.gather(0, index)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(0, index, picked)
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: Seq[int] = ()
+) -> int:
     """Picks the next token from one row of logits [vocab]."""
-    logits = logits.float()
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if params.greedy:
         return int(torch.argmax(logits).item())
     scores = logits / params.temperature
@@ -36,4 +54,38 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         remove[-1] = False  # always keep the most likely token
         scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
     probs = scores.softmax(dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: Seq[SamplingParams],
+    generators: Seq[torch.Generator],
+    seen: Seq[Seq[int]],
+) -> list[int]:
+    """One token per row of logits [R, vocab]."""
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    for row, p in enumerate(params):
+        if not p.greedy or p.repetition_penalty != 1.0:
+            tokens[row] = sample(logits[row], p, generators[row], seen[row])
+    return tokens
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Seq[int], top_n: Seq[int | None]
+) -> list[TokenLogprob | None]:
+    """The chosen token's logprob and the top n alternatives, for rows that asked."""
+    rows = [r for r, n in enumerate(top_n) if n is not None]
+    result: list[TokenLogprob | None] = [None] * len(tokens)
+    if not rows:
+        return result
+    logp = torch.log_softmax(logits[rows].float(), dim=-1)
+    k = max(top_n[r] or 0 for r in rows)
+    top_vals, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    for i, r in enumerate(rows):
+        n = top_n[r] or 0
+        top = tuple(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist(), strict=True))
+        result[r] = TokenLogprob(tokens[r], float(logp[i, tokens[r]]), top)
+    return result

@@ -147,6 +147,9 @@ BAD_INPUTS = [
     (req(top_p=0.0), INVALID, "sampling.top_p"),
     (req(top_p=1.5), INVALID, "sampling.top_p"),
     (req(top_k=-1), INVALID, "sampling.top_k"),
+    (req(min_p=1.5), INVALID, "sampling.min_p"),
+    (req(repetition_penalty=0.0), INVALID, "sampling.repetition_penalty"),
+    (pb.GenerateRequest(prompt="x", logprobs=21), INVALID, "logprobs"),
     (pb.GenerateRequest(prompt="x", max_tokens=0), INVALID, "max_tokens"),
     (pb.GenerateRequest(prompt="x", stop=["ok", ""]), INVALID, "stop[1]"),
     (pb.GenerateRequest(prompt="x", max_tokens=5000), TOO_BIG, "max_tokens"),
@@ -217,3 +220,23 @@ async def test_tokenize_and_list_models(client: inference_pb2_grpc.InferenceStub
     models = await client.ListModels(pb.ListModelsRequest())
     assert [m.id for m in models.models] == ["tiny-llama"] and models.default_model == "tiny-llama"
     assert models.models[0].max_context == 4096 and models.models[0].workers == 1
+
+
+async def test_a_repeated_prompt_reuses_its_cached_prefix(
+    client: inference_pb2_grpc.InferenceStub, hf: tuple
+) -> None:
+    prompt = "Paged attention keeps the KV cache in fixed-size blocks. " * 3
+    first = await client.Generate(greedy(prompt, 8, cache_salt="stack-test"))
+    second = await client.Generate(greedy(prompt, 8, cache_salt="stack-test"))
+    n = len(hf[1](prompt).input_ids)
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens == (n - 1) // 16 * 16 > 0  # every full block but the last
+    assert list(second.token_ids) == list(first.token_ids) == reference(hf, prompt, 8)
+
+
+async def test_logprobs_come_with_each_token(client: inference_pb2_grpc.InferenceStub) -> None:
+    reply = await client.Generate(greedy(PROMPTS[0], 5, ignore_eos=True, logprobs=3))
+    assert [lp.token_id for lp in reply.logprobs] == list(reply.token_ids)
+    for lp in reply.logprobs:
+        assert len(lp.top) == 3 and lp.top[0].token_id == lp.token_id  # greedy picks the top token
+        assert lp.logprob <= 0 and lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob

@@ -1,0 +1,129 @@
+"""Which sequences run in the next step, and how many tokens each.
+
+Each step has a token budget (`max_num_batched_tokens`). Running sequences go
+first, in admission order: a decoding sequence takes 1 token, a sequence still
+in its prompt takes the next chunk that fits (chunked prefill). When a running
+sequence needs a block and none is left, the most recently admitted running
+sequence is preempted (its KV dropped, its full blocks left in the prefix cache)
+until the block fits. Then waiting sequences are admitted in order, each first
+reusing the longest prefix in the device cache, while budget, batch size and
+blocks allow. A sequence that could never fit the pool is refused when added,
+so the oldest running sequence can always finish: no deadlock, no crash.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from wicore.hashing import BlockHash
+from wicore.worker.block_pool import BlockPool
+from wicore.worker.sequence import SeqStatus, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens to compute this step, from seq.num_computed
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the sequence's known tokens (then it samples)."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+
+
+class BatchScheduler:
+    def __init__(
+        self,
+        pool: BlockPool,
+        max_running: int,
+        max_num_batched_tokens: int,
+        prefix_hashes: Callable[[Sequence], list[BlockHash]],
+    ) -> None:
+        self.pool = pool
+        self.max_running = max_running
+        self.budget = max_num_batched_tokens
+        self.prefix_hashes = prefix_hashes
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.preempted: list[Sequence] = []  # preempted during the last schedule(), for stats and tests
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes a sequence out wherever it is and releases its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_ids)
+        seq.block_ids = []
+        seq.block_hashes = []
+        seq.num_computed = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.preempted.append(seq)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Gives seq enough blocks for num_tokens tokens, preempting later arrivals if needed."""
+        need = seq.blocks_needed(num_tokens, self.pool.block_size)
+        while need > self.pool.num_free:
+            victims = [s for s in self.running if s is not seq and s.arrival > seq.arrival]
+            if not victims:
+                return False
+            self._preempt(max(victims, key=lambda s: s.arrival))
+        seq.block_ids += self.pool.allocate(need)
+        return True
+
+    def schedule(self) -> list[ScheduledSeq]:
+        self.preempted = []
+        budget = self.budget
+        scheduled: list[ScheduledSeq] = []
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted by an earlier sequence this step
+                continue
+            n = min(seq.num_uncomputed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                self._preempt(seq)
+                continue
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        if not self.preempted:
+            budget = self._admit(budget, scheduled)
+        return scheduled
+
+    def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            hashes = self.prefix_hashes(seq)
+            cached = self.pool.longest_cached_prefix(hashes)
+            seq.block_ids = cached
+            seq.block_hashes = hashes[: len(cached)]
+            seq.num_computed = len(cached) * self.pool.block_size
+            n = min(seq.num_uncomputed, budget)
+            need = seq.blocks_needed(seq.num_computed + n, self.pool.block_size)
+            if need > self.pool.num_free:
+                self._free(seq)
+                break
+            seq.block_ids += self.pool.allocate(need)
+            if not seq.admitted_once:
+                seq.cached_tokens = seq.num_computed
+                seq.admitted_once = True
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return budget

@@ -1,0 +1,115 @@
+"""Runs one packed forward pass of a Hugging Face decoder over the paged KV pool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from wicore.errors import ConfigError
+from wicore.worker.batch_scheduler import ScheduledSeq
+from wicore.worker.paged_attention import KVPool, PagedCache, StepMetadata, register
+
+# Families whose attention the paged path reproduces exactly (tested against generate()).
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
+
+
+def text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_supported(model: Any) -> None:
+    """Refuses, at load, any model the paged attention would serve wrong."""
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"worker.model: architecture {model_type!r} is not supported by the paged engine "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if getattr(text_config(model), "attn_logit_softcapping", None):
+        raise ConfigError("worker.model: attention logit soft-capping is not supported by the paged engine")
+
+
+def kv_layout(model: Any) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of the model's attention."""
+    cfg = text_config(model)
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
+
+
+class ModelRunner:
+    """Owns the model and the KV pool; turns a scheduled batch into next-token logits."""
+
+    def __init__(self, model: Any, num_blocks: int, block_size: int) -> None:
+        check_supported(model)
+        self.model = model
+        self.device = next(model.parameters()).device
+        layers, kv_heads, head_dim = kv_layout(model)
+        self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, model.dtype, self.device)
+        self.block_size = block_size
+        model.set_attn_implementation(register())
+
+    def metadata(
+        self, batch: Seq[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor]:
+        """input_ids [T], positions [T], the step metadata and the packed index of each sampled token."""
+        bs = self.block_size
+        num_seqs = len(batch)
+        max_query = max(item.num_tokens for item in batch)
+        kv_lens = [item.seq.num_computed + item.num_tokens for item in batch]
+        max_kv = max(kv_lens)
+        max_blocks = -(-max_kv // bs)
+        tokens: list[int] = []
+        positions: list[int] = []
+        to_grid: list[int] = []
+        rows: list[int] = []
+        seq_of_token: list[int] = []
+        tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+        query_positions = torch.full((num_seqs, max_query), -1, dtype=torch.long)
+        for i, item in enumerate(batch):
+            seq, start, n = item.seq, item.seq.num_computed, item.num_tokens
+            tokens += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            to_grid += range(i * max_query, i * max_query + n)
+            seq_of_token += [i] * n
+            needed = -(-kv_lens[i] // bs)
+            tables[i, :needed] = torch.tensor(seq.block_ids[:needed], dtype=torch.long)
+            query_positions[i, :n] = torch.arange(start, start + n)
+            if item.samples:
+                rows.append(len(tokens) - 1)
+        key_slots = (tables[:, :, None] * bs + torch.arange(bs)).view(num_seqs, max_blocks * bs)[:, :max_kv]
+        pos = torch.tensor(positions, dtype=torch.long)
+        slot_mapping = key_slots[torch.tensor(seq_of_token), pos]
+        dev = self.device
+        meta = StepMetadata(
+            pool=self.pool,
+            slot_mapping=slot_mapping.to(dev),
+            packed_to_grid=torch.tensor(to_grid, dtype=torch.long, device=dev),
+            key_slots=key_slots.to(dev),
+            query_positions=query_positions.to(dev),
+            kv_lens=torch.tensor(kv_lens, dtype=torch.long, device=dev),
+            num_seqs=num_seqs,
+            max_query=max_query,
+        )
+        ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        return ids, pos.to(dev), meta, torch.tensor(rows, dtype=torch.long, device=dev)
+
+    @torch.inference_mode()
+    def run(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
+        """Logits [R, vocab] (fp32) for the sequences of `batch` that sample, in batch order."""
+        ids, positions, meta, rows = self.metadata(batch)
+        if rows.numel() == 0:
+            rows = rows.new_tensor([ids.shape[0] - 1])  # nothing samples: keep one row, cheaply
+        out = self.model(
+            input_ids=ids[None],
+            position_ids=positions[None],
+            cache=PagedCache(meta),
+            use_cache=True,
+            logits_to_keep=rows,
+            wicore_meta=meta,
+        )
+        logits = out.logits[0].float()
+        return logits if any(item.samples for item in batch) else logits[:0]

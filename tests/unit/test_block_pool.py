@@ -1,0 +1,105 @@
+"""BlockPool: exact block ids, reclamation order, reference counts, integrity."""
+
+from __future__ import annotations
+
+import pytest
+
+from wicore.hashing import BlockHash
+from wicore.worker.block_pool import BlockPool, PoolExhausted
+
+
+def h(i: int) -> BlockHash:
+    return BlockHash(f"{i:032x}")
+
+
+def test_allocate_hands_out_free_blocks_in_order() -> None:
+    pool = BlockPool(num_blocks=4, block_size=16)
+    assert pool.allocate(2) == [0, 1]
+    assert pool.allocate(1) == [2]
+    assert pool.num_free == 1
+    pool.check_integrity()
+    with pytest.raises(PoolExhausted):
+        pool.allocate(2)
+    assert pool.num_free == 1  # a failed allocation takes nothing
+    pool.check_integrity()
+
+
+def test_released_hashed_blocks_stay_cached_and_are_reused() -> None:
+    pool = BlockPool(num_blocks=4, block_size=16)
+    a = pool.allocate(2)
+    pool.register(a[0], h(1))
+    pool.register(a[1], h(2))
+    pool.release(a)
+    assert (pool.num_cached, pool.num_free) == (2, 4)
+    pool.check_integrity()
+    hit = pool.longest_cached_prefix([h(1), h(2), h(3)])
+    assert hit == [0, 1]
+    assert (pool.hits, pool.queries) == (2, 3)
+    assert [pool.blocks[i].ref_count for i in hit] == [1, 1]
+    assert pool.num_cached == 0
+    pool.check_integrity()
+
+
+def test_prefix_stops_at_the_first_missing_hash() -> None:
+    pool = BlockPool(num_blocks=4, block_size=16)
+    a = pool.allocate(3)
+    for block_id, i in zip(a, (1, 2, 3), strict=True):
+        pool.register(block_id, h(i))
+    pool.release(a)
+    assert pool.longest_cached_prefix([h(1), h(9), h(3)]) == [0]
+    pool.check_integrity()
+
+
+def test_free_blocks_go_before_cached_and_cached_go_least_recently_released_first() -> None:
+    pool = BlockPool(num_blocks=5, block_size=16)
+    first = pool.allocate(2)  # [0, 1]
+    second = pool.allocate(2)  # [2, 3]
+    for block_id in (*first, *second):
+        pool.register(block_id, h(10 + block_id))
+    pool.release(second)  # released first: 3 then 2 (a sequence's tail goes first)
+    pool.release(first)  # then 1, 0
+    pool.check_integrity()
+    # Block 4 was never used: it goes first. Then cached in release order: 3, 2, 1, 0.
+    assert pool.allocate(1) == [4]
+    assert pool.allocate(3) == [3, 2, 1]
+    assert pool.blocks[3].block_hash is None  # a reclaimed block forgets its hash
+    assert pool.longest_cached_prefix([h(13)]) == []
+    assert pool.longest_cached_prefix([h(10)]) == [0]
+    pool.check_integrity()
+
+
+def test_a_hit_refreshes_recency() -> None:
+    pool = BlockPool(num_blocks=2, block_size=16)
+    blocks = pool.allocate(2)
+    pool.register(blocks[0], h(1))
+    pool.register(blocks[1], h(2))
+    pool.release([blocks[0]])
+    pool.release([blocks[1]])  # LRU order now: 0, 1
+    pool.release(pool.longest_cached_prefix([h(1)]))  # 0 used again: order 1, 0
+    assert pool.allocate(1) == [1]
+    pool.check_integrity()
+
+
+def test_shared_blocks_are_freed_only_by_their_last_user() -> None:
+    pool = BlockPool(num_blocks=3, block_size=16)
+    (b,) = pool.allocate(1)
+    pool.register(b, h(1))
+    assert pool.longest_cached_prefix([h(1)]) == [b]  # a second user
+    pool.release([b])
+    assert pool.blocks[b].ref_count == 1 and pool.num_cached == 0
+    pool.release([b])
+    assert pool.num_cached == 1
+    with pytest.raises(ValueError, match="released more times"):
+        pool.release([b])
+    pool.check_integrity()
+
+
+def test_a_duplicate_hash_is_not_registered_twice() -> None:
+    pool = BlockPool(num_blocks=3, block_size=16)
+    a, b = pool.allocate(2)
+    pool.register(a, h(1))
+    pool.register(b, h(1))  # same content computed twice: b stays a plain block
+    assert pool.blocks[b].block_hash is None
+    pool.release([a, b])
+    assert (pool.num_cached, pool.num_free) == (1, 3)
+    pool.check_integrity()
