@@ -92,6 +92,7 @@ class WorkerConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int = 1 * GiB  # KV pool on CPU; on a GPU gpu_config.memory_limit_per_gpu
     max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
+    cpu_kernels: str = "onednn"  # "onednn" (faster; not bit-identical to generate()) or "default"
 
 
 @dataclass(frozen=True, slots=True)

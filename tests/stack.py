@@ -122,13 +122,16 @@ def start_stack(
         log_path=log_path,
     )
     deadline = time.monotonic() + ready_timeout_s
-    while not asyncio.run(wait_for_serving(stack.gateway, timeout_s=1.0)):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stack.stop()
-            raise RuntimeError(f"wicore up did not become ready:\n{stack.log()[-4000:]}")
-    # The gateway is the last to start; its SERVING means everything is up, but
-    # the worker registers asynchronously: wait until the scheduler knows it.
-    _wait_registered(stack, workers, deadline)
+    try:
+        while not asyncio.run(wait_for_serving(stack.gateway, timeout_s=1.0)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"wicore up did not become ready:\n{stack.log()[-4000:]}")
+        # The gateway is the last to start; its SERVING means everything is up, but
+        # the worker registers asynchronously: wait until the scheduler knows it.
+        _wait_registered(stack, workers, deadline)
+    except BaseException:
+        stack.stop()  # never leave processes behind, whatever went wrong
+        raise
     return stack
 
 

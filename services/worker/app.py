@@ -18,6 +18,7 @@ from wicore.server import CHANNEL_OPTIONS, ServiceServer
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.convert import ModelDefaults
+from wicore.worker.cpu_kernels import KERNELS, use_onednn_linears
 from wicore.worker.model_files import fingerprint, resolve_model
 from wicore.worker.model_runner import check_supported, kv_layout
 from wicore.worker.paged_attention import KVPool
@@ -49,6 +50,10 @@ def load_model(config: Config) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[wc.dtype])
     check_supported(model)
     model = model.to(torch_device(wc.device)).eval()  # type: ignore[arg-type]
+    if wc.cpu_kernels not in KERNELS:
+        raise ConfigError(f"worker.cpu_kernels: {wc.cpu_kernels!r} is not one of {KERNELS}")
+    if wc.cpu_kernels == "onednn" and wc.device == "cpu" and model.dtype == torch.float32:
+        use_onednn_linears(model)
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
     return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, wc.dtype))
 

@@ -88,11 +88,13 @@ class ModelRunner:
             pool=self.pool,
             slot_mapping=slot_mapping.to(dev),
             packed_to_grid=torch.tensor(to_grid, dtype=torch.long, device=dev),
-            key_slots=key_slots.to(dev),
+            block_tables=tables.to(dev),
+            flat_tables=tables.flatten().to(dev),
             query_positions=query_positions.to(dev),
             kv_lens=torch.tensor(kv_lens, dtype=torch.long, device=dev),
             num_seqs=num_seqs,
             max_query=max_query,
+            max_kv=max_kv,
         )
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         return ids, pos.to(dev), meta, torch.tensor(rows, dtype=torch.long, device=dev)

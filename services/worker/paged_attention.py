@@ -9,7 +9,8 @@ One engine step runs every scheduled sequence in one packed forward pass:
 Each layer's `PagedCache.update` writes the new K/V into the pool at `slot_mapping`
 (post-RoPE, exactly what the model computed). `paged_attention` then scatters the
 packed queries into a padded [S, H, Qmax, D] grid, gathers every sequence's keys
-and values 0..kv_len-1 from the pool into [S, Hkv, Lmax, D], and runs SDPA with
+and values 0..kv_len-1 from the pool into [S, Hkv, Lmax, D] (whole blocks through
+the block tables, much cheaper than one index per token), and runs SDPA with
 a mask that is causal by absolute position, hides padding, and for sliding-window
 layers (Gemma 3, Mistral) hides keys at or beyond `window` positions back.
 Masks and index tensors are built once per step and shared by all layers.
@@ -28,7 +29,8 @@ ATTENTION_NAME = "wicore_paged"
 
 
 class KVPool:
-    """Per-layer K and V tensors of shape [num_blocks * block_size, kv_heads, head_dim]."""
+    """Per-layer K and V tensors of shape [num_blocks * block_size, kv_heads, head_dim]
+    (rows = slots); `blocks(layer)` views them as [num_blocks, block_size, kv_heads, head_dim]."""
 
     def __init__(
         self,
@@ -49,6 +51,11 @@ class KVPool:
             torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
 
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.keys[layer], self.values[layer]
+        shape = (-1, self.block_size, *k.shape[1:])
+        return k.view(shape), v.view(shape)
+
     @staticmethod
     def bytes_per_block(
         num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
@@ -64,11 +71,13 @@ class StepMetadata:
     pool: KVPool
     slot_mapping: torch.Tensor  # [T] where each new token's K/V goes
     packed_to_grid: torch.Tensor  # [T] position of each packed token in the flat [S * Qmax] grid
-    key_slots: torch.Tensor  # [S, Lmax] pool slot of each sequence's key j (padding -> slot 0)
+    block_tables: torch.Tensor  # [S, max_blocks] block ids of each sequence (padding -> block 0)
+    flat_tables: torch.Tensor  # block_tables.flatten()
     query_positions: torch.Tensor  # [S, Qmax] absolute position of each grid query (padding -> -1)
     kv_lens: torch.Tensor  # [S]
     num_seqs: int
     max_query: int
+    max_kv: int  # Lmax: keys gathered per sequence (whole blocks, then cut to this)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor:
@@ -76,7 +85,7 @@ class StepMetadata:
         cached = self._masks.get(window)
         if cached is not None:
             return cached
-        key_pos = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
+        key_pos = torch.arange(self.max_kv, device=self.block_tables.device)
         q = self.query_positions[:, :, None]
         allowed = (key_pos[None, None, :] <= q) & (key_pos[None, None, :] < self.kv_lens[:, None, None])
         if window is not None:
@@ -137,8 +146,12 @@ def paged_attention(
         grid.index_copy_(0, meta.packed_to_grid, packed)
         grid = grid.view(s, qmax, heads, head_dim)
     layer = int(module.layer_idx)  # type: ignore[arg-type]
-    keys = meta.pool.keys[layer][meta.key_slots].transpose(1, 2)  # [S, Hkv, Lmax, D]
-    values = meta.pool.values[layer][meta.key_slots].transpose(1, 2)
+    # Whole blocks at a time: [S, max_blocks, B, Hkv, D] -> [S, Hkv, Lmax, D]
+    # (index_select over the flat table is ~4x faster than advanced indexing here).
+    k_blocks, v_blocks = meta.pool.blocks(layer)
+    gathered = (s, -1, *k_blocks.shape[2:])
+    keys = k_blocks.index_select(0, meta.flat_tables).view(gathered)[:, : meta.max_kv].transpose(1, 2)
+    values = v_blocks.index_select(0, meta.flat_tables).view(gathered)[:, : meta.max_kv].transpose(1, 2)
     out = F.scaled_dot_product_attention(
         grid.transpose(1, 2),
         keys,

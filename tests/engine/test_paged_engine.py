@@ -52,8 +52,9 @@ class Family:
             self._expected[key] = out[0, ids.shape[1] :].tolist()
         return self._expected[key]
 
-    def engine(self, **config: int) -> PagedEngine:
-        loaded = load_model(load_config(None, {}, {"worker.model": str(self.path)}))
+    def engine(self, kernels: str = "onednn", **config: int) -> PagedEngine:
+        overrides = {"worker.model": str(self.path), "worker.cpu_kernels": kernels}
+        loaded = load_model(load_config(None, {}, overrides))
         return PagedEngine(loaded.model, EngineConfig(**config), loaded.fingerprint)
 
 
@@ -81,8 +82,10 @@ def tokens(outputs: list[StepOutput]) -> list[int]:
     return [t for out in outputs for t in out.new_token_ids]
 
 
-def greedy(family: Family, prompts: list[str], max_new: int = 20, **engine_config: int) -> PagedEngine:
-    engine = family.engine(**engine_config)
+def greedy(
+    family: Family, prompts: list[str], max_new: int = 20, kernels: str = "onednn", **engine_config: int
+) -> PagedEngine:
+    engine = family.engine(kernels, **engine_config)
     requests = [EngineRequest(f"r{i}", family.ids(p), max_new) for i, p in enumerate(prompts)]
     outputs = run(engine, requests)
     for i, prompt in enumerate(prompts):
@@ -99,6 +102,11 @@ def test_single_requests_match_generate(family: Family) -> None:
 def test_mixed_lengths_with_chunked_prefill_match_generate(family: Family) -> None:
     # A budget of 7 tokens splits every prompt but "Héllo" into chunks.
     greedy(family, PROMPTS, num_blocks=64, block_size=4, max_num_batched_tokens=7)
+
+
+def test_the_models_own_kernels_match_generate_bit_for_bit(family: Family) -> None:
+    """cpu_kernels=default keeps transformers' own linear layers (the exact path)."""
+    greedy(family, PROMPTS, kernels="default", num_blocks=64, block_size=4, max_num_batched_tokens=7)
 
 
 def test_preemption_under_a_small_pool_matches_generate(family: Family) -> None:

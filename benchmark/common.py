@@ -1,0 +1,79 @@
+"""Shared pieces of the benchmarks: prompts, model loading, timing, reporting."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_WORD_LIST = """
+the of and to in is that for it as was with be by on not he this are or his from at which but have an
+they you were her she there been one all we their has would when if so no what up out more said about
+into than them can only other time new some could these two may first then do any like my now over such
+our man me even most made after also did many before must through back years where much your way well
+down should because each just those people how too little state good very make world still see own men
+work long here get both between life being under never day same another know while last might us great
+old year off come since against go came right used take three memory cache block attention model server
+"""
+WORDS = tuple(_WORD_LIST.split())
+
+
+def resolve_model_dir(spec: str) -> Path:
+    from wicore.config import Config
+    from wicore.worker.model_files import resolve_model
+
+    return resolve_model(spec, Config().cache_path).path
+
+
+def make_prompts(tokenizer: Any, requests: int, prompt_tokens: int, shared_prefix_tokens: int) -> list[str]:
+    """Texts of random common words; the first `shared_prefix_tokens` words are the same in all."""
+    rng = random.Random(1234)
+    prefix = " ".join(rng.choice(WORDS) for _ in range(shared_prefix_tokens))
+    prompts = []
+    for _ in range(requests):
+        words = [rng.choice(WORDS) for _ in range(prompt_tokens)]
+        text = (prefix + " " if prefix else "") + " ".join(words)
+        # Trim to the target length in tokens (a word is about one token for these).
+        ids = tokenizer(text).input_ids[: shared_prefix_tokens + prompt_tokens]
+        prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return prompts
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class ModeResult:
+    tok_s: float
+    ttft_p50_ms: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def report(name: str, results: dict[str, list[ModeResult]], params: dict[str, Any], baseline: str) -> dict:
+    """Medians over runs, a readable table with ratios against `baseline`, and the JSON object."""
+    tok_s = {m: statistics.median(r.tok_s for r in runs) for m, runs in results.items()}
+    ttft = {m: statistics.median(r.ttft_p50_ms for r in runs) for m, runs in results.items()}
+    print(f"\n{name}: medians over {params.get('runs')} runs; ratio = tok/s / {baseline} tok/s")
+    print(f"{'mode':<20}{'tok/s':>10}{'ttft p50 ms':>14}{'ratio':>8}")
+    for mode in results:
+        ratio = tok_s[mode] / tok_s[baseline] if tok_s.get(baseline) else float("nan")
+        print(f"{mode:<20}{tok_s[mode]:>10.1f}{ttft[mode]:>14.0f}{ratio:>8.2f}")
+    return {
+        "params": params,
+        "tok_s": tok_s,
+        "ttft_p50_ms": ttft,
+        "runs": {m: [r.__dict__ for r in runs] for m, runs in results.items()},
+    }
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
