@@ -114,6 +114,43 @@ def run_engine(engine: Any, prompt_ids: list[list[int]], new: int, tag: str) -> 
     return ModeResult(produced / wall, 1000 * percentile(ttfts, 0.5), {"tokens": produced})
 
 
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_soak(engine: Any, tokenizer: Any, total: int, wave: int) -> dict[str, Any]:
+    """`total` requests through one engine in waves; resident memory after each wave."""
+    import random
+
+    from common import WORDS
+
+    rng = random.Random(7)
+    samples = []
+    done = 0
+    while done < total:
+        batch = []
+        for _ in range(min(wave, total - done)):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(16, 160)))
+            batch.append(list(tokenizer(text).input_ids))
+        run_engine(engine, batch, 8, f"soak{done}")
+        done += len(batch)
+        samples.append((done, round(rss_mib(), 1)))
+        engine.pool.check_integrity()
+    first, last = samples[0][1], samples[-1][1]
+    kv_bytes = engine.runner.pool.nbytes
+    print(
+        f"soak: {total} requests, RSS {first:.0f} -> {last:.0f} MiB, KV pool {kv_bytes / 2**20:.0f} MiB",
+        file=sys.stderr,
+    )
+    return {
+        "requests": total,
+        "rss_mib": samples,
+        "rss_growth_mib": last - first,
+        "kv_pool_mib": kv_bytes / 2**20,
+    }
+
+
 def start_stack(
     model_dir: Path, state: Path, args: argparse.Namespace
 ) -> tuple[subprocess.Popen[bytes], str]:
@@ -189,6 +226,7 @@ def main() -> int:
     parser.add_argument(
         "--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
     )
+    parser.add_argument("--soak", type=int, default=0, help="also run N short requests and report memory")
     parser.add_argument("--json")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -224,6 +262,8 @@ def main() -> int:
             engine = PagedEngine(loaded.model, engine_config(config, loaded.model), loaded.fingerprint)
             results["wicore_engine"].append(run_engine(engine, prompt_ids, new, f"run{run}"))
             print(f"wicore_engine run {run}: {results['wicore_engine'][-1]}", file=sys.stderr)
+        if args.soak:
+            soak = run_soak(engine, tokenizer, args.soak, args.requests)
         del loaded, engine
 
     if "wicore_stack" in modes:
@@ -262,6 +302,8 @@ def main() -> int:
     params = vars(args) | {"threads": torch.get_num_threads(), "torch": torch.__version__}
     baseline = "hf_static_batch" if "hf_static_batch" in results else modes[0]
     data = report("engine_bench", results, params, baseline)
+    if args.soak and "wicore_engine" in modes:
+        data["soak"] = soak
     write_json(args.json, data)
     return 0
 

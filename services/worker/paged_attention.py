@@ -51,6 +51,10 @@ class KVPool:
             torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(num_layers)
         ]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
     def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.keys[layer], self.values[layer]
         shape = (-1, self.block_size, *k.shape[1:])

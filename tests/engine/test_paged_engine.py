@@ -45,10 +45,18 @@ class Family:
         return list(self.tokenizer(prompt).input_ids)
 
     def expected(self, prompt: str, max_new: int) -> list[int]:
+        """generate()'s greedy tokens. The explicit all-ones attention mask matters: without
+        it, generate() may treat pad-id tokens inside the prompt (e.g. <|im_end|>) as padding."""
         key = (prompt, max_new)
         if key not in self._expected:
             ids = torch.tensor([self.ids(prompt)])
-            out = self.reference.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=None)
+            out = self.reference.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                eos_token_id=None,
+            )
             self._expected[key] = out[0, ids.shape[1] :].tolist()
         return self._expected[key]
 

@@ -39,5 +39,7 @@ async def test_smollm2_answers_like_model_generate(tmp_path: Path, redis_url: st
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    expected = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)[
+        0, ids.shape[1] :
+    ].tolist()
     assert list(reply.token_ids) == expected

@@ -54,7 +54,7 @@ async def client(stack: Stack) -> inference_pb2_grpc.InferenceStub:
 def reference(hf: tuple[object, object], prompt: str, max_new: int) -> list[int]:
     model, tokenizer = hf
     ids = tokenizer(prompt, return_tensors="pt").input_ids  # type: ignore[operator]
-    out = model.generate(ids, max_new_tokens=max_new, do_sample=False)  # type: ignore[attr-defined]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False)  # type: ignore[attr-defined]
     return out[0, ids.shape[1] :].tolist()
 
 
