@@ -1,0 +1,287 @@
+"""Eviction policies of the memory tiers: A²CR (DESIGN.md §4) and LRU / LFU baselines.
+
+Pure Python over `BlockStats`, with the clock injected: no Redis, no sockets, no
+tensors. A policy only *scores* blocks (higher = worth keeping); the selection
+helpers below turn scores into victims, the same way for every policy, so that
+policies can be swapped and compared on one trace.
+
+    score ▲                                    keep
+          │  ● system prompt: A high, F high
+          │      ● chat turn just written: R high
+          │         ● document block, read twice
+    thr ──┼──────────────────────────────  A²CR only: below this, demoted at cleanup
+          │  ● one-off prompt, minutes old
+          ▼                                    victims under pressure go first:
+                                               lowest score, then older last_access, then hash
+
+Under capacity pressure a tier frees bytes down to a low watermark
+(`bytes_to_free`), taking `select_victims` in order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from wicore.config import A2crConfig
+from wicore.errors import ConfigError
+from wicore.hashing import BlockHash
+
+Clock = Callable[[], float]
+
+# A block never observed is assumed to get uniform attention: the neutral middle
+# of A's range, so that it is neither protected nor sacrificed for lack of data.
+UNIFORM_ATTENTION = 0.5
+# EMA weight of one observation. A block is observed once per request that reads
+# it and most blocks are read a handful of times, so a slow average would leave
+# nearly every block at the prior; 0.5 moves halfway on each observation.
+ATTENTION_ALPHA = 0.5
+# F = hits / (hits + k): with k = 4 a block read once scores 0.2, four times 0.5,
+# sixteen times 0.8; frequency saturates instead of growing without bound.
+FREQUENCY_K = 4.0
+
+
+@dataclass(slots=True)
+class BlockStats:
+    """What a policy knows about one stored block. Times are the injected clock's seconds.
+
+    `attention` stays in [0, 1]; `hits` counts accesses (`touch`), the first included.
+    """
+
+    block_hash: BlockHash
+    size_bytes: int
+    created: float
+    last_access: float
+    hits: int = 0
+    attention: float = UNIFORM_ATTENTION
+
+    def __post_init__(self) -> None:
+        if self.size_bytes < 0:
+            raise ValueError(f"size_bytes: must be >= 0, got {self.size_bytes}")
+        if self.hits < 0:
+            raise ValueError(f"hits: must be >= 0, got {self.hits}")
+        if not 0.0 <= self.attention <= 1.0:
+            raise ValueError(f"attention: must be in [0, 1], got {self.attention}")
+
+
+def attention_from_mass(mass: float, blocks_in_sequence: int) -> float:
+    """A = r / (1 + r) with r = mass * blocks_in_sequence.
+
+    `mass` is the block's share of the attention mass of a sequence of
+    `blocks_in_sequence` blocks; uniform attention (mass = 1/n) gives r = 1, A = 0.5;
+    no attention gives 0; A tends to 1 as one block takes all the mass of a long sequence.
+    """
+    if blocks_in_sequence < 1:
+        raise ValueError(f"blocks_in_sequence: must be >= 1, got {blocks_in_sequence}")
+    if not 0.0 <= mass <= 1.0:
+        raise ValueError(f"mass: must be in [0, 1], got {mass}")
+    r = mass * blocks_in_sequence
+    return r / (1.0 + r)
+
+
+def observe_attention(
+    stats: BlockStats, mass: float, blocks_in_sequence: int, alpha: float = ATTENTION_ALPHA
+) -> float:
+    """Folds one observation into the EMA: A ← (1 - alpha)*A + alpha*A_obs. Returns the new A."""
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha: must be in (0, 1], got {alpha}")
+    observed = attention_from_mass(mass, blocks_in_sequence)
+    stats.attention = min(1.0, max(0.0, (1.0 - alpha) * stats.attention + alpha * observed))
+    return stats.attention
+
+
+@dataclass(frozen=True, slots=True)
+class TunedParams:
+    eviction_threshold: float
+    time_decay_factor: float
+
+
+def adaptive_params(pressure: float) -> TunedParams:
+    """The performance guide's table; `pressure` is used / capacity of the tier.
+
+    p > 0.9 → threshold 0.4, decay 0.1; p > 0.7 → 0.3 / 0.05; else 0.2 / 0.02
+    (the boundaries 0.7 and 0.9 belong to the lower row). p may exceed 1 while a
+    tier is over capacity.
+    """
+    if not pressure >= 0.0 or math.isinf(pressure):  # `not >=` also rejects NaN
+        raise ValueError(f"pressure: must be a finite number >= 0, got {pressure}")
+    if pressure > 0.9:
+        return TunedParams(eviction_threshold=0.4, time_decay_factor=0.1)
+    if pressure > 0.7:
+        return TunedParams(eviction_threshold=0.3, time_decay_factor=0.05)
+    return TunedParams(eviction_threshold=0.2, time_decay_factor=0.02)
+
+
+class EvictionPolicy(Protocol):
+    """Scores blocks (higher = keep). `threshold` is None for a policy with no absolute scale."""
+
+    name: str
+
+    @property
+    def threshold(self) -> float | None: ...
+
+    def score(self, stats: BlockStats) -> float: ...
+
+    def touch(self, stats: BlockStats) -> None: ...
+
+    def tune(self, pressure: float) -> TunedParams | None: ...
+
+
+def _touch(stats: BlockStats, now: float) -> None:
+    stats.hits += 1
+    stats.last_access = now
+
+
+class A2CRPolicy:
+    """Attention-aware cache replacement; owns the current (tuned) threshold and decay.
+
+    Starts with `config.eviction_threshold` / `config.time_decay_factor`; after
+    `tune(p)` it uses the adaptive table's values until the next `tune`.
+    """
+
+    name = "a2cr"
+
+    def __init__(self, config: A2crConfig, clock: Clock, *, frequency_k: float = FREQUENCY_K) -> None:
+        for field in ("attention_weight", "frequency_weight", "recency_weight", "time_decay_factor"):
+            value = getattr(config, field)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f"a2cr_config.{field}: must be a finite number >= 0, got {value}")
+        if not frequency_k > 0.0:
+            raise ValueError(f"frequency_k: must be > 0, got {frequency_k}")
+        self._config = config
+        self._clock = clock
+        self._k = frequency_k
+        self.params = TunedParams(config.eviction_threshold, config.time_decay_factor)
+
+    @property
+    def threshold(self) -> float:
+        return self.params.eviction_threshold
+
+    def score(self, stats: BlockStats) -> float:
+        """score(b, t) = w_a·A(b) + w_f·F(b) + w_r·R(b, t), each term in [0, 1]:
+
+        A(b)    = stats.attention, EMA of r / (1 + r), r = mass * blocks_in_sequence
+        F(b)    = hits / (hits + k), k = frequency_k (default 4)
+        R(b, t) = exp(-λ · max(0, t - last_access)), λ = the tuned time_decay_factor,
+                  t = clock(); a last_access in the future counts as "now".
+        w_a, w_f, w_r = a2cr_config.{attention,frequency,recency}_weight.
+        """
+        c = self._config
+        frequency = stats.hits / (stats.hits + self._k)
+        age = max(0.0, self._clock() - stats.last_access)
+        recency = math.exp(-self.params.time_decay_factor * age)
+        return (
+            c.attention_weight * stats.attention + c.frequency_weight * frequency + c.recency_weight * recency
+        )
+
+    def touch(self, stats: BlockStats) -> None:
+        _touch(stats, self._clock())
+
+    def tune(self, pressure: float) -> TunedParams:
+        self.params = adaptive_params(pressure)
+        return self.params
+
+
+class LRUPolicy:
+    """Least recently used: score = last_access (seconds of the clock), no threshold."""
+
+    name = "lru"
+    threshold = None
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def score(self, stats: BlockStats) -> float:
+        return stats.last_access
+
+    def touch(self, stats: BlockStats) -> None:
+        _touch(stats, self._clock())
+
+    def tune(self, pressure: float) -> None:
+        return None
+
+
+class LFUPolicy:
+    """Least frequently used: score = hits (no aging), ties to the older access; no threshold."""
+
+    name = "lfu"
+    threshold = None
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def score(self, stats: BlockStats) -> float:
+        return float(stats.hits)
+
+    def touch(self, stats: BlockStats) -> None:
+        _touch(stats, self._clock())
+
+    def tune(self, pressure: float) -> None:
+        return None
+
+
+POLICIES: dict[str, Callable[[A2crConfig, Clock], EvictionPolicy]] = {
+    "a2cr": A2CRPolicy,
+    "lru": lambda _config, clock: LRUPolicy(clock),
+    "lfu": lambda _config, clock: LFUPolicy(clock),
+}
+
+
+def make_policy(name: str, config: A2crConfig, clock: Clock) -> EvictionPolicy:
+    try:
+        factory = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; supported: {', '.join(POLICIES)}") from None
+    return factory(config, clock)
+
+
+def _victim_order(policy: EvictionPolicy, blocks: Iterable[BlockStats]) -> list[BlockStats]:
+    """Lowest score first; ties: older last_access first, then block hash."""
+    return sorted(blocks, key=lambda b: (policy.score(b), b.last_access, b.block_hash))
+
+
+def below_threshold(policy: EvictionPolicy, blocks: Iterable[BlockStats]) -> list[BlockStats]:
+    """Blocks to demote at a periodic cleanup, in victim order: score < policy.threshold.
+
+    LRU and LFU scores are timestamps and counts with no absolute scale, so those
+    policies have no threshold and demote nothing at cleanup; they only evict
+    under capacity pressure.
+    """
+    threshold = policy.threshold
+    if threshold is None:
+        return []
+    return [b for b in _victim_order(policy, blocks) if policy.score(b) < threshold]
+
+
+def select_victims(
+    policy: EvictionPolicy, blocks: Iterable[BlockStats], bytes_to_free: int
+) -> list[BlockStats]:
+    """The shortest prefix of the victim order whose sizes add up to `bytes_to_free`.
+
+    Every block if they are not enough; none if `bytes_to_free` <= 0.
+    """
+    victims: list[BlockStats] = []
+    freed = 0
+    if bytes_to_free <= 0:
+        return victims
+    for block in _victim_order(policy, blocks):
+        victims.append(block)
+        freed += block.size_bytes
+        if freed >= bytes_to_free:
+            break
+    return victims
+
+
+def bytes_to_free(used: int, capacity: int, high: float = 0.9, low: float = 0.8) -> int:
+    """0 while used < high * capacity; otherwise the bytes that bring used down to low * capacity."""
+    if capacity <= 0:
+        raise ValueError(f"capacity: must be > 0, got {capacity}")
+    if used < 0:
+        raise ValueError(f"used: must be >= 0, got {used}")
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"watermarks: need 0 <= low <= high <= 1, got low={low} high={high}")
+    if used < high * capacity:
+        return 0
+    return max(0, used - math.floor(low * capacity))

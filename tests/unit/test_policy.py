@@ -1,0 +1,272 @@
+"""A²CR and the LRU / LFU baselines: exact scores, eviction order, tuning table, watermarks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from wicore.config import A2crConfig
+from wicore.errors import ConfigError
+from wicore.hashing import BlockHash
+from wicore.tier.policy import (
+    A2CRPolicy,
+    BlockStats,
+    EvictionPolicy,
+    LFUPolicy,
+    LRUPolicy,
+    TunedParams,
+    adaptive_params,
+    attention_from_mass,
+    below_threshold,
+    bytes_to_free,
+    make_policy,
+    observe_attention,
+    select_victims,
+)
+
+
+class Clock:
+    """Manual clock: tests set `now`; nothing sleeps."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def block(name: str, last_access: float, hits: int = 1, attention: float = 0.5, size: int = 10) -> BlockStats:
+    return BlockStats(
+        BlockHash(name), size, created=0.0, last_access=last_access, hits=hits, attention=attention
+    )
+
+
+def names(blocks: list[BlockStats]) -> list[str]:
+    return [b.block_hash for b in blocks]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def a2cr(clock: Clock) -> A2CRPolicy:
+    return A2CRPolicy(A2crConfig(), clock)
+
+
+# --- attention -------------------------------------------------------------------
+
+
+def test_unobserved_block_counts_as_uniform_attention() -> None:
+    assert BlockStats(BlockHash("x"), 1, created=0.0, last_access=0.0).attention == 0.5
+
+
+@pytest.mark.parametrize(
+    ("mass", "blocks", "expected"),
+    [(0.25, 4, 0.5), (0.0, 4, 0.0), (0.75, 4, 0.75), (1.0, 1, 0.5), (0.1, 90, 0.9)],
+)
+def test_attention_from_mass(mass: float, blocks: int, expected: float) -> None:
+    assert attention_from_mass(mass, blocks) == pytest.approx(expected)
+
+
+def test_observe_attention_folds_into_ema() -> None:
+    stats = block("x", 0.0)
+    assert observe_attention(stats, 0.75, 4) == pytest.approx(0.625)  # 0.5·0.5 + 0.5·0.75
+    assert observe_attention(stats, 0.0, 4, alpha=0.2) == pytest.approx(0.5)  # 0.8·0.625 + 0.2·0
+    assert stats.attention == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("mass", "blocks", "alpha"), [(-0.1, 4, 0.5), (1.5, 4, 0.5), (0.5, 0, 0.5), (0.5, 4, 0.0)]
+)
+def test_observe_attention_rejects_bad_input(mass: float, blocks: int, alpha: float) -> None:
+    with pytest.raises(ValueError):
+        observe_attention(block("x", 0.0), mass, blocks, alpha=alpha)
+
+
+@pytest.mark.parametrize("kwargs", [{"size": -1}, {"hits": -1}, {"attention": 1.5}])
+def test_block_stats_validates(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        block("x", 0.0, **kwargs)
+
+
+# --- A²CR score --------------------------------------------------------------------
+
+
+def test_a2cr_score_exact(a2cr: A2CRPolicy) -> None:
+    stats = block("x", last_access=90.0, hits=4, attention=0.75)
+    # 0.4·0.75 + 0.3·4/(4+4) + 0.3·exp(-0.05·10)
+    assert a2cr.score(stats) == pytest.approx(0.3 + 0.15 + 0.3 * math.exp(-0.5), abs=1e-12)
+
+
+def test_a2cr_score_of_future_access_counts_as_now(a2cr: A2CRPolicy) -> None:
+    assert a2cr.score(block("x", last_access=500.0, hits=4, attention=0.0)) == pytest.approx(0.15 + 0.3)
+
+
+def test_a2cr_score_follows_clock_and_touch(clock: Clock, a2cr: A2CRPolicy) -> None:
+    stats = block("x", last_access=100.0, hits=0, attention=0.5)
+    assert a2cr.score(stats) == pytest.approx(0.2 + 0.0 + 0.3)
+    clock.now = 120.0
+    assert a2cr.score(stats) == pytest.approx(0.2 + 0.3 * math.exp(-1.0))
+    a2cr.touch(stats)
+    assert (stats.hits, stats.last_access) == (1, 120.0)
+    assert a2cr.score(stats) == pytest.approx(0.2 + 0.3 * 0.2 + 0.3)
+
+
+def test_a2cr_weights_and_k_come_from_config(clock: Clock) -> None:
+    config = A2crConfig(attention_weight=1.0, frequency_weight=2.0, recency_weight=0.0)
+    policy = A2CRPolicy(config, clock, frequency_k=1.0)
+    assert policy.score(block("x", 0.0, hits=3, attention=0.25)) == pytest.approx(0.25 + 2.0 * 0.75)
+
+
+@pytest.mark.parametrize(
+    "field", ["attention_weight", "frequency_weight", "recency_weight", "time_decay_factor"]
+)
+def test_a2cr_rejects_bad_config(clock: Clock, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"a2cr_config.{field}"):
+        A2CRPolicy(A2crConfig(**{field: -0.1}), clock)
+
+
+# --- adaptive tuning ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pressure", "threshold", "decay"),
+    [
+        (0.0, 0.2, 0.02),
+        (0.7, 0.2, 0.02),
+        (math.nextafter(0.7, 1.0), 0.3, 0.05),
+        (0.9, 0.3, 0.05),
+        (math.nextafter(0.9, 1.0), 0.4, 0.1),
+        (1.0, 0.4, 0.1),
+        (1.5, 0.4, 0.1),
+    ],
+)
+def test_adaptive_table_boundaries(pressure: float, threshold: float, decay: float) -> None:
+    assert adaptive_params(pressure) == TunedParams(threshold, decay)
+
+
+@pytest.mark.parametrize("pressure", [-0.01, math.nan, math.inf])
+def test_adaptive_rejects_bad_pressure(pressure: float) -> None:
+    with pytest.raises(ValueError, match="pressure"):
+        adaptive_params(pressure)
+
+
+def test_a2cr_uses_tuned_values(a2cr: A2CRPolicy) -> None:
+    stats = block("x", last_access=90.0, hits=4, attention=0.75)
+    assert a2cr.threshold == 0.2  # the config's, before any tune
+    assert a2cr.tune(0.95) == TunedParams(0.4, 0.1)
+    assert a2cr.threshold == 0.4
+    assert a2cr.score(stats) == pytest.approx(0.45 + 0.3 * math.exp(-1.0))
+    a2cr.tune(0.1)
+    assert a2cr.score(stats) == pytest.approx(0.45 + 0.3 * math.exp(-0.2))
+
+
+def test_baselines_ignore_tune(clock: Clock) -> None:
+    for policy in (LRUPolicy(clock), LFUPolicy(clock)):
+        assert policy.tune(0.99) is None
+        assert policy.threshold is None
+
+
+# --- selection ------------------------------------------------------------------------
+
+
+def corpus() -> list[BlockStats]:
+    """At now = 100: an old, hot system-prompt block, fresh one-off blocks, a cold document block."""
+    return [
+        block("sys", last_access=10.0, hits=30, attention=0.9),
+        block("doc", last_access=40.0, hits=2, attention=0.4),
+        block("oneoff-a", last_access=99.0, hits=1, attention=0.2),
+        block("oneoff-b", last_access=98.0, hits=1, attention=0.3),
+        block("chat", last_access=95.0, hits=3, attention=0.5),
+    ]
+
+
+def test_eviction_order_per_policy(clock: Clock, a2cr: A2CRPolicy) -> None:
+    everything = 10 * len(corpus())
+    assert names(select_victims(LRUPolicy(clock), corpus(), everything)) == [
+        "sys", "doc", "chat", "oneoff-b", "oneoff-a",
+    ]  # fmt: skip
+    assert names(select_victims(LFUPolicy(clock), corpus(), everything)) == [
+        "oneoff-b", "oneoff-a", "doc", "chat", "sys",
+    ]  # fmt: skip
+    # a2cr scores: doc 0.16+0.1+0.3e^-3 = 0.275, oneoff-a 0.08+0.06+0.3e^-0.05 = 0.425,
+    # oneoff-b 0.12+0.06+0.3e^-0.1 = 0.451, chat 0.2+0.129+0.3e^-0.25 = 0.562,
+    # sys 0.36+0.265+0.3e^-4.5 = 0.628
+    assert names(select_victims(a2cr, corpus(), everything)) == ["doc", "oneoff-a", "oneoff-b", "chat", "sys"]
+
+
+def test_a2cr_keeps_hot_old_block_that_lru_evicts(clock: Clock, a2cr: A2CRPolicy) -> None:
+    assert names(select_victims(LRUPolicy(clock), corpus(), 10)) == ["sys"]
+    assert names(select_victims(a2cr, corpus(), 10)) == ["doc"]
+
+
+def test_select_victims_stops_at_enough_bytes(clock: Clock) -> None:
+    blocks = [block("a", 1.0, size=30), block("b", 2.0, size=30), block("c", 3.0, size=30)]
+    lru = LRUPolicy(clock)
+    assert names(select_victims(lru, blocks, 31)) == ["a", "b"]
+    assert names(select_victims(lru, blocks, 30)) == ["a"]
+    assert names(select_victims(lru, blocks, 1000)) == ["a", "b", "c"]
+    assert select_victims(lru, blocks, 0) == []
+
+
+@pytest.mark.parametrize("make", [LRUPolicy, LFUPolicy, lambda c: A2CRPolicy(A2crConfig(), c)])
+def test_ties_are_deterministic(clock: Clock, make) -> None:
+    policy: EvictionPolicy = make(clock)
+    # Same hits and attention: "c" goes first (older, or lower score), then a, b, d tie and go by hash.
+    blocks = [block("b", 50.0), block("a", 50.0), block("c", 40.0), block("d", 50.0)]
+    for permutation in itertools.permutations(blocks):
+        assert names(select_victims(policy, list(permutation), 1000)) == ["c", "a", "b", "d"]
+
+
+def test_below_threshold(clock: Clock, a2cr: A2CRPolicy) -> None:
+    clock.now = 1000.0  # recency has decayed to ~0 for every block
+    # scores: sys 0.36+0.264 = 0.624, chat 0.2+0.129 = 0.329, doc 0.16+0.1 = 0.26,
+    # oneoff-b 0.12+0.06 = 0.18, oneoff-a 0.08+0.06 = 0.14
+    assert names(below_threshold(a2cr, corpus())) == ["oneoff-a", "oneoff-b"]
+    a2cr.tune(0.8)  # threshold 0.3
+    assert names(below_threshold(a2cr, corpus())) == ["oneoff-a", "oneoff-b", "doc"]
+    assert below_threshold(LRUPolicy(clock), corpus()) == []
+    assert below_threshold(LFUPolicy(clock), corpus()) == []
+
+
+def test_make_policy(clock: Clock) -> None:
+    assert isinstance(make_policy("a2cr", A2crConfig(), clock), A2CRPolicy)
+    assert make_policy("lru", A2crConfig(), clock).name == "lru"
+    with pytest.raises(ValueError, match="supported: a2cr, lru, lfu"):
+        make_policy("arc", A2crConfig(), clock)
+
+
+# --- watermarks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("used", "capacity", "expected"),
+    [
+        (0, 100, 0),
+        (89, 100, 0),
+        (90, 100, 10),
+        (100, 100, 20),
+        (130, 100, 50),
+        (899, 1000, 0),
+        (950, 1000, 150),
+    ],
+)
+def test_bytes_to_free(used: int, capacity: int, expected: int) -> None:
+    assert bytes_to_free(used, capacity) == expected
+
+
+def test_bytes_to_free_custom_watermarks() -> None:
+    assert bytes_to_free(50, 100, high=0.5, low=0.25) == 25
+    assert bytes_to_free(49, 100, high=0.5, low=0.25) == 0
+
+
+@pytest.mark.parametrize(
+    "args", [(10, 0, 0.9, 0.8), (-1, 100, 0.9, 0.8), (10, 100, 0.7, 0.8), (10, 100, 1.1, 0.8)]
+)
+def test_bytes_to_free_rejects_bad_input(args: tuple) -> None:
+    with pytest.raises(ValueError):
+        bytes_to_free(*args)
