@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -107,6 +108,11 @@ def main(prefix: Sequence[str] = ()) -> None:
 
             sys.exit(run_up(config, workers=args.workers, devices=args.device))
         setup_logging(args.command, config.log_level)
+        if args.command == "worker":
+            # Before torch loads OpenMP: idle OpenMP threads yield instead of spinning, so
+            # the worker's gRPC thread and the other services get the cores between GEMMs
+            # (measured: the stack's tok/s rose ~20% on 2 cores). An explicit setting wins.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         app = importlib.import_module(f"wicore.{args.command}.app")
         asyncio.run(app.serve(config))
     except ConfigError as exc:
