@@ -10,14 +10,14 @@ import pytest
 
 from wicore.redis_server import redis_answers, start_private_redis
 
-from tiny_models import save_tiny_llama
+from tiny_models import save_tiny
 
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny-llama", max_context=4096)
 
 
 @pytest.fixture(scope="session")
