@@ -7,6 +7,11 @@ Invariants of `TextStream`:
 - while a request runs, the last `len(longest stop string) - 1` characters are
   held back, so a stop string split across tokens never leaks a prefix;
 - a stop string ends the request; the text stops right before it.
+
+Decoding is incremental (as in TGI): each step decodes only the tokens from the
+previous step's start (`prefix_offset`, kept as context so tokenizers that strip a
+leading space do not) to the end, and appends what the new tokens added. Decoding
+the whole output at every token would cost O(n^2) per request.
 """
 
 from __future__ import annotations
@@ -34,8 +39,11 @@ class TextStream:
     stop: tuple[str, ...] = ()
     prompt_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the decoded output so far (complete characters only, until the end)
     sent: str = ""
     finished: bool = False
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     def push(
         self,
@@ -46,9 +54,8 @@ class TextStream:
     ) -> Delta:
         """Adds one step's tokens; returns the delta to send (possibly empty text)."""
         self.token_ids.extend(new_ids)
-        text = self.tokenizer.decode(
-            self.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        self._decode_new(final=finish_reason is not None)
+        text = self.text
         stop_at = self._find_stop(text)
         if stop_at is not None:
             text, finish_reason = text[:stop_at], FinishReason.STOP
@@ -69,6 +76,16 @@ class TextStream:
             cached_tokens=cached_tokens,
             logprobs=logprobs or [],
         )
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def _decode_new(self, final: bool) -> None:
+        before = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.token_ids[self.prefix_offset :])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
 
     def _find_stop(self, text: str) -> int | None:
         if not self.stop:

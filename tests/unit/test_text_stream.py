@@ -62,3 +62,20 @@ def test_no_stop_match_sends_everything_at_the_end(tokenizer) -> None:  # type: 
     assert deltas[-1].finish_reason is FinishReason.LENGTH
     # While running, the last len(stop)-1 characters were held back.
     assert len("".join(d.text for d in deltas[:-1])) <= len(text) - (len("zebra crossing") - 1)
+
+
+def test_decoding_is_incremental(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Each step decodes a short window, not the whole output, and the result is the same."""
+    text = "WiCore serves language models over gRPC. Héllo wörld, 你好世界 🙂. " * 20
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    lengths: list[int] = []
+
+    class Recording:
+        def decode(self, token_ids, **kwargs):  # type: ignore[no-untyped-def]
+            lengths.append(len(token_ids))
+            return tokenizer.decode(token_ids, **kwargs)
+
+    stream = TextStream(Recording())
+    deltas = [stream.push([t], FinishReason.LENGTH if i == len(ids) - 1 else None) for i, t in enumerate(ids)]
+    assert "".join(d.text for d in deltas) == tokenizer.decode(ids) == text
+    assert len(ids) > 300 and max(lengths) <= 8
