@@ -18,16 +18,9 @@ from wicore.hashing import BlockHash
 from wicore.tier import nvme
 from wicore.tier.nvme import HEADER_SIZE, NvmeBlockMeta, NvmeTier, pack_header
 
+from clocks import TickingClock
+
 CAPACITY = 1 << 20
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 def h(i: int) -> BlockHash:
@@ -52,7 +45,7 @@ def files(root: Path) -> list[str]:
 
 @pytest.fixture
 def tier(tmp_path: Path) -> Iterator[NvmeTier]:
-    t = NvmeTier(tmp_path / "nvme", CAPACITY, io_depth=4, clock=FakeClock())
+    t = NvmeTier(tmp_path / "nvme", CAPACITY, io_depth=4, clock=TickingClock())
     yield t
     t.close()
 
@@ -224,7 +217,7 @@ def test_recover_removes_orphan_temp_files(tier: NvmeTier) -> None:
 
 
 def test_recover_returns_exactly_the_valid_blocks(tmp_path: Path) -> None:
-    writer = NvmeTier(tmp_path, CAPACITY, clock=FakeClock())
+    writer = NvmeTier(tmp_path, CAPACITY, clock=TickingClock())
     metas = {i: meta(i, 100 * i) for i in range(1, 8)}
     for i, m in metas.items():
         writer.put(m, payload(i, 100 * i))

@@ -26,15 +26,7 @@ from wicore.tier.policy import (
     select_victims,
 )
 
-
-class Clock:
-    """Manual clock: tests set `now`; nothing sleeps."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from clocks import ManualClock
 
 
 def block(name: str, last_access: float, hits: int = 1, attention: float = 0.5, size: int = 10) -> BlockStats:
@@ -48,12 +40,12 @@ def names(blocks: list[BlockStats]) -> list[str]:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
-def a2cr(clock: Clock) -> A2CRPolicy:
+def a2cr(clock: ManualClock) -> A2CRPolicy:
     return A2CRPolicy(A2crConfig(), clock)
 
 
@@ -106,7 +98,7 @@ def test_a2cr_score_of_future_access_counts_as_now(a2cr: A2CRPolicy) -> None:
     assert a2cr.score(block("x", last_access=500.0, hits=4, attention=0.0)) == pytest.approx(0.15 + 0.3)
 
 
-def test_a2cr_score_follows_clock_and_touch(clock: Clock, a2cr: A2CRPolicy) -> None:
+def test_a2cr_score_follows_clock_and_touch(clock: ManualClock, a2cr: A2CRPolicy) -> None:
     stats = block("x", last_access=100.0, hits=0, attention=0.5)
     assert a2cr.score(stats) == pytest.approx(0.2 + 0.0 + 0.3)
     clock.now = 120.0
@@ -116,7 +108,7 @@ def test_a2cr_score_follows_clock_and_touch(clock: Clock, a2cr: A2CRPolicy) -> N
     assert a2cr.score(stats) == pytest.approx(0.2 + 0.3 * 0.2 + 0.3)
 
 
-def test_a2cr_weights_and_k_come_from_config(clock: Clock) -> None:
+def test_a2cr_weights_and_k_come_from_config(clock: ManualClock) -> None:
     config = A2crConfig(attention_weight=1.0, frequency_weight=2.0, recency_weight=0.0)
     policy = A2CRPolicy(config, clock, frequency_k=1.0)
     assert policy.score(block("x", 0.0, hits=3, attention=0.25)) == pytest.approx(0.25 + 2.0 * 0.75)
@@ -125,7 +117,7 @@ def test_a2cr_weights_and_k_come_from_config(clock: Clock) -> None:
 @pytest.mark.parametrize(
     "field", ["attention_weight", "frequency_weight", "recency_weight", "time_decay_factor"]
 )
-def test_a2cr_rejects_bad_config(clock: Clock, field: str) -> None:
+def test_a2cr_rejects_bad_config(clock: ManualClock, field: str) -> None:
     with pytest.raises(ConfigError, match=f"a2cr_config.{field}"):
         A2CRPolicy(A2crConfig(**{field: -0.1}), clock)
 
@@ -165,7 +157,7 @@ def test_a2cr_uses_tuned_values(a2cr: A2CRPolicy) -> None:
     assert a2cr.score(stats) == pytest.approx(0.45 + 0.3 * math.exp(-0.2))
 
 
-def test_baselines_ignore_tune(clock: Clock) -> None:
+def test_baselines_ignore_tune(clock: ManualClock) -> None:
     for policy in (LRUPolicy(clock), LFUPolicy(clock)):
         assert policy.tune(0.99) is None
         assert policy.threshold is None
@@ -185,7 +177,7 @@ def corpus() -> list[BlockStats]:
     ]
 
 
-def test_eviction_order_per_policy(clock: Clock, a2cr: A2CRPolicy) -> None:
+def test_eviction_order_per_policy(clock: ManualClock, a2cr: A2CRPolicy) -> None:
     everything = 10 * len(corpus())
     assert names(select_victims(LRUPolicy(clock), corpus(), everything)) == [
         "sys", "doc", "chat", "oneoff-b", "oneoff-a",
@@ -199,12 +191,12 @@ def test_eviction_order_per_policy(clock: Clock, a2cr: A2CRPolicy) -> None:
     assert names(select_victims(a2cr, corpus(), everything)) == ["doc", "oneoff-a", "oneoff-b", "chat", "sys"]
 
 
-def test_a2cr_keeps_hot_old_block_that_lru_evicts(clock: Clock, a2cr: A2CRPolicy) -> None:
+def test_a2cr_keeps_hot_old_block_that_lru_evicts(clock: ManualClock, a2cr: A2CRPolicy) -> None:
     assert names(select_victims(LRUPolicy(clock), corpus(), 10)) == ["sys"]
     assert names(select_victims(a2cr, corpus(), 10)) == ["doc"]
 
 
-def test_select_victims_stops_at_enough_bytes(clock: Clock) -> None:
+def test_select_victims_stops_at_enough_bytes(clock: ManualClock) -> None:
     blocks = [block("a", 1.0, size=30), block("b", 2.0, size=30), block("c", 3.0, size=30)]
     lru = LRUPolicy(clock)
     assert names(select_victims(lru, blocks, 31)) == ["a", "b"]
@@ -214,7 +206,7 @@ def test_select_victims_stops_at_enough_bytes(clock: Clock) -> None:
 
 
 @pytest.mark.parametrize("make", [LRUPolicy, LFUPolicy, lambda c: A2CRPolicy(A2crConfig(), c)])
-def test_ties_are_deterministic(clock: Clock, make) -> None:
+def test_ties_are_deterministic(clock: ManualClock, make) -> None:
     policy: EvictionPolicy = make(clock)
     # Same hits and attention: "c" goes first (older, or lower score), then a, b, d tie and go by hash.
     blocks = [block("b", 50.0), block("a", 50.0), block("c", 40.0), block("d", 50.0)]
@@ -222,7 +214,7 @@ def test_ties_are_deterministic(clock: Clock, make) -> None:
         assert names(select_victims(policy, list(permutation), 1000)) == ["c", "a", "b", "d"]
 
 
-def test_below_threshold(clock: Clock, a2cr: A2CRPolicy) -> None:
+def test_below_threshold(clock: ManualClock, a2cr: A2CRPolicy) -> None:
     clock.now = 1000.0  # recency has decayed to ~0 for every block
     # scores: sys 0.36+0.264 = 0.624, chat 0.2+0.129 = 0.329, doc 0.16+0.1 = 0.26,
     # oneoff-b 0.12+0.06 = 0.18, oneoff-a 0.08+0.06 = 0.14
@@ -233,7 +225,7 @@ def test_below_threshold(clock: Clock, a2cr: A2CRPolicy) -> None:
     assert below_threshold(LFUPolicy(clock), corpus()) == []
 
 
-def test_make_policy(clock: Clock) -> None:
+def test_make_policy(clock: ManualClock) -> None:
     assert isinstance(make_policy("a2cr", A2crConfig(), clock), A2CRPolicy)
     assert make_policy("lru", A2crConfig(), clock).name == "lru"
     with pytest.raises(ValueError, match="supported: a2cr, lru, lfu"):

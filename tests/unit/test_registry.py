@@ -5,13 +5,7 @@ import pytest
 from wicore.errors import ModelNotFound, WorkerUnavailable
 from wicore.scheduler.registry import WorkerInfo, WorkerLoad, WorkerRegistry
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from clocks import ManualClock
 
 
 def worker(worker_id: str, model: str = "m") -> WorkerInfo:
@@ -21,7 +15,7 @@ def worker(worker_id: str, model: str = "m") -> WorkerInfo:
 
 
 def test_no_worker_is_unavailable_and_unknown_model_is_not_found() -> None:
-    reg = WorkerRegistry(timeout_s=5, clock=Clock())
+    reg = WorkerRegistry(timeout_s=5, clock=ManualClock())
     with pytest.raises(WorkerUnavailable, match="no worker is registered"):
         reg.pick("")
     reg.register(worker("a", "m"))
@@ -31,7 +25,7 @@ def test_no_worker_is_unavailable_and_unknown_model_is_not_found() -> None:
 
 
 def test_silent_workers_are_dropped_and_heartbeats_keep_them() -> None:
-    clock = Clock()
+    clock = ManualClock()
     reg = WorkerRegistry(timeout_s=5, clock=clock)
     reg.register(worker("a"))
     reg.register(worker("b"))
@@ -50,7 +44,7 @@ def test_silent_workers_are_dropped_and_heartbeats_keep_them() -> None:
 
 
 def test_pick_prefers_fewest_in_flight_then_takes_turns() -> None:
-    clock = Clock()
+    clock = ManualClock()
     reg = WorkerRegistry(timeout_s=5, clock=clock)
     for wid in ("a", "b", "c"):
         reg.register(worker(wid))
@@ -64,7 +58,7 @@ def test_pick_prefers_fewest_in_flight_then_takes_turns() -> None:
 
 
 def test_default_model_is_the_first_registered() -> None:
-    clock = Clock()
+    clock = ManualClock()
     reg = WorkerRegistry(timeout_s=5, clock=clock)
     reg.register(worker("a", "first"))
     clock.now += 1

@@ -8,14 +8,7 @@ from wicore.errors import Overloaded
 from wicore.hashing import BlockHash
 from wicore.tier.store import Codec, CpuTier, StorageTier, StoredBlock
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
+from clocks import TickingClock
 
 
 def h(i: int) -> BlockHash:
@@ -38,7 +31,7 @@ def peek(tier: CpuTier, i: int) -> StoredBlock:
 
 @pytest.fixture
 def tier() -> CpuTier:
-    return CpuTier(100, clock=FakeClock())
+    return CpuTier(100, clock=TickingClock())
 
 
 def test_put_and_get(tier: CpuTier) -> None:
@@ -121,7 +114,7 @@ def test_hits_and_misses(tier: CpuTier) -> None:
 
 
 def test_integrity_holds_under_churn() -> None:
-    tier = CpuTier(1000, clock=FakeClock())
+    tier = CpuTier(1000, clock=TickingClock())
     for i in range(300):
         put(tier, i, 1 + (i * 37) % 250)
         if i % 3 == 0:
