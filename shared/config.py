@@ -99,7 +99,17 @@ class WorkerConfig:
 class TierConfig:
     host: str = "127.0.0.1"
     port: int = 50053
-    cpu_capacity_bytes: int = 2 * GiB
+    cpu_capacity_bytes: int = 2 * GiB  # 0: no CPU tier (blocks go straight to NVMe)
+    cpu_codec: str = "q8"  # "raw" (lossless), "fp16", "bf16", "q8" or "q4"
+    nvme_capacity_bytes: int = 16 * GiB  # 0: no NVMe tier
+    nvme_codec: str = "q4"
+    nvme_dir: str = ""  # default: {state_dir}/nvme
+    io_depth: int = 8  # NVMe reads and writes in flight
+    use_o_direct: bool = False  # bypass the page cache where the filesystem allows it
+    use_lz4: bool = True  # lz4 frames, kept only when they save 1/64 or more
+    policy: str = "a2cr"  # eviction order: "a2cr", "lru" or "lfu"
+    high_watermark: float = 0.9  # a tier this full (used / capacity) frees bytes ...
+    low_watermark: float = 0.8  # ... down to this
     chunk_bytes: int = 1 * MiB  # well under gRPC's 4 MiB message limit
     max_block_bytes: int = 256 * MiB
 

@@ -1,27 +1,96 @@
-"""Tier process: the CPU tier of spilled KV blocks, its Redis mirror and its gRPC service."""
+"""Tier process: the CPU and NVMe tiers of spilled KV blocks, their Redis mirror, the cleanup
+loop and the gRPC service."""
 
 from __future__ import annotations
 
-from wicore.config import Config
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from wicore.config import Config, TierConfig
+from wicore.errors import ConfigError
+from wicore.kvblock import check_codec
 from wicore.server import ServiceServer
+from wicore.tier.manager import TierManager
 from wicore.tier.metadata import BlockMetadata, connect_redis
+from wicore.tier.policy import POLICIES
 from wicore.tier.servicer import TierServicer
-from wicore.tier.store import CpuTier
 from wicore.v1 import tier_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_TICK_S = 1.0  # how often the loop retries Redis and flushes, at most this far apart
+
+
+def check_tier_config(tc: TierConfig) -> None:
+    """Raises ConfigError naming the first invalid tier setting."""
+    for name in ("cpu_codec", "nvme_codec"):
+        try:
+            check_codec(getattr(tc, name), f"tier.{name}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if tc.cpu_capacity_bytes < 0 or tc.nvme_capacity_bytes < 0:
+        raise ConfigError("tier.cpu_capacity_bytes / nvme_capacity_bytes: must be >= 0")
+    if tc.cpu_capacity_bytes == 0 and tc.nvme_capacity_bytes == 0:
+        raise ConfigError("tier.cpu_capacity_bytes and tier.nvme_capacity_bytes: at least one must be > 0")
+    if not 0.0 < tc.low_watermark <= tc.high_watermark <= 1.0:
+        raise ConfigError(
+            f"tier.low_watermark / high_watermark: need 0 < low <= high <= 1, got {tc.low_watermark} / "
+            f"{tc.high_watermark}"
+        )
+    if tc.io_depth < 1:
+        raise ConfigError(f"tier.io_depth: must be >= 1, got {tc.io_depth}")
+    if tc.policy not in POLICIES:
+        raise ConfigError(f"tier.policy: unknown {tc.policy!r} (supported: {', '.join(POLICIES)})")
+
+
+def nvme_root(config: Config) -> Path:
+    return Path(config.tier.nvme_dir).expanduser() if config.tier.nvme_dir else config.state_path / "nvme"
+
+
+async def run_maintenance(manager: TierManager, cleanup_interval_s: float) -> None:
+    """Every tick: flush Redis (catching up after an outage); every cleanup interval: cleanup."""
+    tick = min(MAX_TICK_S, cleanup_interval_s)
+    next_cleanup = time.monotonic() + cleanup_interval_s
+    while True:
+        await asyncio.sleep(tick)
+        try:
+            if time.monotonic() >= next_cleanup:
+                next_cleanup = time.monotonic() + cleanup_interval_s
+                await manager.cleanup()
+            else:
+                await manager.flush()
+        except Exception:  # a failed pass must not stop the next one
+            log.exception("tier maintenance pass failed")
 
 
 async def serve(config: Config) -> None:
     tc = config.tier
-    store = CpuTier(tc.cpu_capacity_bytes)
+    check_tier_config(tc)
+    torch.set_num_threads(1)  # codec work: one thread beside the event loop, on a shared machine
     redis = connect_redis(config.redis.url)
     metadata = BlockMetadata(redis, config.redis.namespace)
+    manager = TierManager(
+        tc, config.a2cr_config, metadata, nvme_root(config) if tc.nvme_capacity_bytes else None
+    )
     server = ServiceServer("tier", tc.host, tc.port, config.shutdown_grace_s)
-    server.add(tier_pb2_grpc.add_TierServicer_to_server, TierServicer(store, metadata, tc), "wicore.v1.Tier")
+    server.add(tier_pb2_grpc.add_TierServicer_to_server, TierServicer(manager, tc), "wicore.v1.Tier")
+    maintenance: asyncio.Task[None] | None = None
     try:
         await server.start()
+        recovered = await manager.recover()
+        log.info("tier ready: %d blocks recovered from NVMe, redis_ok=%s", recovered, metadata.redis_ok)
+        maintenance = asyncio.create_task(run_maintenance(manager, config.a2cr_config.cleanup_interval))
         await server.set_serving(True)
         await server.serve_until_signal()
-        # The blocks live in this process's memory and leave with it.
-        await metadata.forget(store.hashes())
     finally:
+        if maintenance is not None:
+            maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await maintenance
+        await manager.shutdown()
         await redis.aclose()

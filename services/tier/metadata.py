@@ -1,17 +1,23 @@
-"""Block metadata mirrored to Redis, so the scheduler and workers can see what the tier holds.
+"""Block metadata mirrored to Redis, so schedulers, workers and operators see what the tiers hold.
 
 Keys (DESIGN.md §5), `ns` being `config.redis.namespace`:
 
-    {ns}:blk:{hash}   hash: tier, bytes, codec, dtype, created, last_access, hits
-    {ns}:a2cr:cpu     sorted set, member = block hash, score = last access time
+    {ns}:blk:{hash}    hash: tier ("cpu" | "nvme", the faster copy), nvme_copy (0|1), bytes,
+                       codec, created, last_access, hits, attention
+    {ns}:a2cr:cpu      sorted set: member = block hash, score = the CPU policy's score
+    {ns}:a2cr:nvme     sorted set: the same for blocks with an NVMe copy
+    {ns}:tier:epoch    sentinel: set by every full resync
 
-The score is the last access time (LRU) for now; the A²CR score (DESIGN.md §4)
-and the `attention` field come in a later issue. Each RPC makes at most one round
-trip: one MULTI/EXEC pipeline. Redis is advisory: when it is unreachable the
-mirror logs once, reports `redis_ok = False`, skips writes for `retry_after_s` and
-recovers on the next write that succeeds. Updates missed while degraded are not
-replayed (a block's keys are rewritten whole on its next put or get; resyncing
-the rest, stale keys of evicted blocks included, is a later issue).
+Every write is one MULTI/EXEC pipeline, so a block's hash and its sorted-set
+memberships change together (a move between tiers is atomic). The tier process
+is the source of truth and Redis a mirror of it:
+
+- a write that fails (Redis unreachable or refusing) sets `needs_resync`, the
+  mirror reports `redis_ok = False` and skips Redis for `retry_after_s`;
+- every write also checks the sentinel; if it is gone, Redis lost its data
+  (flushed, or restarted without persistence) and `needs_resync` is set;
+- `resync` rewrites everything: both sorted sets from scratch, every block's
+  hash, stale `blk` keys deleted (SCAN), and the sentinel.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,13 +36,13 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from wicore.hashing import BlockHash
-from wicore.tier.store import CpuTier, StorageTier, StoredBlock
+from wicore.tier.store import StorageTier
 
 log = logging.getLogger(__name__)
 
 # Unreachable (ConnectionError, TimeoutError) or refusing (OOM, READONLY...): serve on regardless.
 REDIS_DOWN = (RedisError, OSError)
-DELETE_BATCH = 1000  # keys per DEL command when forgetting many blocks
+BATCH = 1000  # keys per command or pipeline when many blocks are written, read or deleted
 
 
 def connect_redis(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
@@ -48,29 +55,41 @@ def connect_redis(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
     )
 
 
-class BlockMetadata:
-    """Writes the tier's block state to Redis; owns the `redis_ok` flag.
+@dataclass(frozen=True, slots=True)
+class BlockRecord:
+    """One block's state as Redis shows it."""
 
-    Writes are serialised by a lock and read the tier's state inside it, so the
-    last write to reach Redis reflects the latest state of every block it names.
-    """
+    block_hash: BlockHash
+    tier: StorageTier
+    nvme_copy: bool
+    size_bytes: int
+    codec: str
+    created: float
+    last_access: float
+    hits: int
+    attention: float
+    scores: dict[StorageTier, float]  # one per tier holding a copy
+
+
+class BlockMetadata:
+    """Writes block records to Redis; owns the `redis_ok` and `needs_resync` flags."""
 
     def __init__(
         self,
         client: aioredis.Redis,
         namespace: str,
-        tier: StorageTier = StorageTier.CPU,
         retry_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = client
         self._ns = namespace
-        self._tier = tier
         self._retry_after_s = retry_after_s
         self._clock = clock
         self._lock = asyncio.Lock()
         self._ok = True
         self._retry_at = 0.0
+        self.needs_resync = True  # nothing written yet
+        self.resyncs = 0
 
     @property
     def redis_ok(self) -> bool:
@@ -79,59 +98,94 @@ class BlockMetadata:
     def block_key(self, block_hash: BlockHash) -> str:
         return f"{self._ns}:blk:{block_hash}"
 
+    def score_key(self, tier: StorageTier) -> str:
+        return f"{self._ns}:a2cr:{tier.value}"
+
     @property
-    def score_key(self) -> str:
-        return f"{self._ns}:a2cr:{self._tier.value}"
+    def sentinel_key(self) -> str:
+        return f"{self._ns}:tier:epoch"
 
-    async def sync(self, store: CpuTier, touched: Iterable[BlockHash], evicted: Iterable[BlockHash]) -> None:
-        """Writes the current state of the named blocks: present ones whole, absent ones deleted."""
+    async def write(self, present: Sequence[BlockRecord], gone: Sequence[BlockHash]) -> None:
+        """Writes these records and deletes the keys of `gone`, in one transaction."""
         async with self._lock:
-            if not self._should_try():  # checked under the lock: waiters skip a Redis just found down
-                return
-            present: list[StoredBlock] = []
-            for block_hash in dict.fromkeys(touched):
-                block = store.peek(block_hash)
-                if block is not None:
-                    present.append(block)
-            gone = [h for h in dict.fromkeys(evicted) if not store.contains(h)]
-            await self._write(present, gone)
+            if self._should_try():
+                await self._run(lambda: self._write(present, gone))
 
-    async def forget(self, hashes: Iterable[BlockHash]) -> None:
-        """Deletes the keys of these blocks (the tier is going away with them)."""
+    async def resync(self, records: Sequence[BlockRecord]) -> None:
+        """Makes Redis hold exactly `records` (see the module docstring)."""
         async with self._lock:
-            await self._write([], list(hashes))
+            if self._should_try():
+                await self._run(lambda: self._resync(records))
+
+    async def load(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, dict[str, str]]:
+        """The stored fields of these blocks (absent ones left out); {} when Redis is down."""
+        found: dict[BlockHash, dict[str, str]] = {}
+
+        async def read() -> None:
+            for start in range(0, len(hashes), BATCH):
+                batch = hashes[start : start + BATCH]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for block_hash in batch:
+                        pipe.hgetall(self.block_key(block_hash))
+                    results = await pipe.execute()
+                for block_hash, fields in zip(batch, results, strict=True):
+                    if fields:
+                        found[block_hash] = {k.decode(): v.decode() for k, v in fields.items()}
+
+        async with self._lock:
+            await self._run(read)
+        return found
 
     async def ping(self) -> bool:
         """Checks Redis now (whatever the retry timer says); returns and records `redis_ok`."""
         await self._run(self._redis.ping)
         return self._ok
 
-    async def _write(self, present: list[StoredBlock], gone: list[BlockHash]) -> None:
-        if present or gone:
-            await self._run(lambda: self._execute(present, gone))
-
-    async def _execute(self, present: list[StoredBlock], gone: list[BlockHash]) -> None:
+    async def _write(self, present: Sequence[BlockRecord], gone: Sequence[BlockHash]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            for start in range(0, len(gone), DELETE_BATCH):
-                batch = gone[start : start + DELETE_BATCH]
-                pipe.delete(*(self.block_key(h) for h in batch))
-                pipe.zrem(self.score_key, *batch)
-            for block in present:
-                pipe.hset(self.block_key(block.block_hash), mapping=self._fields(block))
-            if present:
-                pipe.zadd(self.score_key, {b.block_hash: b.last_access for b in present})
-            await pipe.execute()
+            pipe.exists(self.sentinel_key)
+            self._queue_deletes(pipe, gone)
+            for record in present:
+                self._queue_record(pipe, record)
+            results = await pipe.execute()
+        if not results[0]:
+            log.warning("redis lost the tier's metadata (flushed or restarted): rewriting it")
+            self.needs_resync = True
 
-    def _fields(self, block: StoredBlock) -> dict[FieldT, EncodableT]:
-        return {
-            "tier": self._tier.value,
-            "bytes": block.nbytes,
-            "codec": block.codec.value,
-            "dtype": block.dtype,
-            "created": block.created,
-            "last_access": block.last_access,
-            "hits": block.hits,
-        }
+    async def _resync(self, records: Sequence[BlockRecord]) -> None:
+        keep = {self.block_key(r.block_hash).encode() for r in records}
+        stale = [
+            k async for k in self._redis.scan_iter(match=f"{self._ns}:blk:*", count=BATCH) if k not in keep
+        ]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*(self.score_key(t) for t in StorageTier))
+            for start in range(0, len(stale), BATCH):
+                pipe.delete(*stale[start : start + BATCH])
+            for record in records:
+                self._queue_record(pipe, record)
+            pipe.set(self.sentinel_key, repr(time.time()))
+            await pipe.execute()
+        self.needs_resync = False
+        self.resyncs += 1
+        log.info(
+            "redis: tier metadata rewritten (%d blocks, %d stale keys removed)", len(records), len(stale)
+        )
+
+    def _queue_deletes(self, pipe: Any, gone: Sequence[BlockHash]) -> None:
+        for start in range(0, len(gone), BATCH):
+            batch = gone[start : start + BATCH]
+            pipe.delete(*(self.block_key(h) for h in batch))
+            for tier in StorageTier:
+                pipe.zrem(self.score_key(tier), *batch)
+
+    def _queue_record(self, pipe: Any, record: BlockRecord) -> None:
+        pipe.hset(self.block_key(record.block_hash), mapping=_fields(record))
+        for tier in StorageTier:
+            score = record.scores.get(tier)
+            if score is None:
+                pipe.zrem(self.score_key(tier), record.block_hash)
+            else:
+                pipe.zadd(self.score_key(tier), {record.block_hash: score})
 
     def _should_try(self) -> bool:
         return self._ok or self._clock() >= self._retry_at
@@ -143,8 +197,22 @@ class BlockMetadata:
             if self._ok:
                 log.warning("redis unreachable, serving without block metadata: %s", exc)
             self._ok = False
+            self.needs_resync = True
             self._retry_at = self._clock() + self._retry_after_s
             return
         if not self._ok:
             log.info("redis reachable again; block metadata resumes")
         self._ok = True
+
+
+def _fields(record: BlockRecord) -> dict[FieldT, EncodableT]:
+    return {
+        "tier": record.tier.value,
+        "nvme_copy": int(record.nvme_copy),
+        "bytes": record.size_bytes,
+        "codec": record.codec,
+        "created": record.created,
+        "last_access": record.last_access,
+        "hits": record.hits,
+        "attention": record.attention,
+    }

@@ -216,6 +216,11 @@ class NvmeTier:
     def free_bytes(self) -> int:
         return max(0, self.capacity_bytes - self.used_bytes - self._reserved)
 
+    def sizes(self) -> dict[BlockHash, int]:
+        """Each stored block's file size (a copy)."""
+        with self._lock:
+            return dict(self._sizes)
+
     def contains(self, block_hash: str) -> bool:
         return validate_block_hash(block_hash, "block_hash") in self._sizes
 

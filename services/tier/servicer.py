@@ -11,9 +11,15 @@ import grpc
 from wicore.config import TierConfig
 from wicore.errors import WicoreError
 from wicore.hashing import BlockHash
-from wicore.tier.convert import ChunkAssembler, block_to_chunks, hashes_from_proto, stats_to_proto
-from wicore.tier.metadata import BlockMetadata
-from wicore.tier.store import CpuTier, StoredBlock
+from wicore.tier.convert import (
+    TIER_TO_PROTO,
+    ChunkAssembler,
+    block_to_chunks,
+    hashes_from_proto,
+    observations_from_proto,
+    stats_to_proto,
+)
+from wicore.tier.manager import TierManager
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
 MAX_HASHES_PER_REQUEST = 4096
@@ -37,11 +43,10 @@ async def _drain(chunks: AsyncIterator[tier_pb2.BlockChunk], limit_bytes: int) -
 
 
 class TierServicer(tier_pb2_grpc.TierServicer):
-    """Serves one CpuTier; Redis gets one batched write per RPC that changes or reads blocks."""
+    """Converts messages, calls the manager, and flushes the Redis mirror once per RPC."""
 
-    def __init__(self, store: CpuTier, metadata: BlockMetadata, config: TierConfig) -> None:
-        self.store = store
-        self.metadata = metadata
+    def __init__(self, manager: TierManager, config: TierConfig) -> None:
+        self.manager = manager
         self.config = config
 
     async def PutBlocks(
@@ -54,39 +59,65 @@ class TierServicer(tier_pb2_grpc.TierServicer):
             async for chunk in request_iterator:
                 block = assembler.feed(chunk)
                 if block is not None:
-                    payload = bytes(block.buffer)
-                    evicted += self.store.put(
-                        block.block_hash, block.codec, block.dtype, block.shape, payload, block.checksum
-                    )
-                    stored.append(block.block_hash)
+                    # One block at a time: a long stream never holds more than one block's bytes.
+                    result = await self.manager.put([(block.block_hash, block.payload())])
+                    stored += result.stored
+                    evicted += result.evicted
             assembler.finish()
         except WicoreError:
             await _drain(request_iterator, self.config.max_block_bytes)
             raise
         finally:
             # Blocks stored before a bad chunk stay stored; Redis must say so.
-            await self.metadata.sync(self.store, stored, evicted)
+            await self.manager.flush()
         return tier_pb2.PutBlocksResponse(stored=len(stored), evicted=len(evicted), evicted_hashes=evicted)
 
     async def GetBlocks(
         self, request: tier_pb2.GetBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tier_pb2.BlockChunk]:
         hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
-        found: list[StoredBlock] = [b for b in map(self.store.get, hashes) if b is not None]
-        await self.metadata.sync(self.store, [b.block_hash for b in found], [])
-        for block in found:
-            for chunk in block_to_chunks(block, self.config.chunk_bytes):
+        found = await self.manager.get(hashes)
+        for block_hash, block, tier in found:
+            for chunk in block_to_chunks(block_hash, block, tier, self.config.chunk_bytes):
                 yield chunk
+        await self.manager.flush()
 
     async def Lookup(
         self, request: tier_pb2.LookupRequest, context: grpc.aio.ServicerContext
     ) -> tier_pb2.LookupResponse:
         hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
-        prefix = self.store.lookup_prefix(hashes)
-        return tier_pb2.LookupResponse(prefix_blocks=prefix, tiers=[tier_pb2.STORAGE_TIER_CPU] * prefix)
+        tiers = self.manager.lookup(hashes)
+        return tier_pb2.LookupResponse(prefix_blocks=len(tiers), tiers=[TIER_TO_PROTO[t] for t in tiers])
+
+    async def Prefetch(
+        self, request: tier_pb2.PrefetchRequest, context: grpc.aio.ServicerContext
+    ) -> tier_pb2.PrefetchResponse:
+        hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
+        result = await self.manager.prefetch(hashes)
+        await self.manager.flush()
+        return tier_pb2.PrefetchResponse(
+            promoted=result.promoted, already_cpu=result.already_cpu, missing=result.missing
+        )
+
+    async def UpdateScores(
+        self, request: tier_pb2.UpdateScoresRequest, context: grpc.aio.ServicerContext
+    ) -> tier_pb2.UpdateScoresResponse:
+        observations = observations_from_proto(request.observations, MAX_HASHES_PER_REQUEST)
+        known = self.manager.update_scores(observations)
+        await self.manager.flush()
+        return tier_pb2.UpdateScoresResponse(updated=known, unknown=len(observations) - known)
+
+    async def Drop(
+        self, request: tier_pb2.DropRequest, context: grpc.aio.ServicerContext
+    ) -> tier_pb2.DropResponse:
+        hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
+        dropped = await self.manager.drop(hashes)
+        await self.manager.flush()
+        return tier_pb2.DropResponse(dropped=dropped)
 
     async def Stats(
         self, request: tier_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> tier_pb2.StatsResponse:
-        redis_ok = await self.metadata.ping()
-        return tier_pb2.StatsResponse(tiers=[stats_to_proto(self.store.stats())], redis_ok=redis_ok)
+        if self.manager.metadata is not None:
+            await self.manager.metadata.ping()
+        return stats_to_proto(self.manager.stats())

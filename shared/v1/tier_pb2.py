@@ -24,35 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14wicore/v1/tier.proto\x12\twicore.v1\"\x89\x01\n\x0b\x42lockHeader\x12\x12\n\nblock_hash\x18\x01 \x01(\t\x12\x1f\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x10.wicore.v1.Codec\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\r\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\"f\n\nBlockChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wicore.v1.BlockHeader\x12\x12\n\nblock_hash\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"L\n\x11PutBlocksResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07\x65victed\x18\x02 \x01(\r\x12\x16\n\x0e\x65victed_hashes\x18\x03 \x03(\t\"(\n\x10GetBlocksRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\t\"%\n\rLookupRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\t\"N\n\x0eLookupResponse\x12\x15\n\rprefix_blocks\x18\x01 \x01(\r\x12%\n\x05tiers\x18\x02 \x03(\x0e\x32\x16.wicore.v1.StorageTier\"\x0e\n\x0cStatsRequest\"\xc3\x01\n\tTierStats\x12$\n\x04tier\x18\x01 \x01(\x0e\x32\x16.wicore.v1.StorageTier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x07 \x01(\x04\x12\x11\n\tbytes_out\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\"F\n\rStatsResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.wicore.v1.TierStats\x12\x10\n\x08redis_ok\x18\x02 \x01(\x08*q\n\x0bStorageTier\x12\x1c\n\x18STORAGE_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13STORAGE_TIER_DEVICE\x10\x01\x12\x14\n\x10STORAGE_TIER_CPU\x10\x02\x12\x15\n\x11STORAGE_TIER_NVME\x10\x03*-\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x32\x88\x02\n\x04Tier\x12\x42\n\tPutBlocks\x12\x15.wicore.v1.BlockChunk\x1a\x1c.wicore.v1.PutBlocksResponse(\x01\x12\x41\n\tGetBlocks\x12\x1b.wicore.v1.GetBlocksRequest\x1a\x15.wicore.v1.BlockChunk0\x01\x12=\n\x06Lookup\x12\x18.wicore.v1.LookupRequest\x1a\x19.wicore.v1.LookupResponse\x12:\n\x05Stats\x12\x17.wicore.v1.StatsRequest\x1a\x18.wicore.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14wicore/v1/tier.proto\x12\twicore.v1\"\xd8\x01\n\x0b\x42lockHeader\x12\x12\n\nblock_hash\x18\x01 \x01(\t\x12\x1f\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x10.wicore.v1.Codec\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\r\n\x05shape\x18\x04 \x03(\r\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\x12\x0b\n\x03lz4\x18\x07 \x01(\x08\x12\x13\n\x0bsink_tokens\x18\x08 \x01(\r\x12+\n\x0bsource_tier\x18\t \x01(\x0e\x32\x16.wicore.v1.StorageTier\"f\n\nBlockChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.wicore.v1.BlockHeader\x12\x12\n\nblock_hash\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"L\n\x11PutBlocksResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x0f\n\x07\x65victed\x18\x02 \x01(\r\x12\x16\n\x0e\x65victed_hashes\x18\x03 \x03(\t\"(\n\x10GetBlocksRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\t\"%\n\rLookupRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\t\"N\n\x0eLookupResponse\x12\x15\n\rprefix_blocks\x18\x01 \x01(\r\x12%\n\x05tiers\x18\x02 \x03(\x0e\x32\x16.wicore.v1.StorageTier\"\'\n\x0fPrefetchRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\t\"J\n\x10PrefetchResponse\x12\x10\n\x08promoted\x18\x01 \x01(\r\x12\x13\n\x0b\x61lready_cpu\x18\x02 \x01(\r\x12\x0f\n\x07missing\x18\x03 \x01(\r\"T\n\x14\x41ttentionObservation\x12\x12\n\nblock_hash\x18\x01 \x01(\t\x12\x0c\n\x04mass\x18\x02 \x01(\x01\x12\x1a\n\x12\x62locks_in_sequence\x18\x03 \x01(\r\"L\n\x13UpdateScoresRequest\x12\x35\n\x0cobservations\x18\x01 \x03(\x0b\x32\x1f.wicore.v1.AttentionObservation\"8\n\x14UpdateScoresResponse\x12\x0f\n\x07updated\x18\x01 \x01(\r\x12\x0f\n\x07unknown\x18\x02 \x01(\r\"#\n\x0b\x44ropRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\t\"\x1f\n\x0c\x44ropResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xad\x02\n\tTierStats\x12$\n\x04tier\x18\x01 \x01(\x0e\x32\x16.wicore.v1.StorageTier\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x07 \x01(\x04\x12\x11\n\tbytes_out\x18\x08 \x01(\x04\x12\x11\n\tevictions\x18\t \x01(\x04\x12\x1f\n\x05\x63odec\x18\n \x01(\x0e\x32\x10.wicore.v1.Codec\x12\x10\n\x08pressure\x18\x0b \x01(\x01\x12\x1a\n\x12\x65viction_threshold\x18\x0c \x01(\x01\x12\x19\n\x11time_decay_factor\x18\r \x01(\x01\"\xce\x01\n\rStatsResponse\x12#\n\x05tiers\x18\x01 \x03(\x0b\x32\x14.wicore.v1.TierStats\x12\x10\n\x08redis_ok\x18\x02 \x01(\x08\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x16\n\x0e\x62locks_demoted\x18\x04 \x01(\x04\x12\x15\n\rbytes_demoted\x18\x05 \x01(\x04\x12\x17\n\x0f\x62locks_promoted\x18\x06 \x01(\x04\x12\x16\n\x0e\x62ytes_promoted\x18\x07 \x01(\x04\x12\x16\n\x0e\x63orrupt_blocks\x18\x08 \x01(\x04*q\n\x0bStorageTier\x12\x1c\n\x18STORAGE_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13STORAGE_TIER_DEVICE\x10\x01\x12\x14\n\x10STORAGE_TIER_CPU\x10\x02\x12\x15\n\x11STORAGE_TIER_NVME\x10\x03*i\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03\x12\x0c\n\x08\x43ODEC_Q8\x10\x04\x12\x0c\n\x08\x43ODEC_Q4\x10\x05\x32\xd7\x03\n\x04Tier\x12\x42\n\tPutBlocks\x12\x15.wicore.v1.BlockChunk\x1a\x1c.wicore.v1.PutBlocksResponse(\x01\x12\x41\n\tGetBlocks\x12\x1b.wicore.v1.GetBlocksRequest\x1a\x15.wicore.v1.BlockChunk0\x01\x12=\n\x06Lookup\x12\x18.wicore.v1.LookupRequest\x1a\x19.wicore.v1.LookupResponse\x12\x43\n\x08Prefetch\x12\x1a.wicore.v1.PrefetchRequest\x1a\x1b.wicore.v1.PrefetchResponse\x12O\n\x0cUpdateScores\x12\x1e.wicore.v1.UpdateScoresRequest\x1a\x1f.wicore.v1.UpdateScoresResponse\x12\x37\n\x04\x44rop\x12\x16.wicore.v1.DropRequest\x1a\x17.wicore.v1.DropResponse\x12:\n\x05Stats\x12\x17.wicore.v1.StatsRequest\x1a\x18.wicore.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wicore.v1.tier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STORAGETIER']._serialized_start=804
-  _globals['_STORAGETIER']._serialized_end=917
-  _globals['_CODEC']._serialized_start=919
-  _globals['_CODEC']._serialized_end=964
+  _globals['_STORAGETIER']._serialized_start=1535
+  _globals['_STORAGETIER']._serialized_end=1648
+  _globals['_CODEC']._serialized_start=1650
+  _globals['_CODEC']._serialized_end=1755
   _globals['_BLOCKHEADER']._serialized_start=36
-  _globals['_BLOCKHEADER']._serialized_end=173
-  _globals['_BLOCKCHUNK']._serialized_start=175
-  _globals['_BLOCKCHUNK']._serialized_end=277
-  _globals['_PUTBLOCKSRESPONSE']._serialized_start=279
-  _globals['_PUTBLOCKSRESPONSE']._serialized_end=355
-  _globals['_GETBLOCKSREQUEST']._serialized_start=357
-  _globals['_GETBLOCKSREQUEST']._serialized_end=397
-  _globals['_LOOKUPREQUEST']._serialized_start=399
-  _globals['_LOOKUPREQUEST']._serialized_end=436
-  _globals['_LOOKUPRESPONSE']._serialized_start=438
-  _globals['_LOOKUPRESPONSE']._serialized_end=516
-  _globals['_STATSREQUEST']._serialized_start=518
-  _globals['_STATSREQUEST']._serialized_end=532
-  _globals['_TIERSTATS']._serialized_start=535
-  _globals['_TIERSTATS']._serialized_end=730
-  _globals['_STATSRESPONSE']._serialized_start=732
-  _globals['_STATSRESPONSE']._serialized_end=802
-  _globals['_TIER']._serialized_start=967
-  _globals['_TIER']._serialized_end=1231
+  _globals['_BLOCKHEADER']._serialized_end=252
+  _globals['_BLOCKCHUNK']._serialized_start=254
+  _globals['_BLOCKCHUNK']._serialized_end=356
+  _globals['_PUTBLOCKSRESPONSE']._serialized_start=358
+  _globals['_PUTBLOCKSRESPONSE']._serialized_end=434
+  _globals['_GETBLOCKSREQUEST']._serialized_start=436
+  _globals['_GETBLOCKSREQUEST']._serialized_end=476
+  _globals['_LOOKUPREQUEST']._serialized_start=478
+  _globals['_LOOKUPREQUEST']._serialized_end=515
+  _globals['_LOOKUPRESPONSE']._serialized_start=517
+  _globals['_LOOKUPRESPONSE']._serialized_end=595
+  _globals['_PREFETCHREQUEST']._serialized_start=597
+  _globals['_PREFETCHREQUEST']._serialized_end=636
+  _globals['_PREFETCHRESPONSE']._serialized_start=638
+  _globals['_PREFETCHRESPONSE']._serialized_end=712
+  _globals['_ATTENTIONOBSERVATION']._serialized_start=714
+  _globals['_ATTENTIONOBSERVATION']._serialized_end=798
+  _globals['_UPDATESCORESREQUEST']._serialized_start=800
+  _globals['_UPDATESCORESREQUEST']._serialized_end=876
+  _globals['_UPDATESCORESRESPONSE']._serialized_start=878
+  _globals['_UPDATESCORESRESPONSE']._serialized_end=934
+  _globals['_DROPREQUEST']._serialized_start=936
+  _globals['_DROPREQUEST']._serialized_end=971
+  _globals['_DROPRESPONSE']._serialized_start=973
+  _globals['_DROPRESPONSE']._serialized_end=1004
+  _globals['_STATSREQUEST']._serialized_start=1006
+  _globals['_STATSREQUEST']._serialized_end=1020
+  _globals['_TIERSTATS']._serialized_start=1023
+  _globals['_TIERSTATS']._serialized_end=1324
+  _globals['_STATSRESPONSE']._serialized_start=1327
+  _globals['_STATSRESPONSE']._serialized_end=1533
+  _globals['_TIER']._serialized_start=1758
+  _globals['_TIER']._serialized_end=2229
 # @@protoc_insertion_point(module_scope)

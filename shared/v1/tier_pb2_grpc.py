@@ -49,6 +49,21 @@ class TierStub:
                 request_serializer=wicore_dot_v1_dot_tier__pb2.LookupRequest.SerializeToString,
                 response_deserializer=wicore_dot_v1_dot_tier__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/wicore.v1.Tier/Prefetch',
+                request_serializer=wicore_dot_v1_dot_tier__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=wicore_dot_v1_dot_tier__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
+        self.UpdateScores = channel.unary_unary(
+                '/wicore.v1.Tier/UpdateScores',
+                request_serializer=wicore_dot_v1_dot_tier__pb2.UpdateScoresRequest.SerializeToString,
+                response_deserializer=wicore_dot_v1_dot_tier__pb2.UpdateScoresResponse.FromString,
+                _registered_method=True)
+        self.Drop = channel.unary_unary(
+                '/wicore.v1.Tier/Drop',
+                request_serializer=wicore_dot_v1_dot_tier__pb2.DropRequest.SerializeToString,
+                response_deserializer=wicore_dot_v1_dot_tier__pb2.DropResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/wicore.v1.Tier/Stats',
                 request_serializer=wicore_dot_v1_dot_tier__pb2.StatsRequest.SerializeToString,
@@ -81,6 +96,27 @@ class TierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Promotes blocks that sit only on NVMe to the CPU tier, ahead of a GetBlocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateScores(self, request, context):
+        """Attention observations from workers, folded into the blocks' A²CR scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drop(self, request, context):
+        """Removes blocks from every tier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -104,6 +140,21 @@ def add_TierServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=wicore_dot_v1_dot_tier__pb2.LookupRequest.FromString,
                     response_serializer=wicore_dot_v1_dot_tier__pb2.LookupResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=wicore_dot_v1_dot_tier__pb2.PrefetchRequest.FromString,
+                    response_serializer=wicore_dot_v1_dot_tier__pb2.PrefetchResponse.SerializeToString,
+            ),
+            'UpdateScores': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateScores,
+                    request_deserializer=wicore_dot_v1_dot_tier__pb2.UpdateScoresRequest.FromString,
+                    response_serializer=wicore_dot_v1_dot_tier__pb2.UpdateScoresResponse.SerializeToString,
+            ),
+            'Drop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drop,
+                    request_deserializer=wicore_dot_v1_dot_tier__pb2.DropRequest.FromString,
+                    response_serializer=wicore_dot_v1_dot_tier__pb2.DropResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -192,6 +243,87 @@ class Tier:
             '/wicore.v1.Tier/Lookup',
             wicore_dot_v1_dot_tier__pb2.LookupRequest.SerializeToString,
             wicore_dot_v1_dot_tier__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wicore.v1.Tier/Prefetch',
+            wicore_dot_v1_dot_tier__pb2.PrefetchRequest.SerializeToString,
+            wicore_dot_v1_dot_tier__pb2.PrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateScores(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wicore.v1.Tier/UpdateScores',
+            wicore_dot_v1_dot_tier__pb2.UpdateScoresRequest.SerializeToString,
+            wicore_dot_v1_dot_tier__pb2.UpdateScoresResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wicore.v1.Tier/Drop',
+            wicore_dot_v1_dot_tier__pb2.DropRequest.SerializeToString,
+            wicore_dot_v1_dot_tier__pb2.DropResponse.FromString,
             options,
             channel_credentials,
             insecure,

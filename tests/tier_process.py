@@ -1,0 +1,165 @@
+"""A tier service process for tests: start, stop, and blocks whose content follows from their hash."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+import yaml
+
+from wicore.hashing import BlockHash, payload_checksum
+from wicore.kvblock import KvPayload, decode_kv, encode_kv
+from wicore.server import wait_for_serving
+from wicore.tier.convert import CODEC_FROM_PROTO, CODEC_TO_PROTO
+from wicore.v1 import tier_pb2, tier_pb2_grpc
+
+MiB = 1 << 20
+BLOCK_SHAPE = (8, 2, 16, 4, 64)  # float32: 256 KiB raw
+BLOCK_BYTES = 8 * 2 * 16 * 4 * 64 * 4
+CAPACITY = 8 * MiB  # 32 raw blocks
+NVME_CAPACITY = 64 * MiB
+CHUNK = 100_000  # so a raw block spans three chunks
+START_CODE = (
+    "import asyncio,sys; from wicore.config import load_config; from wicore.tier.app import serve; "
+    "asyncio.run(serve(load_config(sys.argv[1])))"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_hash() -> BlockHash:
+    return BlockHash(uuid.uuid4().hex)
+
+
+def kv_of(block_hash: str, layers: int = BLOCK_SHAPE[0]) -> torch.Tensor:
+    """The block's tensor, derived from its hash (so any test can say what a block must hold)."""
+    generator = torch.Generator().manual_seed(int(block_hash[:12], 16))
+    return torch.randn((layers, *BLOCK_SHAPE[1:]), generator=generator)
+
+
+def raw_of(block_hash: str, layers: int = BLOCK_SHAPE[0]) -> KvPayload:
+    return encode_kv(kv_of(block_hash, layers), "raw")
+
+
+@dataclass
+class TierProcess:
+    proc: subprocess.Popen[bytes]
+    address: str
+    namespace: str
+    nvme_dir: Path
+
+
+def start_tier(tmp: Path, redis_url: str, namespace: str, **tier: object) -> TierProcess:
+    port = free_port()
+    nvme_dir = tmp / "nvme"
+    settings = {
+        "host": "127.0.0.1",
+        "port": port,
+        "cpu_capacity_bytes": CAPACITY,
+        "cpu_codec": "raw",
+        "nvme_capacity_bytes": NVME_CAPACITY,
+        "nvme_codec": "q4",
+        "nvme_dir": str(nvme_dir),
+        "chunk_bytes": CHUNK,
+        "max_block_bytes": 16 * MiB,
+    }
+    settings.update(tier)
+    config = {
+        "tier": settings,
+        "redis": {"url": redis_url, "namespace": namespace},
+        "a2cr_config": {"cleanup_interval": 0.2},
+        "shutdown_grace_s": 2.0,
+    }
+    cfg_path = tmp / f"tier-{port}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-c", START_CODE, str(cfg_path)])
+    return TierProcess(proc, f"127.0.0.1:{port}", namespace, nvme_dir)
+
+
+async def wait_up(tier: TierProcess) -> None:
+    if not await wait_for_serving(tier.address, timeout_s=30):
+        tier.proc.kill()
+        pytest.fail(f"tier service did not become SERVING (exit code {tier.proc.poll()})")
+
+
+def stop(tier: TierProcess) -> None:
+    if tier.proc.poll() is None:
+        tier.proc.kill()
+        tier.proc.wait(timeout=10)
+
+
+def delete_namespace(client: redis.Redis, namespace: str) -> None:
+    keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def block_chunks(
+    block_hash: str, block: KvPayload, chunk: int = CHUNK, checksum: str | None = None
+) -> list[tier_pb2.BlockChunk]:
+    header = tier_pb2.BlockHeader(
+        block_hash=block_hash,
+        codec=CODEC_TO_PROTO[block.codec],
+        dtype=block.dtype,
+        shape=block.shape,
+        payload_bytes=block.nbytes,
+        checksum=checksum if checksum is not None else block.checksum,
+        lz4=block.lz4,
+        sink_tokens=block.sink_tokens,
+    )
+    chunks = []
+    for offset in range(0, block.nbytes, chunk):
+        msg = tier_pb2.BlockChunk(
+            block_hash=block_hash, offset=offset, data=block.payload[offset : offset + chunk]
+        )
+        if offset == 0:
+            msg.header.CopyFrom(header)
+        chunks.append(msg)
+    return chunks
+
+
+async def put(stub: tier_pb2_grpc.TierStub, *hashes: str) -> tier_pb2.PutBlocksResponse:
+    chunks = [c for block_hash in hashes for c in block_chunks(block_hash, raw_of(block_hash))]
+    return await stub.PutBlocks(iter(chunks), timeout=30)
+
+
+async def get(stub: tier_pb2_grpc.TierStub, hashes: list[str]) -> dict[str, tuple[KvPayload, int]]:
+    """Reassembles the streamed blocks, checking the chunk protocol on the way: hash -> (block, tier)."""
+    out: dict[str, bytearray] = {}
+    headers: dict[str, tier_pb2.BlockHeader] = {}
+    async for chunk in stub.GetBlocks(tier_pb2.GetBlocksRequest(block_hashes=hashes), timeout=30):
+        if chunk.HasField("header"):
+            assert chunk.offset == 0 and chunk.block_hash not in out
+            headers[chunk.block_hash] = chunk.header
+            out[chunk.block_hash] = bytearray()
+        else:
+            assert 0 < len(chunk.data) <= CHUNK
+        assert chunk.offset == len(out[chunk.block_hash])
+        out[chunk.block_hash] += chunk.data
+    blocks: dict[str, tuple[KvPayload, int]] = {}
+    for block_hash, data in out.items():
+        hd = headers[block_hash]
+        assert len(data) == hd.payload_bytes and payload_checksum(data) == hd.checksum
+        block = KvPayload(CODEC_FROM_PROTO[hd.codec], hd.lz4, hd.dtype, tuple(hd.shape), hd.sink_tokens,
+                          bytes(data), hd.checksum)  # fmt: skip
+        blocks[block_hash] = (block, hd.source_tier)
+    return blocks
+
+
+def assert_q4_close(block: KvPayload, want: torch.Tensor) -> None:
+    """q4 bound, loosely: a 16th of each (layer, k/v, head) range; exactness is the codec tests' job."""
+    assert block.codec == "q4"
+    got = decode_kv(block)
+    span = want.amax(dim=(2, 4), keepdim=True) - want.amin(dim=(2, 4), keepdim=True)
+    assert bool(((got - want).abs() <= span / 16).all())

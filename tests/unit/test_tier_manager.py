@@ -1,0 +1,338 @@
+"""TierManager in process: real CPU tier, real NVMe files under tmp_path, real Redis; clock injected.
+
+Blocks are real KV tensors [layers, 2, tokens, heads, dim]. Exact orders use the
+"raw" CPU codec so every block has the same size (8192 bytes) and capacities are
+counted in blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from wicore.config import A2crConfig, TierConfig
+from wicore.errors import Overloaded
+from wicore.hashing import BlockHash
+from wicore.kvblock import KvPayload, decode_kv, encode_kv
+from wicore.tier.manager import Observation, TierManager
+from wicore.tier.metadata import BlockMetadata, connect_redis
+from wicore.tier.nvme import HEADER_SIZE
+from wicore.tier.store import CpuTier, StorageTier
+
+from clocks import ManualClock
+
+SHAPE = (1, 2, 16, 2, 32)  # float32: 8192 bytes raw
+RAW_BYTES = 8192
+CPU, NVME = StorageTier.CPU, StorageTier.NVME
+
+
+def h(i: int) -> BlockHash:
+    return BlockHash(f"{i:032x}")
+
+
+def kv(i: int) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
+
+
+def raw(i: int) -> KvPayload:
+    return encode_kv(kv(i), "raw", sink_tokens=4 if i == 0 else 0)
+
+
+def config(**changes: object) -> TierConfig:
+    base = TierConfig(
+        cpu_capacity_bytes=4 * RAW_BYTES,
+        cpu_codec="raw",
+        nvme_capacity_bytes=8 * (RAW_BYTES + HEADER_SIZE),
+        nvme_codec="raw",
+        high_watermark=1.0,
+        low_watermark=1.0,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(100.0)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+async def metadata(redis_url: str, redis_client: redis.Redis) -> AsyncIterator[BlockMetadata]:
+    namespace = f"wicore-test-{uuid.uuid4().hex}"
+    client = connect_redis(redis_url)
+    yield BlockMetadata(client, namespace)
+    await client.aclose()
+    keys = list(redis_client.scan_iter(match=f"{namespace}:*"))
+    if keys:
+        redis_client.delete(*keys)
+
+
+def make(
+    tmp_path: Path, clock: ManualClock, metadata: BlockMetadata | None = None, **changes: object
+) -> TierManager:
+    tc = config(**changes)
+    return TierManager(
+        tc, A2crConfig(), metadata, tmp_path / "nvme" if tc.nvme_capacity_bytes else None, clock
+    )
+
+
+async def put(manager: TierManager, clock: ManualClock, *indexes: int) -> list[BlockHash]:
+    evicted: list[BlockHash] = []
+    for i in indexes:
+        clock.now += 1.0
+        evicted += (await manager.put([(h(i), raw(i))])).evicted
+        manager.check_integrity()
+    return evicted
+
+
+def tiers(manager: TierManager, *indexes: int) -> list[StorageTier | None]:
+    return [manager.tier_of(h(i)) for i in indexes]
+
+
+async def test_cpu_tier_accounting() -> None:
+    cpu = CpuTier(3 * RAW_BYTES)
+    for i in range(3):
+        cpu.put(h(i), raw(i))
+    cpu.put(h(0), raw(0))  # present: kept, not counted twice
+    assert cpu.used_bytes == 3 * RAW_BYTES and cpu.bytes_in == 3 * RAW_BYTES
+    with pytest.raises(Overloaded, match="do not fit the CPU tier"):
+        cpu.put(h(3), raw(3))
+    assert cpu.pop(h(1)) == raw(1) and cpu.pop(h(1)) is None
+    cpu.put(h(3), raw(3))
+    cpu.check_integrity()
+    assert sorted(cpu.hashes()) == [h(0), h(2), h(3)]
+
+
+async def test_raw_round_trip_is_exact_and_q8_is_bounded(tmp_path: Path, clock: ManualClock) -> None:
+    manager = make(tmp_path, clock, cpu_codec="q8")
+    await put(manager, clock, 0, 1)
+    got = {block_hash: (block, tier) for block_hash, block, tier in await manager.get([h(1), h(9), h(0)])}
+    assert set(got) == {h(0), h(1)}
+    block, tier = got[h(1)]
+    assert tier is CPU and block.codec == "q8" and block.verify() and block.nbytes < RAW_BYTES / 3
+    want = kv(1)
+    groups = want.reshape(*SHAPE[:-1], 1, 32).abs().amax(-1, keepdim=True)
+    error = (decode_kv(block) - want).reshape(*SHAPE[:-1], 1, 32).abs()
+    assert bool((error <= groups / 254 * (1 + 2**-9) + 1e-6).all())
+    assert got[h(0)][0].sink_tokens == 4  # the raw block's hint became q8's fp16 sinks
+    assert torch.equal(decode_kv(got[h(0)][0])[:, :, :4], kv(0)[:, :, :4].half().float())
+
+    lossless = make(tmp_path / "raw", clock)
+    await put(lossless, clock, 1)
+    ((_, block, _),) = await lossless.get([h(1)])
+    assert block == raw(1) and torch.equal(decode_kv(block), kv(1))
+
+
+async def test_overflow_demotes_lowest_scores_to_nvme_and_a_hit_promotes(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    manager = make(tmp_path, clock)
+    await put(manager, clock, 0, 1, 2, 3)
+    for _ in range(3):  # 2 and 3 are read often: frequency and recency keep them
+        await manager.get([h(2), h(3)])
+    assert await put(manager, clock, 4) == []  # 0 was the lowest score: demoted, not lost
+    assert tiers(manager, 0, 1, 2, 3, 4) == [NVME, CPU, CPU, CPU, CPU]
+    await put(manager, clock, 5)
+    assert tiers(manager, 0, 1, 2, 3, 4, 5) == [NVME, NVME, CPU, CPU, CPU, CPU]
+    assert manager.lookup([h(0), h(1), h(2), h(7), h(3)]) == [NVME, NVME, CPU]
+
+    clock.now += 1.0
+    ((_, block, tier),) = await manager.get([h(0)])
+    assert tier is NVME and block == raw(0)
+    manager.check_integrity()
+    # Promoted (its NVMe file kept); the lowest CPU score (4, read once and older than 5) made room.
+    assert tiers(manager, 0, 4) == [CPU, NVME]
+    stats = manager.stats()
+    assert (stats.blocks_demoted, stats.blocks_promoted) == (3, 1)
+    assert stats.bytes_promoted == RAW_BYTES and stats.bytes_demoted == 3 * (RAW_BYTES + HEADER_SIZE)
+    assert [t.blocks for t in stats.tiers] == [4, 3]
+    assert manager.cpu is not None and manager.nvme is not None
+    assert set(manager.cpu.hashes()) == {h(0), h(2), h(3), h(5)} and set(manager.nvme.sizes()) == {
+        h(0),
+        h(1),
+        h(4),
+    }
+
+
+async def test_attention_decides_among_equals(tmp_path: Path, clock: ManualClock) -> None:
+    manager = make(tmp_path, clock, nvme_capacity_bytes=0)
+    clock.now += 1.0
+    await manager.put([(h(i), raw(i)) for i in range(4)])  # same time, same hits
+    # 2 gets almost all attention, 0 and 3 little, 1 none at all.
+    manager.update_scores([Observation(h(2), 0.9, 4), Observation(h(0), 0.05, 4), Observation(h(3), 0.05, 4)])
+    manager.update_scores([Observation(h(1), 0.0, 4), Observation(h(99), 0.5, 4)])  # 99: unknown, ignored
+    lost = await put(manager, clock, 4)
+    assert lost == [h(1)]  # no NVMe tier: the victim leaves every tier
+    lost = await put(manager, clock, 5)
+    assert lost == [h(0)]  # 0 and 3 tie on everything but the hash
+    assert tiers(manager, 2, 3, 4, 5) == [CPU] * 4
+
+
+async def test_watermarks_free_down_to_low(tmp_path: Path, clock: ManualClock) -> None:
+    manager = make(
+        tmp_path,
+        clock,
+        cpu_capacity_bytes=10 * RAW_BYTES,
+        nvme_capacity_bytes=20 * (RAW_BYTES + HEADER_SIZE),
+        high_watermark=0.9,
+        low_watermark=0.5,
+    )
+    await put(manager, clock, *range(10))
+    # The 10th block does not overflow; the cleanup pass sees 100 % >= 90 % and frees down to 50 %.
+    await manager.cleanup()
+    manager.check_integrity()
+    assert tiers(manager, *range(10)) == [NVME] * 5 + [CPU] * 5  # oldest first under equal hits
+    await put(manager, clock, *range(10, 16))  # the 6th overflows: it frees down to 50 % first
+    assert manager.cpu is not None and manager.cpu.used_bytes == 5 * RAW_BYTES
+
+
+async def test_cleanup_demotes_below_threshold_and_tunes_to_pressure(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    manager = make(tmp_path, clock, cpu_capacity_bytes=8 * RAW_BYTES)
+    await put(manager, clock, 0, 1)
+    await manager.get([h(1)])
+    clock.now += 3600.0  # an hour idle: recency ~ 0
+    await put(manager, clock, 2)
+    await manager.cleanup()  # pressure 3/8 < 0.7: threshold 0.2, decay 0.02
+    params = manager.stats().params[CPU]
+    assert params is not None and (params.eviction_threshold, params.time_decay_factor) == (0.2, 0.02)
+    # 0: A 0.5, F 1/5, R 0 -> 0.26; 1 has two hits -> 0.29 ... all above 0.2: nothing moves.
+    assert tiers(manager, 0, 1, 2) == [CPU, CPU, CPU]
+    await put(manager, clock, 3, 4, 5, 6, 7)  # 8/8 > 0.9 at the next cleanup: threshold 0.4
+    await manager.cleanup()
+    params = manager.stats().params[CPU]
+    assert params is not None and params.eviction_threshold == 0.4
+    assert tiers(manager, 0, 1) == [NVME, NVME]  # the idle ones scored below 0.4
+    assert all(t is CPU for t in tiers(manager, 2, 3, 4, 5, 6, 7))
+
+
+async def test_nvme_full_evicts_its_lowest_and_reports_lost_blocks(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    manager = make(tmp_path, clock, cpu_capacity_bytes=0, nvme_capacity_bytes=3 * (RAW_BYTES + HEADER_SIZE))
+    await put(manager, clock, 0, 1, 2)
+    assert tiers(manager, 0, 1, 2) == [NVME] * 3
+    await manager.get([h(0)])
+    assert await put(manager, clock, 3) == [h(1)]  # 1: older than 2, read less than 0
+    assert tiers(manager, 0, 1, 2, 3) == [NVME, None, NVME, NVME]
+    with pytest.raises(Overloaded, match="exceed the NVMe tier's capacity"):
+        await manager.put([(h(9), encode_kv(torch.zeros(5, 2, 16, 2, 32), "raw"))])  # 40 KiB > 3 blocks
+    assert tiers(manager, 0, 2, 3) == [NVME] * 3  # nothing was evicted for it
+    manager.check_integrity()
+
+
+async def test_block_larger_than_the_cpu_tier_is_refused(tmp_path: Path, clock: ManualClock) -> None:
+    manager = make(tmp_path, clock, cpu_capacity_bytes=RAW_BYTES - 1)
+    with pytest.raises(Overloaded, match="exceed the CPU tier's capacity"):
+        await manager.put([(h(0), raw(0))])
+    assert len(manager) == 0
+
+
+async def test_corrupt_file_is_deleted_counted_and_never_served(tmp_path: Path, clock: ManualClock) -> None:
+    manager = make(tmp_path, clock, cpu_capacity_bytes=0)
+    await put(manager, clock, 0, 1)
+    assert manager.nvme is not None
+    path = manager.nvme.path_of(h(0))
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    got = await manager.get([h(0), h(1)])
+    assert [(block_hash, tier) for block_hash, _, tier in got] == [(h(1), NVME)]
+    assert manager.stats().corrupt_blocks == 1 and not path.exists() and manager.tier_of(h(0)) is None
+    manager.check_integrity()
+
+
+async def test_prefetch_drop_and_lookup(tmp_path: Path, clock: ManualClock) -> None:
+    manager = make(tmp_path, clock, cpu_capacity_bytes=2 * RAW_BYTES)
+    await put(manager, clock, 0, 1, 2, 3)
+    assert tiers(manager, 0, 1, 2, 3) == [NVME, NVME, CPU, CPU]
+    result = await manager.prefetch([h(0), h(2), h(8)])
+    assert (result.promoted, result.already_cpu, result.missing) == (1, 1, 1)
+    assert manager.tier_of(h(0)) is CPU
+    assert await manager.drop([h(0), h(1), h(8)]) == 2
+    assert tiers(manager, 0, 1) == [None, None]
+    assert manager.nvme is not None and not manager.nvme.path_of(h(0)).exists()
+    manager.check_integrity()
+
+
+async def test_redis_mirror_moves_and_resyncs(
+    tmp_path: Path, clock: ManualClock, metadata: BlockMetadata, redis_client: redis.Redis
+) -> None:
+    manager = make(tmp_path, clock, metadata, cpu_capacity_bytes=2 * RAW_BYTES)
+    ns = metadata.block_key(h(0)).split(":blk:")[0]
+    await manager.recover()  # empty NVMe: writes the sentinel
+    await put(manager, clock, 0, 1)
+    await manager.flush()
+    assert redis_client.hget(f"{ns}:blk:{h(0)}", "tier") == "cpu"
+    assert set(redis_client.zrange(f"{ns}:a2cr:cpu", 0, -1)) == {h(0), h(1)}
+
+    await put(manager, clock, 2)  # 0 demoted
+    await manager.flush()
+    fields = redis_client.hgetall(f"{ns}:blk:{h(0)}")
+    assert fields["tier"] == "nvme" and fields["nvme_copy"] == "1" and fields["codec"] == "raw"
+    assert int(fields["bytes"]) == RAW_BYTES + HEADER_SIZE
+    assert redis_client.zscore(f"{ns}:a2cr:cpu", h(0)) is None
+    assert redis_client.zscore(f"{ns}:a2cr:nvme", h(0)) is not None
+
+    manager.update_scores([Observation(h(2), 1.0, 8)])
+    await manager.flush()
+    assert float(redis_client.hget(f"{ns}:blk:{h(2)}", "attention") or 0) > 0.5
+
+    for key in redis_client.scan_iter(match=f"{ns}:*"):  # Redis loses our data while we run
+        redis_client.delete(key)
+    redis_client.hset(f"{ns}:blk:{h(77)}", "tier", "cpu")  # and a stale key appears
+    await manager.flush()  # finds the sentinel gone: rewrites everything
+    assert metadata.resyncs == 2
+    blocks = {k.split(":blk:")[1] for k in redis_client.scan_iter(match=f"{ns}:blk:*")}
+    assert blocks == {h(0), h(1), h(2)}
+    assert set(redis_client.zrange(f"{ns}:a2cr:nvme", 0, -1)) == {h(0)}
+
+    await manager.drop([h(2)])
+    await manager.flush()
+    assert (
+        redis_client.exists(f"{ns}:blk:{h(2)}") == 0 and redis_client.zscore(f"{ns}:a2cr:cpu", h(2)) is None
+    )
+
+
+async def test_restart_recovers_nvme_blocks_with_their_statistics(
+    tmp_path: Path, clock: ManualClock, metadata: BlockMetadata, redis_client: redis.Redis
+) -> None:
+    first = make(tmp_path, clock, metadata, cpu_capacity_bytes=0)
+    await first.recover()
+    await put(first, clock, 0, 1)
+    for _ in range(3):
+        await first.get([h(1)])
+    await first.flush()
+    assert first.nvme is not None
+    first.nvme.close()  # a crash: nothing more is written
+
+    (tmp_path / "nvme" / "00" / f"{h(5)}.blk.tmp-deadbeef").write_bytes(b"half a block")
+    second = make(tmp_path, clock, metadata, cpu_capacity_bytes=0)
+    assert await second.recover() == 2
+    assert not list((tmp_path / "nvme").rglob("*.tmp-*"))
+    ((_, block, tier),) = await second.get([h(1)])
+    assert block == raw(1) and tier is NVME
+    ns = metadata.block_key(h(0)).split(":blk:")[0]
+    assert redis_client.hget(f"{ns}:blk:{h(1)}", "hits") is not None
+    assert int(redis_client.hget(f"{ns}:blk:{h(1)}", "hits") or 0) >= 4  # 1 put + 3 gets restored (+1 now)
+    second.check_integrity()
+
+    for key in redis_client.scan_iter(match=f"{ns}:*"):  # Redis restarted without persistence
+        redis_client.delete(key)
+    third = make(tmp_path, clock, metadata, cpu_capacity_bytes=0)
+    assert await third.recover() == 2
+    fields = redis_client.hgetall(f"{ns}:blk:{h(0)}")
+    assert fields["tier"] == "nvme" and int(fields["bytes"]) == RAW_BYTES + HEADER_SIZE
