@@ -92,7 +92,7 @@ def header_from_proto(header: tier_pb2.BlockHeader, max_block_bytes: int) -> Inc
             "header.payload_bytes", f"RAW {header.dtype} {list(shape)}: {raw_bytes} bytes, no lz4"
         )
     if _CHECKSUM_RE.fullmatch(header.checksum) is None:
-        raise InvalidRequest("header.checksum", "expected 32 lowercase hex characters (blake2b-128)")
+        raise InvalidRequest("header.checksum", "expected 32 lowercase hex characters (XXH3-128)")
     return IncomingBlock(block_hash, codec, header.lz4, header.dtype, shape, header.sink_tokens,
                          header.payload_bytes, header.checksum)  # fmt: skip
 

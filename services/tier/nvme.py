@@ -11,7 +11,7 @@ A block file is a fixed header then the payload (little-endian throughout):
     offset size  field
     ------ ----  -------------------------------------------------------------
          0    4  magic b"WIKV"
-         4    2  format version (u16, = 1)
+         4    2  format version (u16, = 2)
          6    2  header length (u16, = 142)
          8   16  block hash, the raw digest (must match the file name)
         24   16  codec name, ASCII, NUL padded ("q4", "q8", "raw", ...)
@@ -21,9 +21,9 @@ A block file is a fixed header then the payload (little-endian throughout):
         58   32  shape: 8 x u32, unused dims 0
         90    4  sink_tokens (u32): leading tokens kept at higher precision
         94    8  payload length (u64)
-       102   16  payload checksum: blake2b-128 digest (`payload_checksum`)
+       102   16  payload checksum: XXH3-128 digest (`payload_checksum`)
        118    8  created (f64, unix seconds)
-       126   16  header checksum: blake2b-128 of bytes [0, 126)
+       126   16  header checksum: XXH3-128 of bytes [0, 126)
        142       payload, then end of file (file size == 142 + payload length)
 
 Writes go to `<name>.tmp-<random>` in the same shard, are fsynced, renamed over the
@@ -57,7 +57,7 @@ from wicore.hashing import BlockHash, payload_checksum, validate_block_hash
 log = logging.getLogger(__name__)
 
 MAGIC = b"WIKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: XXH3-128 checksums (1: blake2b-128)
 MAX_DIMS = 8
 NAME_BYTES = 16
 FLAG_LZ4 = 1
@@ -77,7 +77,7 @@ class _Corrupt(Exception):
 
 @dataclass(frozen=True, slots=True)
 class NvmeBlockMeta:
-    """What a block file's header records; `checksum` is the payload's blake2b-128 hex digest."""
+    """What a block file's header records; `checksum` is the payload's `payload_checksum` (hex)."""
 
     block_hash: BlockHash
     codec: str  # a codec's name, e.g. "q4"

@@ -6,6 +6,7 @@ import hashlib
 import struct
 
 import pytest
+import xxhash
 
 from wicore.errors import InvalidRequest
 from wicore.hashing import chain_hashes, payload_checksum, root_hash, validate_block_hash
@@ -77,6 +78,7 @@ def test_validate_block_hash() -> None:
 
 def test_payload_checksum() -> None:
     data = b"kv" * 1000
-    assert payload_checksum(data) == hashlib.blake2b(data, digest_size=16).hexdigest()
+    assert payload_checksum(data) == xxhash.xxh3_128_hexdigest(data)
+    assert payload_checksum(data) != payload_checksum(data[:-1] + bytes([data[-1] ^ 1]))
     assert payload_checksum(bytearray(data)) == payload_checksum(memoryview(data)) == payload_checksum(data)
     assert len(payload_checksum(b"")) == 32

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from wicore.errors import InvalidRequest, Overloaded
 from wicore.hashing import BlockHash
@@ -84,7 +85,7 @@ def test_header_layout_is_the_documented_one() -> None:
     raw = pack_header(m)
     assert len(raw) == HEADER_SIZE == 142
     assert raw[0:4] == b"WIKV"
-    assert raw[4:8] == (1).to_bytes(2, "little") + (142).to_bytes(2, "little")
+    assert raw[4:8] == (2).to_bytes(2, "little") + (142).to_bytes(2, "little")
     assert raw[8:24] == bytes.fromhex(h(1))
     assert raw[24:40] == b"q8".ljust(16, b"\0")
     assert (raw[40], raw[41]) == (1, 2)
@@ -92,7 +93,7 @@ def test_header_layout_is_the_documented_one() -> None:
     assert raw[58:66] == b"\x03\0\0\0\x05\0\0\0" and raw[66:90] == bytes(24)
     assert raw[90:94] == (4).to_bytes(4, "little") and raw[94:102] == (9).to_bytes(8, "little")
     assert raw[102:118] == b"\xab" * 16
-    assert raw[126:142] == hashlib.blake2b(raw[:126], digest_size=16).digest()
+    assert raw[126:142] == xxhash.xxh3_128_digest(raw[:126])
 
 
 BAD_HASHES = ["../" * 10 + "etc/passwd", "/etc/passwd", "AB" * 16, "a" * 31, "a" * 33, "g" * 32, ""]
