@@ -1,7 +1,7 @@
 """Replays one seeded multi-tenant trace through a two-level KV store (CPU RAM, NVMe)
 under A²CR, LRU and LFU, and compares hit rates and bytes moved between the tiers.
 
-    python benchmark/policy_replay.py [--cpu-blocks 500 --nvme-blocks 4000 --seed 0] --json OUT
+    python benchmark/policy_replay.py [--cpu-blocks 500 --nvme-blocks 4000 --seeds 0] --json OUT
 
 The trace (`make_trace`), a request being the chain of block hashes of its sequence:
 - tenants (Zipf popularity) each have a system prompt that prefixes all their chat
@@ -18,17 +18,26 @@ blocks 2, the newest turn / question 1.5, chat history 0.5 + 0.5·0.6^turns_back
 document blocks 1 near the ends and 0.6 in the middle ("lost in the middle"), one-off
 blocks 1; times log-normal noise (sigma 0.4), normalised per request.
 
-The store (`replay`), one policy instance per tier, the trace's time as the clock:
+The store (`replay`), one policy instance per tier, the trace's time as the clock, the
+mechanics of services/tier/manager.py (one `BlockStats` per block, shared by its copies):
 
-    request: h0 h1 ... hn   CPU hit -> counted; NVMe hit -> promoted to CPU;
-                            miss -> recomputed, written to CPU; then touch + observe
-    after each request      CPU  >= 90 % -> lowest scores demoted to NVMe down to 80 %
-                            NVMe >= 90 % -> lowest scores dropped down to 80 %
-    every cleanup_interval  tune(pressure) per tier; CPU blocks below the threshold
-                            demoted to NVMe (A²CR only: LRU/LFU have no threshold)
+    request: h0 h1 ... hn   CPU hit -> counted; NVMe hit -> counted, read into CPU (the
+                            NVMe file stays: blocks are immutable); miss -> recomputed,
+                            written to CPU; then touch + observe_attention
+    after each request      CPU  >= 90 % -> lowest scores demoted down to 80 % (written to
+                            NVMe unless a copy is there already)
+                            NVMe >= 90 % -> copies of blocks also in CPU dropped first, then
+                            the lowest scores, down to 80 % (`--copies` for the alternatives)
+    every cleanup_interval  tune(pressure now) per tier; CPU blocks below the threshold
+                            demoted (A²CR only: LRU/LFU have no threshold); watermarks
 
-Hit rates count blocks; bytes moved = demoted + promoted. A block that leaves both
-tiers loses its statistics (no ghost entries), for every policy alike.
+Policies are tuned at the cleanup only: sampled when a write crosses the high watermark,
+the pressure is >= 0.9 by construction and A²CR would always run at decay 0.1/s.
+Hit rates count blocks (CPU or NVMe); bytes moved = written to NVMe + read from NVMe. A
+block that leaves both tiers loses its statistics (no ghost entries), for every policy.
+
+    python benchmark/policy_replay.py --seeds 0,1,2                      # the documented trace
+    python benchmark/policy_replay.py --seeds 0,1,2 --cpu-blocks 250,500,1000,2000
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import argparse
 import dataclasses
 import enum
 import random
+import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -62,6 +72,7 @@ from common import write_json
 BLOCK_BYTES = 30 * 2 * 3 * 64 * 16 * 2
 SINK, SYSTEM, NEWEST, DOC_EDGE, DOC_MIDDLE, ONE_OFF = 8.0, 2.0, 1.5, 1.0, 0.6, 1.0
 CLASSES = ("sys", "doc", "chat", "oneoff")
+POLICIES = ("a2cr", "lru", "lfu")
 
 
 @dataclass(frozen=True)
@@ -180,11 +191,30 @@ class Level(enum.Enum):
     NVME = "nvme"
 
 
-class TwoLevelStore:
-    """CPU and NVMe tiers of one policy. Invariant: a block is in at most one tier and
-    `used[level]` is the sum of its blocks' sizes (`check_integrity`)."""
+class Copies(enum.Enum):
+    """What happens to a block's NVMe file when the block is promoted back to CPU RAM."""
 
-    def __init__(self, policy: str, config: A2crConfig, capacity: dict[Level, int], cleanup: bool) -> None:
+    EXCLUSIVE = "exclusive"  # the file is deleted: each demotion writes the block again
+    KEEP = "keep"  # the file stays (blocks are immutable), NVMe evicts in policy order
+    # the file stays, and NVMe evicts copies of blocks that are also in CPU RAM first
+    # (dropping them loses no hit now), each group in policy order
+    KEEP_REDUNDANT_FIRST = "keep-redundant-first"
+
+
+class TwoLevelStore:
+    """CPU and NVMe tiers under one policy (an instance per tier, one `BlockStats` per block,
+    shared by its copies). Invariant (`check_integrity`): `used[level]` is the sum of the
+    level's block sizes; a block in both tiers has one stats object; with `Copies.EXCLUSIVE`
+    no block is in both."""
+
+    def __init__(
+        self,
+        policy: str,
+        config: A2crConfig,
+        capacity: dict[Level, int],
+        cleanup: bool,
+        copies: Copies = Copies.KEEP_REDUNDANT_FIRST,
+    ) -> None:
         self.now = 0.0
         self.policy: dict[Level, EvictionPolicy] = {
             lv: make_policy(policy, config, self.clock) for lv in Level
@@ -192,6 +222,7 @@ class TwoLevelStore:
         self.blocks: dict[Level, dict[str, BlockStats]] = {lv: {} for lv in Level}
         self.used = dict.fromkeys(Level, 0)
         self.capacity = capacity
+        self.copies = copies
         self.cleanup_interval = config.cleanup_interval if cleanup else float("inf")
         self.next_cleanup = self.cleanup_interval
         self.count: Counter[str] = Counter()
@@ -208,21 +239,20 @@ class TwoLevelStore:
         for h, mass in zip(request.blocks, request.mass, strict=True):
             kind = h.split(":", 1)[0]
             if h in cpu:
-                outcome = "cpu"
+                outcome, stats = "cpu", cpu[h]
             elif h in nvme:
-                outcome = "nvme"
-                self._move(nvme[h], Level.NVME, Level.CPU, "bytes_promoted")
+                outcome, stats = "nvme", nvme[h]
+                self._promote(stats)
             else:
-                outcome = "miss"
-                self._add(Level.CPU, BlockStats(BlockHash(h), block_bytes, self.now, self.now))
+                outcome, stats = "miss", BlockStats(BlockHash(h), block_bytes, self.now, self.now)
+                self._add(Level.CPU, stats)
                 self.count["bytes_recomputed"] += block_bytes
             self.count[outcome] += 1
             self.count[f"{kind}:{outcome}"] += 1
-            stats = cpu[h]
             self.policy[Level.CPU].touch(stats)
             observe_attention(stats, mass, len(request.blocks))
-        self._enforce(Level.CPU)
-        self._enforce(Level.NVME)
+        self._make_room(Level.CPU)
+        self._make_room(Level.NVME)
 
     def _add(self, level: Level, stats: BlockStats) -> None:
         self.blocks[level][stats.block_hash] = stats
@@ -232,35 +262,64 @@ class TwoLevelStore:
         del self.blocks[level][stats.block_hash]
         self.used[level] -= stats.size_bytes
 
-    def _move(self, stats: BlockStats, src: Level, dst: Level, counter: str) -> None:
-        self._remove(src, stats)
-        self._add(dst, stats)
-        self.count[counter] += stats.size_bytes
+    def _promote(self, stats: BlockStats) -> None:
+        """NVMe -> CPU: one read; the NVMe file stays unless the tiers are exclusive."""
+        if self.copies is Copies.EXCLUSIVE:
+            self._remove(Level.NVME, stats)
+        self._add(Level.CPU, stats)
+        self.count["bytes_promoted"] += stats.size_bytes
 
-    def _demote(self, level: Level, victims: list[BlockStats]) -> None:
+    def _demote(self, victims: list[BlockStats]) -> None:
+        """CPU -> NVMe: a write only for blocks without an NVMe copy."""
         for stats in victims:
-            if level is Level.CPU:
-                self._move(stats, Level.CPU, Level.NVME, "bytes_demoted")
-            else:
-                self._remove(Level.NVME, stats)
-                self.count["bytes_dropped"] += stats.size_bytes
+            self._remove(Level.CPU, stats)
+            if stats.block_hash not in self.blocks[Level.NVME]:
+                self._add(Level.NVME, stats)
+                self.count["bytes_demoted"] += stats.size_bytes
 
-    def _enforce(self, level: Level) -> None:
-        used, capacity = self.used[level], self.capacity[level]
-        self.policy[level].tune(used / capacity)
-        victims = select_victims(
-            self.policy[level], self.blocks[level].values(), bytes_to_free(used, capacity)
-        )
-        self._demote(level, victims)
+    def _drop(self, victims: list[BlockStats]) -> None:
+        for stats in victims:
+            self._remove(Level.NVME, stats)
+            self.count["bytes_dropped"] += stats.size_bytes
+
+    def _make_room(self, level: Level) -> None:
+        """Above the high watermark: frees down to the low one (`bytes_to_free`)."""
+        need = bytes_to_free(self.used[level], self.capacity[level])
+        if need <= 0:
+            return
+        if level is Level.CPU:
+            self._demote(select_victims(self.policy[level], self.blocks[level].values(), need))
+            return
+        blocks, groups = self.blocks[Level.NVME].values(), [list(self.blocks[Level.NVME].values())]
+        if self.copies is Copies.KEEP_REDUNDANT_FIRST:
+            cpu = self.blocks[Level.CPU]
+            groups = [
+                [b for b in blocks if b.block_hash in cpu],
+                [b for b in blocks if b.block_hash not in cpu],
+            ]
+        for group in groups:
+            victims = select_victims(self.policy[level], group, need)
+            self._drop(victims)
+            need -= sum(b.size_bytes for b in victims)
+            if need <= 0:
+                return
 
     def _cleanup(self) -> None:
+        """As services/tier/manager.py: tune each tier to its pressure now, demote CPU blocks
+        below the threshold, then enforce the watermarks."""
         for level in Level:
             self.policy[level].tune(self.used[level] / self.capacity[level])
-        self._demote(Level.CPU, below_threshold(self.policy[Level.CPU], self.blocks[Level.CPU].values()))
-        self._enforce(Level.NVME)
+        victims = below_threshold(self.policy[Level.CPU], self.blocks[Level.CPU].values())
+        self.count["threshold_demotions"] += len(victims)
+        self._demote(victims)
+        self._make_room(Level.CPU)
+        self._make_room(Level.NVME)
 
     def check_integrity(self) -> None:
-        assert not self.blocks[Level.CPU].keys() & self.blocks[Level.NVME].keys()
+        cpu, nvme = self.blocks[Level.CPU], self.blocks[Level.NVME]
+        both = cpu.keys() & nvme.keys()
+        assert self.copies is not Copies.EXCLUSIVE or not both
+        assert all(cpu[h] is nvme[h] for h in both)
         for level in Level:
             assert self.used[level] == sum(b.size_bytes for b in self.blocks[level].values())
 
@@ -273,10 +332,11 @@ def replay(
     *,
     config: A2crConfig | None = None,
     cleanup: bool = True,
+    copies: Copies = Copies.KEEP_REDUNDANT_FIRST,
 ) -> dict[str, Any]:
     """Runs `trace` through a fresh store; capacities in bytes, hit rates in blocks."""
     capacity = {Level.CPU: cpu_capacity, Level.NVME: nvme_capacity}
-    store = TwoLevelStore(policy_name, config or A2crConfig(), capacity, cleanup)
+    store = TwoLevelStore(policy_name, config or A2crConfig(), capacity, cleanup, copies)
     for request in trace.requests:
         store.serve(request, trace.block_bytes)
     store.check_integrity()
@@ -292,6 +352,45 @@ def replay(
         "hit_rate_by_class": {kind: rate(f"{kind}:") for kind in CLASSES},
         "bytes_moved": c["bytes_demoted"] + c["bytes_promoted"],
         **{k: c[k] for k in ("bytes_demoted", "bytes_promoted", "bytes_dropped", "bytes_recomputed")},
+        "threshold_demotions": c["threshold_demotions"],
+    }
+
+
+def replay_all(
+    cpu_blocks: int,
+    nvme_blocks: int,
+    seed: int,
+    *,
+    duration_s: float = 3600.0,
+    cleanup: bool = True,
+    copies: Copies = Copies.KEEP_REDUNDANT_FIRST,
+    policies: tuple[str, ...] = POLICIES,
+) -> dict[str, Any]:
+    """The documented trace (`TraceParams` defaults but `seed`) through every policy.
+
+    Returns {"hit_rate": {policy: total block hit rate}, "bytes_moved": {policy: bytes},
+    "params": the trace and store settings, "details": {policy: `replay`'s dict}}.
+    About 3 s per seed at the default sizes (500 / 4000 blocks).
+    """
+    trace = make_trace(TraceParams(seed=seed, duration_s=duration_s))
+    cpu, nvme = cpu_blocks * trace.block_bytes, nvme_blocks * trace.block_bytes
+    details = {name: replay(name, trace, cpu, nvme, cleanup=cleanup, copies=copies) for name in policies}
+    params = {
+        **dataclasses.asdict(trace.params),
+        "cpu_blocks": cpu_blocks,
+        "nvme_blocks": nvme_blocks,
+        "block_bytes": trace.block_bytes,
+        "cleanup": cleanup,
+        "copies": copies.value,
+        "requests": len(trace.requests),
+        "block_accesses": sum(len(r.blocks) for r in trace.requests),
+        "ideal_hit_rate": ideal_hit_rate(trace),
+    }
+    return {
+        "hit_rate": {n: r["hit_rate"]["total"] for n, r in details.items()},
+        "bytes_moved": {n: r["bytes_moved"] for n, r in details.items()},
+        "params": params,
+        "details": details,
     }
 
 
@@ -301,47 +400,86 @@ def ideal_hit_rate(trace: Trace) -> float:
     return 1.0 - unique / sum(len(r.blocks) for r in trace.requests)
 
 
-def print_table(results: dict[str, dict[str, Any]]) -> None:
-    columns = ("total", "cpu", "nvme", "sys", "doc", "chat", "MiB moved", "demoted", "promoted")
-    print(f"{'policy':<8}" + "".join(f"{h:>10}" for h in columns))
-    for name, r in results.items():
-        rates = [r["hit_rate"][k] for k in columns[:3]] + [r["hit_rate_by_class"][k] for k in columns[3:6]]
-        mib = [r[k] / (1 << 20) for k in ("bytes_moved", "bytes_demoted", "bytes_promoted")]
-        print(f"{name:<8}" + "".join(f"{v:>10.3f}" for v in rates) + "".join(f"{v:>10.0f}" for v in mib))
+COLUMNS = ("total", "cpu", "nvme", "sys", "doc", "chat", "MiB moved", "demoted", "promoted")
+
+
+def row(r: dict[str, Any]) -> list[float]:
+    """One policy's `replay` result as the table's columns (rates, then MiB)."""
+    rates = [r["hit_rate"][k] for k in COLUMNS[:3]] + [r["hit_rate_by_class"][k] for k in COLUMNS[3:6]]
+    return rates + [r[k] / (1 << 20) for k in ("bytes_moved", "bytes_demoted", "bytes_promoted")]
+
+
+def median_rows(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per policy, the median of each column over `replay_all` results (one per seed)."""
+    policies = runs[0]["details"].keys()
+    return {
+        name: [
+            statistics.median(col) for col in zip(*(row(run["details"][name]) for run in runs), strict=True)
+        ]
+        for name in policies
+    }
+
+
+def print_table(rows: dict[str, list[float]]) -> None:
+    print(f"{'policy':<8}" + "".join(f"{h:>10}" for h in COLUMNS))
+    for name, values in rows.items():
+        print(
+            f"{name:<8}"
+            + "".join(f"{v:>10.3f}" for v in values[:6])
+            + "".join(f"{v:>10.0f}" for v in values[6:])
+        )
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def main() -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--policies", default="a2cr,lru,lfu")
-    parser.add_argument("--cpu-blocks", type=int, default=500)
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--cpu-blocks", type=_ints, default=[500], help="one or a comma list (a sweep)")
     parser.add_argument("--nvme-blocks", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=_ints, default=[0], help="comma list; tables show medians")
     parser.add_argument("--duration", type=float, default=3600.0, help="seconds of trace time")
     parser.add_argument("--no-cleanup", action="store_true", help="no periodic threshold demotion")
+    parser.add_argument(
+        "--copies", choices=[c.value for c in Copies], default=Copies.KEEP_REDUNDANT_FIRST.value
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
-    trace = make_trace(TraceParams(seed=args.seed, duration_s=args.duration))
-    cpu, nvme = args.cpu_blocks * trace.block_bytes, args.nvme_blocks * trace.block_bytes
-    policies = args.policies.split(",")
-    results = {name: replay(name, trace, cpu, nvme, cleanup=not args.no_cleanup) for name in policies}
-    params = {
-        **dataclasses.asdict(trace.params),
-        **{k: getattr(args, k) for k in ("cpu_blocks", "nvme_blocks")},
-        "block_bytes": trace.block_bytes,
-        "cleanup": not args.no_cleanup,
-        "requests": len(trace.requests),
-        "block_accesses": sum(len(r.blocks) for r in trace.requests),
-        "ideal_hit_rate": ideal_hit_rate(trace),
-    }
-    print(", ".join(f"{k} {params[k]}" for k in ("requests", "block_accesses", "cpu_blocks", "nvme_blocks")))
-    print(f"block hit rates (unbounded capacity: {params['ideal_hit_rate']:.3f}), MiB between tiers")
-    print_table(results)
-    summary = {
-        "hit_rate": {n: r["hit_rate"]["total"] for n, r in results.items()},
-        "bytes_moved": {n: r["bytes_moved"] for n, r in results.items()},
-    }
-    write_json(args.json, {"policy": summary, "params": params, "details": results})
+    out: list[dict[str, Any]] = []
+    for cpu_blocks in args.cpu_blocks:
+        runs = [
+            replay_all(
+                cpu_blocks,
+                args.nvme_blocks,
+                seed,
+                duration_s=args.duration,
+                cleanup=not args.no_cleanup,
+                copies=Copies(args.copies),
+                policies=tuple(args.policies.split(",")),
+            )
+            for seed in args.seeds
+        ]
+        p = runs[0]["params"]
+        ideal = statistics.median(run["params"]["ideal_hit_rate"] for run in runs)
+        print(f"\ncpu_blocks {cpu_blocks}, nvme_blocks {args.nvme_blocks}, copies {args.copies}")
+        print(
+            f"seeds {args.seeds}; seed {args.seeds[0]}: {p['requests']} requests, {p['block_accesses']} reads"
+        )
+        print(f"median block hit rates (unbounded capacity: {ideal:.3f}), MiB between tiers")
+        rows = median_rows(runs)
+        print_table(rows)
+        if "a2cr" in rows and "lru" in rows:
+            margins = [run["hit_rate"]["a2cr"] - run["hit_rate"]["lru"] for run in runs]
+            print("a2cr - lru total hit rate per seed: " + ", ".join(f"{m:+.4f}" for m in margins))
+        summary = {
+            key: {n: v[i] for n, v in rows.items()} for i, key in ((0, "hit_rate"), (6, "bytes_moved"))
+        }
+        summary["bytes_moved"] = {n: v * (1 << 20) for n, v in summary["bytes_moved"].items()}
+        out.append({"policy": summary, "params": {**p, "seeds": args.seeds}, "runs": runs})
+    write_json(args.json, out[0] if len(out) == 1 else {"sweep": out})
     return 0
 
 

@@ -154,6 +154,7 @@ class TierManager:
                 last_access=_field(fields, "last_access", meta.created),
                 hits=int(_field(fields, "hits", 0)),
                 attention=min(1.0, max(0.0, _field(fields, "attention", 0.5))),
+                observations=max(0, int(_field(fields, "observations", 0))),
             )
             self._entries[meta.block_hash] = Entry(stats, nvme=True)
         await self._resync()
@@ -424,8 +425,10 @@ class TierManager:
             self.cpu.evictions += 1
             entry = self._entries[block_hash]
             if entry.nvme:
-                entry.stats.size_bytes = HEADER_SIZE + to_write.get(block_hash, block).nbytes
-                self._count(Moved.DEMOTED, entry.stats.size_bytes)
+                written = to_write.get(block_hash)
+                entry.stats.size_bytes = self.nvme.sizes_of(block_hash) if self.nvme is not None else 0
+                if written is not None:  # a block with a copy already there moves no bytes
+                    self._count(Moved.DEMOTED, entry.stats.size_bytes)
                 self._dirty.add(block_hash)
             else:
                 self._forget(block_hash)
@@ -465,12 +468,23 @@ class TierManager:
         return lost
 
     async def _evict_nvme(self, need: int, exclude: set[BlockHash]) -> list[BlockHash]:
-        """Deletes NVMe files, lowest NVMe scores first, to free `need` bytes; returns the blocks
-        that thereby left every tier."""
+        """Deletes NVMe files to free `need` bytes; returns the blocks that thereby left every tier.
+
+        Copies of blocks that are also in the CPU tier go first (dropping one loses nothing
+        now), each group lowest NVMe score first.
+        """
         if need <= 0 or self.nvme is None:
             return []
+        cpu = self.cpu
         candidates = [b for b in self._tier_stats(StorageTier.NVME) if b.block_hash not in exclude]
-        victims = [v.block_hash for v in select_victims(self.policies[StorageTier.NVME], candidates, need)]
+        victims: list[BlockHash] = []
+        for redundant in (True, False):
+            group = [b for b in candidates if (cpu is not None and cpu.contains(b.block_hash)) is redundant]
+            chosen = select_victims(self.policies[StorageTier.NVME], group, need)
+            victims += [v.block_hash for v in chosen]
+            need -= sum(v.size_bytes for v in chosen)
+            if need <= 0:
+                break
         lost: list[BlockHash] = []
         for block_hash in await self._nvme_call(self.nvme.evict, victims):
             self._entries[block_hash].nvme = False
@@ -503,7 +517,7 @@ class TierManager:
         """Reads NVMe blocks concurrently; a block found missing or corrupt loses its NVMe copy."""
         if not hashes or self.nvme is None:
             return {}
-        results = await asyncio.gather(*(self.nvme.aget(h) for h in hashes))
+        results = await self.nvme.aget_many(hashes)
         read: dict[BlockHash, KvPayload] = {}
         for block_hash, result in zip(hashes, results, strict=True):
             if result is not None:
@@ -596,6 +610,7 @@ class TierManager:
             last_access=stats.last_access,
             hits=stats.hits,
             attention=stats.attention,
+            observations=stats.observations,
             scores=scores,
         )
 

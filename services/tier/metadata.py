@@ -3,7 +3,7 @@
 Keys (DESIGN.md §5), `ns` being `config.redis.namespace`:
 
     {ns}:blk:{hash}    hash: tier ("cpu" | "nvme", the faster copy), nvme_copy (0|1), bytes,
-                       codec, created, last_access, hits, attention
+                       codec, created, last_access, hits, attention, observations
     {ns}:a2cr:cpu      sorted set: member = block hash, score = the CPU policy's score
     {ns}:a2cr:nvme     sorted set: the same for blocks with an NVMe copy
     {ns}:tier:epoch    sentinel: set by every full resync
@@ -68,6 +68,7 @@ class BlockRecord:
     last_access: float
     hits: int
     attention: float
+    observations: int  # attention samples behind `attention`
     scores: dict[StorageTier, float]  # one per tier holding a copy
 
 
@@ -215,4 +216,5 @@ def _fields(record: BlockRecord) -> dict[FieldT, EncodableT]:
         "last_access": record.last_access,
         "hits": record.hits,
         "attention": record.attention,
+        "observations": record.observations,
     }

@@ -69,6 +69,7 @@ TMP_MARK = ".tmp-"
 _U32_MAX = 0xFFFFFFFF
 _HASH_RE = re.compile(r"[0-9a-f]{32}")
 _T = TypeVar("_T")
+MIN_RUN = 8  # blocks read per I/O thread hop, at least (see aget_many)
 
 
 class _Corrupt(Exception):
@@ -205,6 +206,8 @@ class NvmeTier:
         self._writing: set[BlockHash] = set()
         self._reserved = self.used_bytes = self.hits = self.misses = self.bytes_in = self.bytes_out = 0
         self.corrupt = self.evictions = 0
+        self._io_depth = io_depth
+        self._root_str = str(self.root)
         self._pool = ThreadPoolExecutor(max_workers=io_depth, thread_name_prefix="nvme-io")
 
     def path_of(self, block_hash: str) -> Path:
@@ -215,6 +218,10 @@ class NvmeTier:
     @property
     def free_bytes(self) -> int:
         return max(0, self.capacity_bytes - self.used_bytes - self._reserved)
+
+    def sizes_of(self, block_hash: BlockHash) -> int:
+        """The block's file size; 0 if it is not stored."""
+        return self._sizes.get(block_hash, 0)
 
     def sizes(self) -> dict[BlockHash, int]:
         """Each stored block's file size (a copy)."""
@@ -258,13 +265,16 @@ class NvmeTier:
                     self.bytes_in += len(payload)
         return evicted
 
+    def _get_run(self, hashes: list[str]) -> list[tuple[NvmeBlockMeta, bytes] | None]:
+        return [self.get(h) for h in hashes]
+
     def get(self, block_hash: str) -> tuple[NvmeBlockMeta, bytes] | None:
         """The block with both checksums verified, or None; a bad file is deleted, never served."""
         h = validate_block_hash(block_hash, "block_hash")
         try:
             if h not in self._sizes:
                 raise FileNotFoundError(h)
-            header, size, payload = self._read(self.path_of(h))
+            header, size, payload = self._read(f"{self._root_str}/{h[:2]}/{h}{SUFFIX}")  # h is validated
             meta = _verify(h, header, size, payload)
         except (_Corrupt, FileNotFoundError) as exc:
             with self._lock:
@@ -331,6 +341,18 @@ class NvmeTier:
 
     async def aget(self, block_hash: str) -> tuple[NvmeBlockMeta, bytes] | None:
         return await self._run(self.get, block_hash)
+
+    async def aget_many(self, hashes: Sequence[str]) -> list[tuple[NvmeBlockMeta, bytes] | None]:
+        """`get` of each hash, in order: a few I/O threads each read a run of blocks.
+
+        One thread hop costs more than reading a cached block, so blocks go in runs of
+        at least `MIN_RUN`, in at most `io_depth` runs at once.
+        """
+        runs = max(1, min(self._io_depth, len(hashes) // MIN_RUN))
+        size = -(-len(hashes) // runs)
+        parts = [list(hashes[i : i + size]) for i in range(0, len(hashes), size)]
+        results = await asyncio.gather(*(self._run(self._get_run, part) for part in parts))
+        return [r for part in results for r in part]
 
     async def arecover(self, verify_payloads: bool = False) -> list[NvmeBlockMeta]:
         return await self._run(self.recover, verify_payloads)
@@ -420,7 +442,7 @@ class NvmeTier:
                 os.close(fd)
         return True
 
-    def _read(self, path: Path) -> tuple[bytes, int, bytes]:
+    def _read(self, path: Path | str) -> tuple[bytes, int, bytes]:
         """(header bytes, file size, payload bytes) as found on disk, unchecked."""
         if self.use_o_direct:
             try:

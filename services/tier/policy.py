@@ -34,10 +34,15 @@ Clock = Callable[[], float]
 # A block never observed is assumed to get uniform attention: the neutral middle
 # of A's range, so that it is neither protected nor sacrificed for lack of data.
 UNIFORM_ATTENTION = 0.5
-# EMA weight of one observation. A block is observed once per request that reads
-# it and most blocks are read a handful of times, so a slow average would leave
-# nearly every block at the prior; 0.5 moves halfway on each observation.
-ATTENTION_ALPHA = 0.5
+# A is a confidence-weighted mean: the prior counts as this many observations, so
+# the n-th observation has weight 1 / (n + 2). One noisy observation moves A a third
+# of the way (a block read once by a short request is not ranked on a single sample),
+# twenty move it most of the way. A fixed EMA weight of 0.5 let one sample decide, and
+# blocks read once (one-off prompts) outranked chat history that was certain to be reread.
+ATTENTION_PRIOR_WEIGHT = 2.0
+# Floor of an observation's weight: past 8 observations A is an EMA over about the last
+# ten, so it still follows a block whose share changes (a chat turn sliding into history).
+ATTENTION_ALPHA_MIN = 0.1
 # F = hits / (hits + k): with k = 4 a block read once scores 0.2, four times 0.5,
 # sixteen times 0.8; frequency saturates instead of growing without bound.
 FREQUENCY_K = 4.0
@@ -47,7 +52,8 @@ FREQUENCY_K = 4.0
 class BlockStats:
     """What a policy knows about one stored block. Times are the injected clock's seconds.
 
-    `attention` stays in [0, 1]; `hits` counts accesses (`touch`), the first included.
+    `attention` stays in [0, 1]; `hits` counts accesses (`touch`), the first included;
+    `observations` counts the attention samples folded into `attention`.
     """
 
     block_hash: BlockHash
@@ -56,12 +62,15 @@ class BlockStats:
     last_access: float
     hits: int = 0
     attention: float = UNIFORM_ATTENTION
+    observations: int = 0
 
     def __post_init__(self) -> None:
         if self.size_bytes < 0:
             raise ValueError(f"size_bytes: must be >= 0, got {self.size_bytes}")
         if self.hits < 0:
             raise ValueError(f"hits: must be >= 0, got {self.hits}")
+        if self.observations < 0:
+            raise ValueError(f"observations: must be >= 0, got {self.observations}")
         if not 0.0 <= self.attention <= 1.0:
             raise ValueError(f"attention: must be in [0, 1], got {self.attention}")
 
@@ -81,14 +90,31 @@ def attention_from_mass(mass: float, blocks_in_sequence: int) -> float:
     return r / (1.0 + r)
 
 
+def attention_alpha(observations: int) -> float:
+    """Weight of the `observations`-th sample (1-based) in A: max(0.1, 1 / (observations + 2)).
+
+    A = (2 * 0.5 + sum of the samples) / (2 + n) for the first 8 samples: their mean,
+    shrunk towards the uniform prior; from then on an EMA with weight 0.1.
+    """
+    if observations < 1:
+        raise ValueError(f"observations: must be >= 1, got {observations}")
+    return max(ATTENTION_ALPHA_MIN, 1.0 / (observations + ATTENTION_PRIOR_WEIGHT))
+
+
 def observe_attention(
-    stats: BlockStats, mass: float, blocks_in_sequence: int, alpha: float = ATTENTION_ALPHA
+    stats: BlockStats, mass: float, blocks_in_sequence: int, alpha: float | None = None
 ) -> float:
-    """Folds one observation into the EMA: A ← (1 - alpha)*A + alpha*A_obs. Returns the new A."""
-    if not 0.0 < alpha <= 1.0:
+    """Folds one observation into A: A ← (1 - alpha)*A + alpha*A_obs. Returns the new A.
+
+    `alpha` None (the default) weighs the sample by `attention_alpha` of the block's
+    observation count; a number gives a fixed-weight EMA.
+    """
+    if alpha is not None and not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha: must be in (0, 1], got {alpha}")
     observed = attention_from_mass(mass, blocks_in_sequence)
-    stats.attention = min(1.0, max(0.0, (1.0 - alpha) * stats.attention + alpha * observed))
+    stats.observations += 1
+    weight = attention_alpha(stats.observations) if alpha is None else alpha
+    stats.attention = min(1.0, max(0.0, (1.0 - weight) * stats.attention + weight * observed))
     return stats.attention
 
 
@@ -138,7 +164,10 @@ class A2CRPolicy:
     """Attention-aware cache replacement; owns the current (tuned) threshold and decay.
 
     Starts with `config.eviction_threshold` / `config.time_decay_factor`; after
-    `tune(p)` it uses the adaptive table's values until the next `tune`.
+    `tune(p)` it uses the adaptive table's values until the next `tune`. Tune at the
+    periodic cleanup with the tier's pressure then, not at the moment a write crosses
+    the high watermark: that sample is >= 0.9 by construction and would pin the decay
+    at 0.1/s, a 10 s recency horizon, shorter than a chat user's pause.
     """
 
     name = "a2cr"
@@ -162,7 +191,9 @@ class A2CRPolicy:
     def score(self, stats: BlockStats) -> float:
         """score(b, t) = w_a·A(b) + w_f·F(b) + w_r·R(b, t), each term in [0, 1]:
 
-        A(b)    = stats.attention, EMA of r / (1 + r), r = mass * blocks_in_sequence
+        A(b)    = stats.attention: mean of the samples r / (1 + r), r = mass * blocks_in_sequence,
+                  with the prior 0.5 counted as 2 samples, an EMA (weight 0.1) after 8
+                  (`observe_attention`)
         F(b)    = hits / (hits + k), k = frequency_k (default 4)
         R(b, t) = exp(-λ · max(0, t - last_access)), λ = the tuned time_decay_factor,
                   t = clock(); a last_access in the future counts as "now".

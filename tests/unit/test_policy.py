@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,7 @@ from wicore.tier.policy import (
     LRUPolicy,
     TunedParams,
     adaptive_params,
+    attention_alpha,
     attention_from_mass,
     below_threshold,
     bytes_to_free,
@@ -64,11 +68,37 @@ def test_attention_from_mass(mass: float, blocks: int, expected: float) -> None:
     assert attention_from_mass(mass, blocks) == pytest.approx(expected)
 
 
-def test_observe_attention_folds_into_ema() -> None:
+def test_observe_attention_is_a_mean_shrunk_to_the_prior() -> None:
     stats = block("x", 0.0)
-    assert observe_attention(stats, 0.75, 4) == pytest.approx(0.625)  # 0.5·0.5 + 0.5·0.75
+    assert observe_attention(stats, 0.75, 4) == pytest.approx(0.5 + 0.25 / 3)  # A_obs 0.75, weight 1/3
+    assert observe_attention(stats, 0.25, 4) == pytest.approx((1.0 + 0.75 + 0.5) / 4)  # A_obs 0.5
+    assert observe_attention(stats, 0.0, 4) == pytest.approx((1.0 + 0.75 + 0.5 + 0.0) / 5)
+    assert stats.observations == 3
+
+
+def test_observe_attention_with_fixed_alpha_is_an_ema() -> None:
+    stats = block("x", 0.0)
+    assert observe_attention(stats, 0.75, 4, alpha=0.5) == pytest.approx(0.625)  # 0.5·0.5 + 0.5·0.75
     assert observe_attention(stats, 0.0, 4, alpha=0.2) == pytest.approx(0.5)  # 0.8·0.625 + 0.2·0
-    assert stats.attention == pytest.approx(0.5)
+    assert (stats.attention, stats.observations) == (pytest.approx(0.5), 2)
+
+
+def test_attention_alpha_falls_to_its_floor() -> None:
+    assert [attention_alpha(n) for n in (1, 2, 8, 9, 1000)] == pytest.approx([1 / 3, 1 / 4, 0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="observations"):
+        attention_alpha(0)
+
+
+def test_one_sample_does_not_outrank_steady_evidence(a2cr: A2CRPolicy) -> None:
+    """A one-off block read once with a large share vs a chat block read four times at a modest share."""
+    one_off, chat = block("one-off", 100.0, hits=4), block("chat", 100.0, hits=4)
+    observe_attention(one_off, 0.3, 10)  # A_obs 0.75
+    for _ in range(4):
+        observe_attention(chat, 0.1, 10)  # A_obs 0.5
+    observe_attention(chat, 0.3, 10)
+    # one-off 0.5 + 0.25/3 = 0.583; chat (1 + 4·0.5 + 0.75) / 7 = 0.536: closer than one sample says
+    assert (one_off.attention, chat.attention) == (pytest.approx(0.5 + 0.25 / 3), pytest.approx(3.75 / 7))
+    assert a2cr.score(one_off) - a2cr.score(chat) == pytest.approx(0.4 * (0.5 + 0.25 / 3 - 3.75 / 7))
 
 
 @pytest.mark.parametrize(
@@ -83,6 +113,8 @@ def test_observe_attention_rejects_bad_input(mass: float, blocks: int, alpha: fl
 def test_block_stats_validates(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         block("x", 0.0, **kwargs)
+    with pytest.raises(ValueError, match="observations"):
+        BlockStats(BlockHash("x"), 1, created=0.0, last_access=0.0, observations=-1)
 
 
 # --- A²CR score --------------------------------------------------------------------
@@ -262,3 +294,56 @@ def test_bytes_to_free_custom_watermarks() -> None:
 def test_bytes_to_free_rejects_bad_input(args: tuple) -> None:
     with pytest.raises(ValueError):
         bytes_to_free(*args)
+
+
+# --- the replay's store (benchmark/policy_replay.py) ----------------------------------
+
+
+def _load_replay():
+    path = Path(__file__).resolve().parents[2] / "benchmark" / "policy_replay.py"
+    spec = importlib.util.spec_from_file_location("policy_replay", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("policy_replay", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+replay_module = _load_replay()
+
+
+def _store(copies, nvme_blocks: int = 10):
+    r = replay_module
+    capacity = {r.Level.CPU: 2, r.Level.NVME: nvme_blocks}  # 1-byte blocks; watermarks 90 % / 80 %
+    return r.TwoLevelStore("lru", A2crConfig(), capacity, cleanup=False, copies=copies)
+
+
+def _serve(store, time: float, *blocks: str) -> None:
+    store.serve(replay_module.Request(time, blocks, tuple(1 / len(blocks) for _ in blocks)), 1)
+    store.check_integrity()
+
+
+@pytest.mark.parametrize(("copies", "written"), [("keep", 2), ("exclusive", 3)])
+def test_replay_promotion_keeps_the_nvme_copy(copies: str, written: int) -> None:
+    store = _store(replay_module.Copies(copies))
+    _serve(store, 1.0, "doc:a", "doc:b")  # CPU full: a (tie on time, hash first) written to NVMe
+    _serve(store, 2.0, "doc:a")  # NVMe hit, promoted; b demoted (written)
+    _serve(store, 3.0, "doc:c")  # a demoted again: free while its NVMe copy exists
+    assert (store.count["nvme"], store.count["miss"], store.count["bytes_promoted"]) == (1, 3, 1)
+    assert store.count["bytes_demoted"] == written
+    assert sorted(store.blocks[replay_module.Level.NVME]) == ["doc:a", "doc:b"]
+
+
+@pytest.mark.parametrize(("copies", "kept"), [("keep", "doc:a"), ("keep-redundant-first", "doc:b")])
+def test_replay_nvme_may_drop_redundant_copies_first(copies: str, kept: str) -> None:
+    store = _store(replay_module.Copies(copies), nvme_blocks=2)
+    _serve(store, 1.0, "doc:a", "doc:b")
+    _serve(store, 2.0, "doc:a")  # NVMe {a (also in CPU), b}: over 90 %, one to drop
+    assert list(store.blocks[replay_module.Level.NVME]) == [kept]
+
+
+def test_replay_all_reports_every_policy() -> None:
+    result = replay_module.replay_all(cpu_blocks=50, nvme_blocks=200, seed=0, duration_s=120.0)
+    for key in ("hit_rate", "bytes_moved"):
+        assert set(result[key]) == {"a2cr", "lru", "lfu"}
+    assert all(0.0 < rate < result["params"]["ideal_hit_rate"] for rate in result["hit_rate"].values())

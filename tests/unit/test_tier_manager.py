@@ -336,3 +336,18 @@ async def test_restart_recovers_nvme_blocks_with_their_statistics(
     assert await third.recover() == 2
     fields = redis_client.hgetall(f"{ns}:blk:{h(0)}")
     assert fields["tier"] == "nvme" and int(fields["bytes"]) == RAW_BYTES + HEADER_SIZE
+
+
+async def test_nvme_drops_redundant_copies_first(tmp_path: Path, clock: ManualClock) -> None:
+    manager = make(
+        tmp_path, clock, cpu_capacity_bytes=2 * RAW_BYTES, nvme_capacity_bytes=3 * (RAW_BYTES + HEADER_SIZE)
+    )
+    await put(manager, clock, 0, 1, 2, 3)  # 0 and 1 demoted
+    clock.now += 1.0
+    await manager.get([h(0)])  # promoted, keeping its file; 2 demoted to make room: NVMe full
+    assert manager.nvme is not None and set(manager.nvme.sizes()) == {h(0), h(1), h(2)}
+    assert await put(manager, clock, 4) == []  # 3 demoted: 0's copy goes, not 1 (the oldest, only on NVMe)
+    assert tiers(manager, 0, 1, 2, 3, 4) == [CPU, NVME, NVME, NVME, CPU]
+    assert set(manager.nvme.sizes()) == {h(1), h(2), h(3)}
+    assert manager.stats().blocks_demoted == 4  # 0 1 2 3 written once each
+    manager.check_integrity()
