@@ -16,7 +16,8 @@ file I/O of the same bytes, and the eviction policies on a replayed multi-tenant
     memcpy_out = the copy alone out of stored blocks (a get's);
     nvme put  = manager.put into an NVMe-only tier: temp file, write, fsync, rename,
                 folder fsync;  raw write = open, write, fsync, close of the same bytes;
-    nvme get  = manager.get: read, verify both checksums;  raw read = open, read.
+    nvme get  = manager.get of --get-batch blocks at a time (a prefix, as a worker asks
+                for it): read, verify both checksums;  raw read = open, read, one by one.
   Reads hit the page cache for both (dropping it needs root); the ratio is what
   the tier's own work costs on top of the same I/O.
 - policy: `policy_replay.replay_all` (A²CR vs LRU vs LFU on its documented trace),
@@ -47,6 +48,7 @@ from wicore.config import A2crConfig, TierConfig
 from wicore.hashing import BlockHash, payload_checksum
 from wicore.kvblock import KvPayload, encode_kv
 from wicore.tier.manager import TierManager
+from wicore.tier.nvme import keep_freed_memory
 
 GiB = 1 << 30
 
@@ -98,7 +100,7 @@ async def time_cpu(blocks: list[tuple[BlockHash, KvPayload]], root: Path) -> dic
     }
 
 
-async def time_nvme(blocks: list[tuple[BlockHash, KvPayload]], root: Path) -> dict[str, float]:
+async def time_nvme(blocks: list[tuple[BlockHash, KvPayload]], root: Path, batch: int) -> dict[str, float]:
     config = TierConfig(cpu_capacity_bytes=0, nvme_capacity_bytes=64 * GiB, nvme_codec="q4")
     manager = TierManager(config, A2crConfig(), None, root / "tier")
     total = sum(b.nbytes for _, b in blocks)
@@ -107,9 +109,10 @@ async def time_nvme(blocks: list[tuple[BlockHash, KvPayload]], root: Path) -> di
     for h, b in blocks:
         await manager.put([(h, b)])
     put_s = time.perf_counter() - start
+    hashes = [h for h, _ in blocks]
     start = time.perf_counter()
-    for h, _ in blocks:
-        (_,) = await manager.get([h])
+    for i in range(0, len(hashes), batch):
+        assert len(await manager.get(hashes[i : i + batch])) == len(hashes[i : i + batch])
     get_s = time.perf_counter() - start
     await manager.shutdown()
 
@@ -145,6 +148,7 @@ def main() -> int:
     )
     parser.add_argument("--blocks", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--get-batch", type=int, default=16, help="NVMe blocks per get (a prefix)")
     parser.add_argument("--repeats", type=int, default=100, help="codec timings per median")
     parser.add_argument("--seeds", type=int, default=3, help="policy replays per policy")
     parser.add_argument("--cpu-blocks", type=int, default=500)
@@ -153,6 +157,7 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the tier process does
 
     codecs = bench_block(make_block(BLOCKS["smollm2"]), args.repeats)
     print(f"codecs, SmolLM2 block fp16, one thread; memcpy {codecs['memcpy_mb_s']:.0f} MB/s")
@@ -166,7 +171,7 @@ def main() -> int:
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             cpu_runs.append(asyncio.run(time_cpu(q8, Path(tmp))))
-            nvme_runs.append(asyncio.run(time_nvme(q4, Path(tmp))))
+            nvme_runs.append(asyncio.run(time_nvme(q4, Path(tmp), args.get_batch)))
     cpu, nvme = median_of(cpu_runs), median_of(nvme_runs)
     print(f"\ntiers, {args.blocks} blocks (q8 {q8[0][1].nbytes} B, q4 {q4[0][1].nbytes} B each), GB/s")
     slower_put, slower_get = cpu["memcpy_in"] / cpu["put"], cpu["memcpy_out"] / cpu["get"]

@@ -17,6 +17,7 @@ from wicore.kvblock import check_codec
 from wicore.server import ServiceServer
 from wicore.tier.manager import TierManager
 from wicore.tier.metadata import BlockMetadata, connect_redis
+from wicore.tier.nvme import keep_freed_memory
 from wicore.tier.policy import POLICIES
 from wicore.tier.servicer import TierServicer
 from wicore.v1 import tier_pb2_grpc
@@ -72,6 +73,7 @@ async def serve(config: Config) -> None:
     tc = config.tier
     check_tier_config(tc)
     torch.set_num_threads(1)  # codec work: one thread beside the event loop, on a shared machine
+    keep_freed_memory()
     redis = connect_redis(config.redis.url)
     metadata = BlockMetadata(redis, config.redis.namespace)
     manager = TierManager(
