@@ -1,6 +1,7 @@
 """KV block codec throughput on one core: encode and decode MB/s of fp16 input bytes per
 codec, against a plain `bytes(tensor.numpy())` copy timed in the same run, plus the
-compression ratio (input bytes / payload bytes) with the lz4 rule applied.
+compression ratio (input bytes / payload bytes) with the lz4 rule applied, and the minor
+page faults per encode/decode call (fresh pages for temporaries; they explain most slow runs).
 
     python benchmark/codec_bench.py [--repeats 200] [--profile] --json OUT
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -50,13 +52,29 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def faults_per_call(fn: Callable[[], object], repeats: int) -> float:
+    """Minor page faults per call: fresh pages for big temporaries (glibc hands freed ones back
+    to the OS past its trim threshold) can cost as much as the codec maths."""
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(repeats):
+        fn()
+    return round((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats, 1)
+
+
 def bench_block(kv: torch.Tensor, repeats: int) -> dict[str, Any]:
     nbytes = kv.numel() * kv.element_size()
 
     def mb_s(fn: Callable[[], object]) -> float:
         return round(nbytes / median_seconds(fn, repeats) / 1e6, 1)
 
-    result: dict[str, Any] = {"input_bytes": nbytes, "codec_mb_s": {}, "ratio": {}, "lz4_kept": {}}
+    result: dict[str, Any] = {
+        "input_bytes": nbytes,
+        "codec_mb_s": {},
+        "ratio": {},
+        "lz4_kept": {},
+        "page_faults_per_call": {},
+    }
     result["memcpy_mb_s"] = mb_s(lambda: bytes(kv.numpy()))
     for codec in CodecName:
         raw = encode_block(kv, codec, use_lz4=False)
@@ -66,6 +84,10 @@ def bench_block(kv: torch.Tensor, repeats: int) -> dict[str, Any]:
             "decode": mb_s(partial(decode_block, raw)),
             "encode+lz4": mb_s(partial(encode_block, kv, codec)),
         }
+        result["page_faults_per_call"][codec.value] = {
+            "encode": faults_per_call(partial(encode_block, kv, codec, use_lz4=False), repeats),
+            "decode": faults_per_call(partial(decode_block, raw), repeats),
+        }
         result["ratio"][codec.value] = round(nbytes / len(framed.payload), 3)
         result["lz4_kept"][codec.value] = framed.lz4
     return result
@@ -74,11 +96,16 @@ def bench_block(kv: torch.Tensor, repeats: int) -> dict[str, Any]:
 def print_table(name: str, shape: tuple[int, ...], result: dict[str, Any]) -> None:
     print(f"\n{name} block {list(shape)} fp16, {result['input_bytes'] / 1e3:.0f} kB")
     print(f"  memcpy bytes(tensor.numpy()): {result['memcpy_mb_s']:9.0f} MB/s")
-    print(f"  {'codec':6} {'encode MB/s':>12} {'decode MB/s':>12} {'enc+lz4 MB/s':>13} {'ratio':>6} lz4")
+    print(
+        f"  {'codec':6} {'encode MB/s':>12} {'decode MB/s':>12} {'enc+lz4 MB/s':>13} {'ratio':>6} lz4"
+        "   page faults/call enc dec"
+    )
     for codec, speeds in result["codec_mb_s"].items():
+        faults = result["page_faults_per_call"][codec]
         print(
             f"  {codec:6} {speeds['encode']:12.0f} {speeds['decode']:12.0f} {speeds['encode+lz4']:13.0f}"
-            f" {result['ratio'][codec]:6.3f} {'kept' if result['lz4_kept'][codec] else 'raw'}"
+            f" {result['ratio'][codec]:6.3f} {'kept' if result['lz4_kept'][codec] else 'raw ':4}"
+            f" {faults['encode']:20.1f} {faults['decode']:5.1f}"
         )
 
 

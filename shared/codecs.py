@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import lz4.frame
+import numpy as np
 import torch
 
 if sys.byteorder != "little":  # the payload is the in-memory layout
@@ -111,7 +112,8 @@ def encode_block(
     _check_shape(shape)
     sinks = sink_tokens if codec in _QUANTISED else 0
     _check_sinks(codec, sinks, shape[2])
-    parts = [_ENCODERS[codec](kv[layers], sinks) for layers in _layer_slices(shape)]
+    slices = _layer_slices(shape)
+    parts = [_ENCODERS[codec](kv[layers] if len(slices) > 1 else kv, sinks) for layers in slices]
     layout = _layout(codec, shape, sinks)  # layer-major sections: each is its slices' bytes in turn
     raw = b"".join(_buffer(part[name]) for name, _, _ in layout for part in parts if part[name].numel())
     framed = lz4.frame.compress(raw) if use_lz4 else raw
@@ -133,8 +135,12 @@ def decode_block(block: EncodedBlock) -> torch.Tensor:
         sections[name] = _section(buf, dtype, shape, offset)
         offset += sections[name].nbytes
     out = torch.empty(block.shape, dtype=_DTYPES[block.dtype])
-    for layers in _layer_slices(block.shape):
-        _DECODERS[block.codec]({name: t[layers] for name, t in sections.items()}, out[layers])
+    decode, slices = _DECODERS[block.codec], _layer_slices(block.shape)
+    if len(slices) == 1:  # saves slicing every section
+        decode(sections, out)
+    else:
+        for layers in slices:
+            decode({name: t[layers] for name, t in sections.items()}, out[layers])
     return out
 
 
@@ -209,6 +215,11 @@ def _section(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...], offset:
 
 
 # --- kernels: fp32 maths in whole-tensor torch ops ---
+#
+# Speed (one core): each torch call costs about a microsecond of dispatch, and a slice's
+# fp32 temporaries outgrow L2 when several are live, so the kernels make one private fp32
+# copy, work on it in place through views, and keep the calls few; padding and token
+# chunks that are not views fall back to copies.
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -218,9 +229,14 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _fp16_meta(meta: torch.Tensor, what: str) -> torch.Tensor:
-    """`meta` as fp16, or ValueError if fp16 cannot hold it (NaN fails the comparison too)."""
-    if meta.numel() and not bool(meta.abs().amax() <= _F16_MAX):
+def _fp16_meta(meta: torch.Tensor, what: str, *, signed: bool = True) -> torch.Tensor:
+    """`meta` as fp16, or ValueError if fp16 cannot hold it (NaN fails the comparison too).
+
+    `signed=False` promises meta >= 0 or NaN (scales), which saves taking the absolute value.
+    """
+    # numpy's reductions of small arrays dispatch faster than torch's; it has no bfloat16
+    array = (meta if meta.dtype == torch.float32 else meta.float()).numpy()
+    if array.size and not (np.abs(array) if signed else array).max() <= _F16_MAX:
         raise ValueError(f"kv: values must be finite and fit the {what} fp16 scales, mins (<= {_F16_MAX:g})")
     return _cast(meta, torch.float16)
 
@@ -235,7 +251,8 @@ def _scale_up(span: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 def _split_last(x: torch.Tensor) -> torch.Tensor:
-    """[..., D] -> [..., Dg, GROUP]; a partial last group repeats its last channel."""
+    """[..., D] -> [..., Dg, GROUP], a view if D % GROUP == 0; else a copy whose partial last
+    group repeats the last channel."""
     size = x.shape[-1]
     if size % GROUP:
         x = x.index_select(-1, torch.arange(_ceil_div(size, GROUP) * GROUP).clamp_(max=size - 1))
@@ -248,32 +265,43 @@ def _join_last(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _token_groups(keys: torch.Tensor) -> torch.Tensor:
-    """[L, T, H, D] -> [L, G, chunk, H, D]: all T tokens if T <= GROUP, else chunks of GROUP."""
+    """[L, T, H, D] -> [L, G, chunk, H, D]: all T tokens if T <= GROUP, else chunks of GROUP;
+    a view unless the last chunk needs padding (then a copy that repeats the last token)."""
     layers, tokens, heads, dim = keys.shape
     if 0 < tokens <= GROUP:
         return keys.unsqueeze(1)
     padded = _ceil_div(tokens, GROUP) * GROUP
-    if padded != tokens:  # the last chunk repeats the last token
+    if padded != tokens:
         keys = keys.index_select(1, torch.arange(padded).clamp_(max=tokens - 1))
     return keys.reshape(layers, padded // GROUP, GROUP, heads, dim)
 
 
 def _per_token(meta: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Key metadata [L, G, H, D] -> fp32, one row per token (broadcast when G == 1)."""
+    """Key metadata [L, 2, G, H, D] -> fp32, one row per token (broadcast when G == 1)."""
     meta = meta.float()
-    return meta if meta.shape[1] <= 1 else meta.repeat_interleave(GROUP, 1)[:, :tokens]
+    return meta if meta.shape[2] <= 1 else meta.repeat_interleave(GROUP, 2)[:, :, :tokens]
 
 
-def _quant_sym8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes and fp16 scales of x [..., GROUP] (fp32): x ≈ code · scale, |code| <= 127."""
-    magnitude = x.abs()
-    scale = _fp16_meta(_scale_up(magnitude.amax(-1, keepdim=True), 127), "q8")
-    codes = torch.mul(x, scale.float().reciprocal_(), out=magnitude)  # reuses the buffer
-    return codes.round_().to(torch.int8), scale.squeeze(-1)
+def _sink_section(kv: torch.Tensor, sinks: int) -> torch.Tensor:
+    if not sinks:
+        return torch.empty(0, dtype=torch.float16)  # left out of the payload
+    return _fp16_meta(kv[:, :, :sinks], "sink")
 
 
-def _quant_asym4(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes 0..15 (int8) and fp16 [scale, min] per group along `dim` (< 0) of x (fp32, overwritten).
+def _quant_sym8(x: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and fp16 scales of x [..., GROUP] (fp32, overwritten), a copy of `source`
+    (a view of the same values): x ≈ code · scale, |code| <= 127.
+
+    abs_ and a second copy from `source` beat keeping a second fp32 buffer for |x|.
+    """
+    scale = _fp16_meta(_scale_up(x.abs_().amax(-1), 127), "q8", signed=False)
+    x.copy_(source).mul_(scale.float().reciprocal_().unsqueeze_(-1))
+    return x.round_().to(torch.int8), scale
+
+
+def _scale_asym4(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """In place: x -> (x - min) / scale per group along `dim` (< 0) of x (fp32); returns the fp16
+    [scale, min] (dim 1) of each group. Rounding and clipping to 0..15 are left to the caller.
 
     x ≈ min + code · scale. The min is rounded to nearest, so a value may sit up to its
     rounding error outside [min, min + 15 · scale] and clip: the |min|·2⁻¹¹ of the bound.
@@ -282,19 +310,27 @@ def _quant_asym4(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]
     span = x.amax(dim, keepdim=True).sub_(low)
     meta = _fp16_meta(torch.stack([_scale_up(span, 15), low], 1), "q4")
     scale, low = meta.float().unbind(1)
-    codes = x.sub_(low).mul_(scale.reciprocal_()).round_().clamp_(0, 15).to(torch.int8)
-    return codes, meta.squeeze(dim)
+    x.sub_(low).mul_(scale.reciprocal_())
+    return meta.squeeze(dim)
 
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:
-    """An even number of codes 0..15 (int8) -> bytes, two per byte, the first in the low nibble."""
-    pairs = codes.contiguous().view(-1).view(torch.int16)  # first + 256 · second (little-endian)
-    return (pairs | (pairs >> 4)).to(torch.uint8)  # the low byte is first + 16 · second
+    """An even number of codes 0..15 (int8) -> bytes, two per byte, the first in the low nibble.
+
+    In numpy, whose integer ops and narrowing casts are about twice as fast as torch's here.
+    """
+    pairs = codes.contiguous().view(-1).numpy().view(np.uint16)  # first + 256 · second (little-endian)
+    packed = pairs >> 4
+    packed |= pairs  # the low byte is first + 16 · second
+    return torch.from_numpy(packed.astype(np.uint8))
 
 
 def _unpack4(packed: torch.Tensor) -> torch.Tensor:
-    wide = packed.to(torch.int16)  # first + 16 · second
-    return ((wide | (wide << 4)) & 0x0F0F).view(torch.uint8)  # first + 256 · second
+    """Bytes -> codes (uint8), two per byte, the low nibble first (numpy, as `_pack4`)."""
+    wide = packed.numpy().astype(np.uint16)  # first + 16 · second
+    wide |= wide << 4
+    wide &= 0x0F0F  # first + 256 · second
+    return torch.from_numpy(wide.view(np.uint8))
 
 
 def _encode_cast(dtype: torch.dtype) -> _Encoder:
@@ -302,22 +338,23 @@ def _encode_cast(dtype: torch.dtype) -> _Encoder:
 
 
 def _encode_q8(kv: torch.Tensor, sinks: int) -> _Sections:
-    codes, scale = _quant_sym8(_split_last(kv[:, :, sinks:].float()))
-    return {
-        "sink": _fp16_meta(kv[:, :, :sinks], "sink"),
-        "scale": scale,
-        "codes": _join_last(codes, kv.shape[-1]),
-    }
+    rest = _split_last(kv[:, :, sinks:] if sinks else kv)
+    codes, scale = _quant_sym8(torch.empty(rest.shape).copy_(rest), rest)
+    return {"sink": _sink_section(kv, sinks), "scale": scale, "codes": _join_last(codes, kv.shape[-1])}
 
 
 def _encode_q4(kv: torch.Tensor, sinks: int) -> _Sections:
-    # [L, T, H, D], private fp32 copies that the kernels overwrite
-    keys, values = (kv[:, i, sinks:].to(torch.float32, copy=True) for i in (0, 1))
-    k_codes, k_meta = _quant_asym4(_token_groups(keys), -3)
-    v_codes, v_meta = _quant_asym4(_split_last(values), -1)
-    codes = torch.stack([k_codes.flatten(1, 2)[:, : keys.shape[1]], _join_last(v_codes, keys.shape[-1])], 1)
-    sink = _fp16_meta(kv[:, :, :sinks], "sink")
-    return {"sink": sink, "k_meta": k_meta, "v_meta": v_meta, "codes": _pack4(codes)}
+    rest = kv[:, :, sinks:] if sinks else kv
+    x = torch.empty(rest.shape).copy_(rest)  # [L, 2, T, H, D]: a private fp32 copy, scaled in place
+    keys, values = x.unbind(1)
+    k_groups, v_groups = _token_groups(keys), _split_last(values)
+    k_meta, v_meta = _scale_asym4(k_groups, -3), _scale_asym4(v_groups, -1)
+    if k_groups.data_ptr() != keys.data_ptr():  # padded copies: write the scaled values back
+        keys.copy_(k_groups.flatten(1, 2)[:, : keys.shape[1]])
+    if v_groups.data_ptr() != values.data_ptr():
+        values.copy_(_join_last(v_groups, values.shape[-1]))
+    codes = x.round_().clamp_(0, 15).to(torch.int8)
+    return {"sink": _sink_section(kv, sinks), "k_meta": k_meta, "v_meta": v_meta, "codes": _pack4(codes)}
 
 
 def _decode_cast(sections: _Sections, out: torch.Tensor) -> None:
@@ -326,19 +363,33 @@ def _decode_cast(sections: _Sections, out: torch.Tensor) -> None:
 
 def _decode_q8(sections: _Sections, out: torch.Tensor) -> None:
     sinks = _copy_sinks(sections["sink"], out)
-    codes = _split_last(sections["codes"]).float()
-    out[:, :, sinks:] = _join_last(codes.mul_(sections["scale"].float().unsqueeze(-1)), out.shape[-1])
+    rest, dim = (out[:, :, sinks:] if sinks else out), out.shape[-1]
+    scale = sections["scale"].float().unsqueeze_(-1)
+    if dim % GROUP:
+        rest.copy_(_join_last(_split_last(sections["codes"]).float().mul_(scale), dim))
+        return
+    values = rest.copy_(sections["codes"]) if rest.dtype == torch.float32 else sections["codes"].float()
+    _split_last(values).mul_(scale)
+    if values is not rest:
+        rest.copy_(values)
 
 
 def _decode_q4(sections: _Sections, out: torch.Tensor) -> None:
     sinks = _copy_sinks(sections["sink"], out)
     layers, _, tokens, heads, dim = out.shape
-    rest = tokens - sinks
-    codes = _unpack4(sections["codes"]).view(layers, 2, rest, heads, dim).float()
-    k_scale, k_min = (_per_token(meta, rest) for meta in sections["k_meta"].unbind(1))
-    out[:, 0, sinks:] = codes[:, 0].mul_(k_scale).add_(k_min)
-    v_scale, v_min = sections["v_meta"].float().unsqueeze(-1).unbind(1)
-    out[:, 1, sinks:] = _join_last(_split_last(codes[:, 1]).mul_(v_scale).add_(v_min), dim)
+    rest_tokens, rest = tokens - sinks, (out[:, :, sinks:] if sinks else out)
+    codes = _unpack4(sections["codes"]).view(layers, 2, rest_tokens, heads, dim)
+    values = rest.copy_(codes) if rest.dtype == torch.float32 else codes.float()  # scaled in place
+    keys, vals = values.unbind(1)
+    k_scale, k_min = _per_token(sections["k_meta"], rest_tokens).unbind(1)
+    keys.mul_(k_scale).add_(k_min)
+    v_scale, v_min = sections["v_meta"].float().unsqueeze_(-1).unbind(1)
+    if dim % GROUP:
+        vals.copy_(_join_last(_split_last(vals).mul_(v_scale).add_(v_min), dim))
+    else:
+        _split_last(vals).mul_(v_scale).add_(v_min)
+    if values is not rest:
+        rest.copy_(values)
 
 
 def _copy_sinks(sink: torch.Tensor, out: torch.Tensor) -> int:

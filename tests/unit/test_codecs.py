@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import lz4.frame
@@ -255,6 +256,34 @@ def test_q4_payload_layout() -> None:
     out = decode_block(block)
     assert torch.equal(out[:, 1], kv[:, 1])
     assert torch.allclose(out[:, 0], kv[:, 0], rtol=2**-9)  # code i decodes to i · (scale just above 1)
+
+
+def _hash_block(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Deterministic values in [-8, 28) built with integer maths only (no RNG, no libm)."""
+    n = torch.arange(torch.Size(shape).numel(), dtype=torch.int64)
+    kv = ((n * 2654435761) % 65536).float().div_(4096).sub_(8).view(shape)
+    kv[..., 3] += 20.0
+    return kv.to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("codec", "shape", "dtype", "sinks", "digest"),
+    [
+        (CodecName.Q8, (2, 2, 16, 3, 64), torch.float16, 0, "205d48fede780540"),
+        (CodecName.Q4, (2, 2, 16, 3, 64), torch.float16, 0, "b6d900d2debbb7b4"),
+        (CodecName.Q8, (2, 2, 16, 3, 64), torch.bfloat16, 4, "dce51134a1f9e190"),
+        (CodecName.Q4, (2, 2, 16, 3, 64), torch.bfloat16, 4, "ccd7c22be94f8bf5"),
+        (CodecName.Q8, (1, 2, 40, 2, 48), torch.float32, 3, "c027dde5d44fab07"),
+        (CodecName.Q4, (1, 2, 40, 2, 48), torch.float32, 3, "6e390936937c2415"),
+    ],
+)
+def test_payload_bytes_are_pinned(
+    codec: CodecName, shape: tuple[int, ...], dtype: torch.dtype, sinks: int, digest: str
+) -> None:
+    """Stored blocks outlive the code: faster kernels must write exactly the same bytes
+    (these digests come from the first, plain implementation)."""
+    block = encode_block(_hash_block(shape, dtype), codec, sink_tokens=sinks, use_lz4=False)
+    assert hashlib.sha256(block.payload).hexdigest()[:16] == digest
 
 
 def test_lz4_is_kept_only_when_it_saves_a_sixty_fourth() -> None:
