@@ -14,10 +14,11 @@ import redis
 import torch
 import yaml
 
-from wicore.hashing import BlockHash, payload_checksum
+from wicore.hashing import BlockHash
 from wicore.kvblock import KvPayload, decode_kv, encode_kv
 from wicore.server import wait_for_serving
-from wicore.tier.convert import CODEC_FROM_PROTO, CODEC_TO_PROTO
+from wicore.tier_wire import block_chunks as wire_chunks
+from wicore.tier_wire import read_blocks
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
 MiB = 1 << 20
@@ -108,24 +109,10 @@ def delete_namespace(client: redis.Redis, namespace: str) -> None:
 def block_chunks(
     block_hash: str, block: KvPayload, chunk: int = CHUNK, checksum: str | None = None
 ) -> list[tier_pb2.BlockChunk]:
-    header = tier_pb2.BlockHeader(
-        block_hash=block_hash,
-        codec=CODEC_TO_PROTO[block.codec],
-        dtype=block.dtype,
-        shape=block.shape,
-        payload_bytes=block.nbytes,
-        checksum=checksum if checksum is not None else block.checksum,
-        lz4=block.lz4,
-        sink_tokens=block.sink_tokens,
-    )
-    chunks = []
-    for offset in range(0, block.nbytes, chunk):
-        msg = tier_pb2.BlockChunk(
-            block_hash=block_hash, offset=offset, data=block.payload[offset : offset + chunk]
-        )
-        if offset == 0:
-            msg.header.CopyFrom(header)
-        chunks.append(msg)
+    """The block's PutBlocks chunks; `checksum` replaces the header's (to send a wrong one)."""
+    chunks = list(wire_chunks(block_hash, block, chunk))
+    if checksum is not None:
+        chunks[0].header.checksum = checksum
     return chunks
 
 
@@ -135,26 +122,9 @@ async def put(stub: tier_pb2_grpc.TierStub, *hashes: str) -> tier_pb2.PutBlocksR
 
 
 async def get(stub: tier_pb2_grpc.TierStub, hashes: list[str]) -> dict[str, tuple[KvPayload, int]]:
-    """Reassembles the streamed blocks, checking the chunk protocol on the way: hash -> (block, tier)."""
-    out: dict[str, bytearray] = {}
-    headers: dict[str, tier_pb2.BlockHeader] = {}
-    async for chunk in stub.GetBlocks(tier_pb2.GetBlocksRequest(block_hashes=hashes), timeout=30):
-        if chunk.HasField("header"):
-            assert chunk.offset == 0 and chunk.block_hash not in out
-            headers[chunk.block_hash] = chunk.header
-            out[chunk.block_hash] = bytearray()
-        else:
-            assert 0 < len(chunk.data) <= CHUNK
-        assert chunk.offset == len(out[chunk.block_hash])
-        out[chunk.block_hash] += chunk.data
-    blocks: dict[str, tuple[KvPayload, int]] = {}
-    for block_hash, data in out.items():
-        hd = headers[block_hash]
-        assert len(data) == hd.payload_bytes and payload_checksum(data) == hd.checksum
-        block = KvPayload(CODEC_FROM_PROTO[hd.codec], hd.lz4, hd.dtype, tuple(hd.shape), hd.sink_tokens,
-                          bytes(data), hd.checksum)  # fmt: skip
-        blocks[block_hash] = (block, hd.source_tier)
-    return blocks
+    """The streamed blocks, reassembled and checked (chunk protocol, checksums): hash -> (block, tier)."""
+    stream = stub.GetBlocks(tier_pb2.GetBlocksRequest(block_hashes=hashes), timeout=30)
+    return {block_hash: (block, tier) async for block_hash, block, tier in read_blocks(stream)}
 
 
 def assert_q4_close(block: KvPayload, want: torch.Tensor) -> None:

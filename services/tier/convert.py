@@ -24,16 +24,9 @@ from wicore.hashing import BlockHash, payload_checksum, validate_block_hash
 from wicore.kvblock import DTYPES, RAW, KvPayload
 from wicore.tier.manager import ManagerStats, Observation
 from wicore.tier.store import StorageTier, TierStats
+from wicore.tier_wire import CODEC_FROM_PROTO, CODEC_TO_PROTO, block_chunks
 from wicore.v1 import tier_pb2
 
-CODEC_FROM_PROTO = {
-    tier_pb2.CODEC_RAW: RAW,
-    tier_pb2.CODEC_FP16: "fp16",
-    tier_pb2.CODEC_BF16: "bf16",
-    tier_pb2.CODEC_Q8: "q8",
-    tier_pb2.CODEC_Q4: "q4",
-}
-CODEC_TO_PROTO = {codec: proto for proto, codec in CODEC_FROM_PROTO.items()}
 TIER_TO_PROTO = {StorageTier.CPU: tier_pb2.STORAGE_TIER_CPU, StorageTier.NVME: tier_pb2.STORAGE_TIER_NVME}
 KV_DIMS = 5  # [layers, 2, tokens, kv_heads, head_dim]
 
@@ -145,25 +138,7 @@ def block_to_chunks(
     block_hash: BlockHash, block: KvPayload, tier: StorageTier, chunk_bytes: int
 ) -> Iterator[tier_pb2.BlockChunk]:
     """One block as ordered chunks of at most `chunk_bytes`; the first carries the header."""
-    header = tier_pb2.BlockHeader(
-        block_hash=block_hash,
-        codec=CODEC_TO_PROTO[block.codec],
-        dtype=block.dtype,
-        shape=block.shape,
-        payload_bytes=block.nbytes,
-        checksum=block.checksum,
-        lz4=block.lz4,
-        sink_tokens=block.sink_tokens,
-        source_tier=TIER_TO_PROTO[tier],
-    )
-    payload = block.payload
-    for offset in range(0, len(payload), chunk_bytes):
-        chunk = tier_pb2.BlockChunk(
-            block_hash=block_hash, offset=offset, data=payload[offset : offset + chunk_bytes]
-        )
-        if offset == 0:
-            chunk.header.CopyFrom(header)
-        yield chunk
+    return block_chunks(block_hash, block, chunk_bytes, TIER_TO_PROTO[tier])
 
 
 def hashes_from_proto(values: Sequence[str], field_name: str, limit: int) -> list[BlockHash]:
