@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,3 +79,23 @@ def write_json(path: str | None, data: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=2) + "\n")
         print(f"wrote {path}", file=sys.stderr)
+
+
+def start_up(model_dir: Path, state: Path, port: int, settings: dict[str, Any], *flags: str):  # type: ignore[no-untyped-def]
+    """`wicore up` on `port` with `--set` settings, its log in state/up.log; waits until
+    the gateway serves. Returns the process and the gateway's address."""
+    from wicore.server import wait_for_serving
+
+    cmd = [sys.executable, "-m", "wicore", "up", "--model", str(model_dir), "--port", str(port)]
+    cmd += ["--state-dir", str(state), *flags]
+    for key, value in settings.items():
+        cmd += ["--set", f"{key}={value}"]
+    with open(state / "up.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    address = f"127.0.0.1:{port}"
+    if not asyncio.run(wait_for_serving(address, timeout_s=300)):
+        proc.terminate()
+        proc.wait(timeout=60)
+        tail = (state / "up.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"the stack did not start; the end of its log:\n{tail}")
+    return proc, address

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ModeResult, make_prompts, percentile, report, resolve_model_dir, write_json
+from common import ModeResult, make_prompts, percentile, report, resolve_model_dir, start_up, write_json
 
 MODES = ("wicore_engine", "wicore_stack", "hf_sequential", "hf_static_batch", "hf_generate_batch")
 
@@ -152,29 +152,18 @@ def run_soak(engine: Any, tokenizer: Any, total: int, wave: int) -> dict[str, An
 
 
 def start_stack(
-    model_dir: Path, state: Path, args: argparse.Namespace
+    model_dir: Path, state: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """`wicore up` on free ports; `extra` settings are added last (they win)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from wicore.server import wait_for_serving
-
     from stack import free_port
 
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "wicore", "up", "--model", str(model_dir), "--port", str(port),
-        "--state-dir", str(state),
-        "--set", f"scheduler.port={free_port()}", "--set", f"tier.port={free_port()}",
-        "--set", f"worker.port={free_port()}", "--set", f"worker.block_size={args.block_size}",
-        "--set", f"worker.max_num_batched_tokens={args.max_batched_tokens}",
-        "--set", f"redis.namespace=bench-{os.getpid()}",
-    ]  # fmt: skip
-    with open(state / "up.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    address = f"127.0.0.1:{port}"
-    if not asyncio.run(wait_for_serving(address, timeout_s=300)):
-        proc.terminate()
-        raise RuntimeError(f"the stack did not start; see {state / 'up.log'}")
-    return proc, address
+    settings = {
+        "scheduler.port": free_port(), "tier.port": free_port(), "worker.port": free_port(),
+        "worker.block_size": args.block_size, "worker.max_num_batched_tokens": args.max_batched_tokens,
+        "redis.namespace": f"bench-{os.getpid()}",
+    }  # fmt: skip
+    return start_up(model_dir, state, free_port(), settings | (extra or {}))
 
 
 async def run_stack_once(address: str, prompts: list[str], new: int) -> ModeResult:

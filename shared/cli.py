@@ -47,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(up)
     up.add_argument("--port", type=int, help="public API port (default 50051)")
     up.add_argument("--model", help="'smollm2' (default) or a local Hugging Face model directory")
-    up.add_argument("--device", help="worker devices, comma-separated: cpu, gpu:0, ... (default cpu)")
-    up.add_argument("--workers", type=int, default=1, help="number of worker processes (default 1)")
+    up.add_argument(
+        "--device",
+        help="worker devices, taken in turn: cpu, gpu:0, ... or auto (every GPU plus one CPU worker)",
+    )
+    up.add_argument(
+        "--workers", type=int, default=1, help="number of worker processes (default 1), e.g. --workers 3"
+    )
 
     for name in SERVICES:
         svc = sub.add_parser(name, help=f"run the {name} service")

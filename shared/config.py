@@ -77,6 +77,19 @@ class SchedulerConfig:
     port: int = 50052
     heartbeat_interval_s: float = 1.0
     worker_timeout_s: float = 5.0  # a worker silent this long is dropped
+    routing_policy: str = "mor"  # "mor" (cost model), "round_robin" or "least_loaded"
+    max_queue_size: int = 1024  # requests waiting in the scheduler; more get RESOURCE_EXHAUSTED
+    max_batch_size: int = 0  # requests in flight per worker; 0: the worker's own max_batch_size
+    max_wait_time_s: float = 0.0  # hold a partial batch for an idle worker this long (0: never)
+    aging_interval_s: float = 10.0  # a queued request gains one priority level per interval waited
+    max_imbalance: int = 4  # a worker never gets more than this many requests above the least loaded
+    prefix_weight: float = 1.0  # MoR: weight of the prefill left to compute (see router.py)
+    queue_weight: float = 1.0  # MoR: weight of the worker's occupancy
+    prefill_scale_tokens: int = 512  # MoR: uncomputed prompt tokens that count as a full prefill term
+    tier_cpu_cost: float = 0.2  # MoR: loading a block from the CPU tier, as a fraction of recomputing it
+    tier_nvme_cost: float = 0.5  # MoR: the same from NVMe
+    attention_scale_tokens: int = 512  # MoR: prompt + max tokens at which a request counts as heaviest
+    redis_timeout_s: float = 0.2  # residency lookups give up after this (routing then ignores prefixes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +106,11 @@ class WorkerConfig:
     kv_cache_bytes: int = 1 * GiB  # KV pool on CPU; on a GPU gpu_config.memory_limit_per_gpu
     max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
     cpu_kernels: str = "onednn"  # "onednn" (faster; not bit-identical to generate()) or "default"
+    num_threads: int = 0  # torch threads on CPU; 0: torch's default (`wicore up` splits the cores)
+    kv_offload: bool = True  # spill reclaimed prefix blocks to the tier service and load them back
+    offload_codec: str = "raw"  # how blocks travel to the tier (it stores them in its tiers' codecs)
+    max_pending_offload_blocks: int = 256  # host copies waiting for the tier; past this, spills are dropped
+    attention_sample_every: int = 8  # measure block attention for A²CR every n-th engine step (0: never)
 
 
 @dataclass(frozen=True, slots=True)

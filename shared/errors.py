@@ -50,6 +50,12 @@ class WorkerUnavailable(WicoreError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(WicoreError):
+    """The client's deadline passed before the work could be done (e.g. still queued)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class NotReady(WicoreError):
     """The service is up but cannot serve yet (model not loaded, shutting down)."""
 

@@ -3,7 +3,8 @@
     redis (configured, or private)  ─┐
     tier :50053                      │  started in this order, each waited on
     scheduler :50052                 │  until grpc.health says SERVING
-    worker :50060 (+i for worker i)  │
+    worker :50060 (+i for worker i)  │  devices cycle over --device; "auto": each GPU, plus a CPU worker
+                                     │  CPU workers split the cores (worker.num_threads) when several
     gateway :50051 (public)         ─┘  stopped in the reverse order
 
 Children get the resolved config as a file in the state directory. A child
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -85,12 +87,35 @@ def _stop(children: list[Child]) -> None:
             child.proc.wait()
 
 
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def device_list(spec: str, gpu_count: int) -> list[str]:
+    """`cpu,gpu:0,...` as given; `auto`: every GPU and one CPU worker beside them, or CPU alone."""
+    if spec.strip() == "auto":
+        return [f"gpu:{i}" for i in range(gpu_count)] + ["cpu"]
+    return [d.strip() for d in spec.split(",") if d.strip()]
+
+
+def plan_workers(devices: list[str], workers: int, cpus: int, num_threads: int) -> list[tuple[str, int]]:
+    """(device, torch threads) per worker: devices taken in turn; several CPU workers share
+    the cores evenly (at least one thread each) unless worker.num_threads is set."""
+    chosen = [devices[i % len(devices)] for i in range(workers)]
+    on_cpu = chosen.count("cpu")
+    threads = num_threads or (max(1, cpus // on_cpu) if on_cpu > 1 else 0)
+    return [(d, threads if d == "cpu" else num_threads) for d in chosen]
+
+
 def prepare(config: Config, devices: str | None) -> tuple[Config, list[str]]:
     """Resolves the model (converting the default once) and the device list."""
     source = resolve_model(config.worker.model, config.cache_path, config.worker.model_id)
     worker = dataclasses.replace(config.worker, model=str(source.path), model_id=source.model_id)
-    device_list = [d.strip() for d in (devices or config.worker.device).split(",") if d.strip()]
-    return dataclasses.replace(config, worker=worker), device_list
+    spec = devices or config.worker.device
+    gpus = _gpu_count() if spec.strip() == "auto" else 0
+    return dataclasses.replace(config, worker=worker), device_list(spec, gpus)
 
 
 def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
@@ -109,7 +134,7 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        config, device_list = prepare(config, devices)
+        config, device_names = prepare(config, devices)
         if not redis_answers(config.redis.url):
             _say(f"no Redis answers at {config.redis.url}; starting a private one in {state}")
             proc, url = start_private_redis(state)
@@ -122,10 +147,13 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
             ("tier", ["tier", *base], f"{config.tier.host}:{config.tier.port}"),
             ("scheduler", ["scheduler", *base], f"{config.scheduler.host}:{config.scheduler.port}"),
         ]
-        for i in range(workers):
+        cpus = len(os.sched_getaffinity(0))
+        assigned = plan_workers(device_names, workers, cpus, config.worker.num_threads)
+        for i, (device, threads) in enumerate(assigned):
             port = config.worker.port + i
-            device = device_list[i % len(device_list)]
             args = ["worker", *base, "--port", str(port), "--device", device]
+            if threads:
+                args += ["--set", f"worker.num_threads={threads}"]
             plan.append((f"worker-{i}", args, f"{config.worker.host}:{port}"))
         plan.append(("gateway", ["gateway", *base], f"{config.gateway.host}:{config.gateway.port}"))
         for name, args, address in plan:

@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 
 def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
@@ -23,6 +26,14 @@ def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
             client.close()
     except (redis.RedisError, OSError, ValueError):
         return False
+
+
+def fast_failing_client(url: str, timeout_s: float) -> aioredis.Redis:
+    """An asyncio client that gives up quickly (no retries, short timeouts), for callers
+    that treat Redis as advisory: a dead server must never stall a request."""
+    return aioredis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
 
 
 def find_redis_server() -> str | None:

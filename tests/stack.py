@@ -51,6 +51,29 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process pid holds a listening TCP socket on port (from /proc)."""
+    try:
+        inodes = {
+            os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+            for fd in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        }
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A" and fields[9] in inodes:
+                return True
+    return False
+
+
+def pid_listening_on(root: int, port: int) -> int:
+    """The descendant of `root` that listens on `port` (a service of a stack)."""
+    return next(p for p in child_pids(root) if listens_on(p, port))
+
+
 @dataclass
 class Stack:
     proc: subprocess.Popen[bytes]

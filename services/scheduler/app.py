@@ -1,4 +1,4 @@
-"""Scheduler process: the worker registry and request placement."""
+"""Scheduler process: the worker registry, the request queue and placement."""
 
 from __future__ import annotations
 
@@ -6,16 +6,36 @@ import asyncio
 import contextlib
 
 from wicore.config import Config
+from wicore.scheduler.batcher import BatchOptimizer
+from wicore.scheduler.dispatcher import Dispatcher
+from wicore.scheduler.hints import PlacementHints
+from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerRegistry
+from wicore.scheduler.request_queue import RequestQueue
+from wicore.scheduler.router import make_router
 from wicore.scheduler.servicer import SchedulerServicer
 from wicore.server import ServiceServer
 from wicore.v1 import scheduler_pb2_grpc
 
+# Placement hints live until the worker's own residency report has surely landed in Redis.
+HINT_HEARTBEATS = 3
+
+
+def build_servicer(config: Config) -> SchedulerServicer:
+    """Every part of the scheduler, wired from the config (ConfigError names a bad setting)."""
+    sc = config.scheduler
+    registry = WorkerRegistry(sc.worker_timeout_s)
+    hints = PlacementHints(ttl_s=HINT_HEARTBEATS * sc.heartbeat_interval_s)
+    batcher = BatchOptimizer(sc, make_router(sc), hints, orphan_timeout_s=sc.worker_timeout_s)
+    queue = RequestQueue(sc.max_queue_size, sc.aging_interval_s, registry.clock)
+    prefixes = PrefixIndex(config.redis.url, config.redis.namespace, sc.redis_timeout_s)
+    return SchedulerServicer(sc, registry, Dispatcher(registry, queue, batcher), prefixes, hints)
+
 
 async def serve(config: Config) -> None:
     sc = config.scheduler
+    servicer = build_servicer(config)
     server = ServiceServer("scheduler", sc.host, sc.port, config.shutdown_grace_s)
-    servicer = SchedulerServicer(WorkerRegistry(sc.worker_timeout_s), sc.heartbeat_interval_s)
     server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, "wicore.v1.Scheduler")
     await server.start()
     await server.set_serving(True)
@@ -27,3 +47,4 @@ async def serve(config: Config) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await expiry
         await servicer.channels.close_all()
+        await servicer.prefixes.close()

@@ -1,9 +1,12 @@
 """The scheduler's worker registry: pure state over dataclasses, clock injected.
 
-A worker is live from RegisterWorker until it deregisters or stays silent for
-`timeout_s` (no heartbeat). `pick` chooses, among live workers serving the
-model, the one with the fewest requests in flight (ties: least recently picked,
-so equal workers take turns).
+A worker is live from RegisterWorker until it deregisters, stays silent for
+`timeout_s` (no heartbeat) or a call to it breaks (`remove`). Each worker's
+`inflight` and `reserved_blocks` count the requests this scheduler placed on it
+and the KV blocks they may take (`place` / `release`); they are exact at every
+moment, unlike the heartbeat's `load`, which lags by up to one interval.
+`pick` (for Tokenize) chooses the live worker with the fewest requests in
+flight; request placement is the batcher's and the router's job.
 """
 
 from __future__ import annotations
@@ -32,11 +35,29 @@ class WorkerInfo:
     total_blocks: int = 0
     block_size: int = 0
     max_batch_size: int = 0
+    fingerprint: str = ""  # root of its block hashes
+    tokenizer_path: str = ""
+    default_max_tokens: int = 256
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_seen: float = 0.0
     registered_at: float = 0.0
     inflight: int = 0  # requests this scheduler has placed and not seen finish
+    reserved_blocks: int = 0  # KV blocks those requests may take (estimated at placement)
+    dispatched: int = 0  # requests placed on it since it registered
     last_picked: float = 0.0
+    epoch: int = 0  # which registration this is: a dropped worker that comes back gets a new one
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.startswith("gpu")
+
+    @property
+    def kv_utilisation(self) -> float:
+        """The larger of what the scheduler reserved and what the worker last reported in use."""
+        if self.total_blocks <= 0:
+            return 0.0
+        reported = 1.0 - min(self.load.free_blocks, self.total_blocks) / self.total_blocks
+        return min(1.0, max(self.reserved_blocks / self.total_blocks, reported))
 
 
 class WorkerRegistry:
@@ -45,14 +66,21 @@ class WorkerRegistry:
         self.clock = clock
         self.workers: dict[str, WorkerInfo] = {}
         self.models_seen: set[str] = set()
+        self._epochs = 0
 
     def register(self, info: WorkerInfo) -> None:
         now = self.clock()
         info.last_seen = now
         info.registered_at = now
         previous = self.workers.get(info.worker_id)
-        if previous is not None:
+        if previous is not None:  # registered again while its requests still run
             info.inflight = previous.inflight
+            info.reserved_blocks = previous.reserved_blocks
+            info.dispatched = previous.dispatched
+            info.epoch = previous.epoch
+        else:
+            self._epochs += 1
+            info.epoch = self._epochs
         self.workers[info.worker_id] = info
         self.models_seen.add(info.model)
 
@@ -67,6 +95,20 @@ class WorkerRegistry:
 
     def remove(self, worker_id: str) -> WorkerInfo | None:
         return self.workers.pop(worker_id, None)
+
+    def place(self, worker: WorkerInfo, blocks: int) -> None:
+        """Counts a request placed on `worker` that may take `blocks` KV blocks."""
+        worker.inflight += 1
+        worker.reserved_blocks += blocks
+        worker.dispatched += 1
+        worker.last_picked = self.clock()
+
+    def release(self, worker_id: str, epoch: int, blocks: int) -> None:
+        """A placed request ended; a no-op if that registration of the worker was dropped."""
+        worker = self.workers.get(worker_id)
+        if worker is not None and worker.epoch == epoch:
+            worker.inflight = max(0, worker.inflight - 1)
+            worker.reserved_blocks = max(0, worker.reserved_blocks - blocks)
 
     def expire(self) -> list[WorkerInfo]:
         """Drops workers silent for longer than timeout_s; returns them."""
@@ -84,8 +126,8 @@ class WorkerRegistry:
     def serving(self, model: str) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.model == model]
 
-    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> WorkerInfo:
-        """The live worker to run a request for `model` ("" = the default model)."""
+    def resolve(self, model: str, exclude: frozenset[str] = frozenset()) -> list[WorkerInfo]:
+        """The live workers serving `model` ("" = the default model), or the error saying why none."""
         if not self.workers:
             raise WorkerUnavailable("no worker is registered with the scheduler; is a worker running?")
         model = model or self.default_model()
@@ -95,6 +137,11 @@ class WorkerRegistry:
                 raise WorkerUnavailable(f"no live worker serves model {model!r} right now")
             served = sorted({w.model for w in self.workers.values()})
             raise ModelNotFound(f"model: {model!r} is not served here (served: {served})")
+        return candidates
+
+    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> WorkerInfo:
+        """The live worker with the fewest requests in flight (for Tokenize)."""
+        candidates = self.resolve(model, exclude)
         chosen = min(candidates, key=lambda w: (w.inflight, w.load.running + w.load.waiting, w.last_picked))
         chosen.last_picked = self.clock()
         return chosen

@@ -1,7 +1,13 @@
-"""The scheduler's gRPC surface: worker registry RPCs, and requests placed on a
-live worker whose stream is relayed back. A request whose worker fails before
-producing any token is placed on another worker (at most `MAX_ATTEMPTS` times);
-one that had produced tokens fails with UNAVAILABLE."""
+"""The scheduler's gRPC surface: worker registry RPCs, and requests queued,
+placed on a worker and relayed back.
+
+Worker failure: a call to a worker that breaks (UNAVAILABLE: the process died,
+the connection reset) or a worker dropped for missed heartbeats (its calls are
+cancelled) removes that worker from the registry at once. A request that had
+not produced a token goes back to the queue, keeping its place, and is placed
+on another worker (at most `MAX_ATTEMPTS` workers in all); one that had streamed
+tokens fails with UNAVAILABLE naming the worker (no replay on another worker).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,20 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import grpc
 
+from wicore.config import SchedulerConfig
 from wicore.errors import WorkerUnavailable
-from wicore.scheduler.registry import WorkerInfo, WorkerLoad, WorkerRegistry
+from wicore.scheduler import convert
+from wicore.scheduler.batcher import Assignment
+from wicore.scheduler.dispatcher import Dispatcher
+from wicore.scheduler.hints import PlacementHints
+from wicore.scheduler.prefix_index import PrefixIndex
+from wicore.scheduler.registry import WorkerInfo, WorkerRegistry
+from wicore.scheduler.router import batch_limit
+from wicore.scheduler.state import QueuedRequest
 from wicore.server import CHANNEL_OPTIONS
 from wicore.v1 import inference_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 
@@ -40,47 +55,72 @@ class Channels:
             await channel.close()
 
 
-def _load(msg: scheduler_pb2.WorkerLoad) -> WorkerLoad:
-    return WorkerLoad(running=msg.running, waiting=msg.waiting, free_blocks=msg.free_blocks)
+@dataclass(eq=False, slots=True)
+class _Call:
+    """A call in flight to a worker; `lost` when the registry dropped that worker."""
+
+    call: grpc.aio.UnaryStreamCall
+    lost: bool = False
+
+
+@dataclass(slots=True)
+class _Calls:
+    by_worker: dict[str, set[_Call]] = field(default_factory=dict)
+
+    def add(self, worker_id: str, call: _Call) -> None:
+        self.by_worker.setdefault(worker_id, set()).add(call)
+
+    def discard(self, worker_id: str, call: _Call) -> None:
+        self.by_worker.get(worker_id, set()).discard(call)
+
+    def cancel_all(self, worker_id: str) -> int:
+        calls = self.by_worker.pop(worker_id, set())
+        for c in calls:
+            c.lost = True
+            c.call.cancel()
+        return len(calls)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, registry: WorkerRegistry, heartbeat_interval_s: float) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        registry: WorkerRegistry,
+        dispatcher: Dispatcher,
+        prefixes: PrefixIndex,
+        hints: PlacementHints,
+    ) -> None:
+        self.config = config
         self.registry = registry
-        self.heartbeat_interval_s = heartbeat_interval_s
+        self.dispatcher = dispatcher
+        self.prefixes = prefixes
+        self.hints = hints
         self.channels = Channels()
+        self.calls = _Calls()
 
     async def RegisterWorker(
         self, request: scheduler_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.RegisterWorkerResponse:
-        self.registry.register(
-            WorkerInfo(
-                worker_id=request.worker_id,
-                address=request.address,
-                device=request.device,
-                model=request.model,
-                max_context=request.max_context,
-                total_blocks=request.total_blocks,
-                block_size=request.block_size,
-                max_batch_size=request.max_batch_size,
-                load=_load(request.load),
-            )
-        )
+        self.registry.register(convert.worker_from_proto(request))
+        if request.tokenizer_path:
+            self.prefixes.preload(request.tokenizer_path)
         log.info("worker %s registered (%s, model %s)", request.worker_id, request.device, request.model)
-        return scheduler_pb2.RegisterWorkerResponse(heartbeat_interval_s=self.heartbeat_interval_s)
+        self.dispatcher.kick()
+        return scheduler_pb2.RegisterWorkerResponse(heartbeat_interval_s=self.config.heartbeat_interval_s)
 
     async def Heartbeat(
         self, request: scheduler_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.HeartbeatResponse:
-        return scheduler_pb2.HeartbeatResponse(
-            known=self.registry.heartbeat(request.worker_id, _load(request.load))
-        )
+        known = self.registry.heartbeat(request.worker_id, convert.load_from_proto(request.load))
+        return scheduler_pb2.HeartbeatResponse(known=known)
 
     async def DeregisterWorker(
         self, request: scheduler_pb2.DeregisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.DeregisterWorkerResponse:
+        # A draining worker finishes its streams: they are not cancelled here.
         info = self.registry.remove(request.worker_id)
         if info is not None:
+            self.hints.forget(info.worker_id)
             log.info("worker %s deregistered", info.worker_id)
         return scheduler_pb2.DeregisterWorkerResponse()
 
@@ -88,29 +128,35 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListWorkersResponse:
         now = self.registry.clock()
-        reply = scheduler_pb2.ListWorkersResponse()
-        for w in self.registry.workers.values():
-            reply.workers.add(
-                worker_id=w.worker_id,
-                address=w.address,
-                device=w.device,
-                model=w.model,
-                load=scheduler_pb2.WorkerLoad(
-                    running=w.load.running, waiting=w.load.waiting, free_blocks=w.load.free_blocks
-                ),
-                inflight=w.inflight,
-                seconds_since_heartbeat=now - w.last_seen,
-            )
-        return reply
+        workers = [
+            convert.worker_status(w, now, batch_limit(w, self.config)) for w in self.registry.workers.values()
+        ]
+        return scheduler_pb2.ListWorkersResponse(
+            workers=workers, queued=len(self.dispatcher.queue), routing_policy=self.config.routing_policy
+        )
+
+    def _drop(self, worker: WorkerInfo, reason: str) -> None:
+        """Removes a worker whose call broke, unless it registered anew since."""
+        current = self.registry.workers.get(worker.worker_id)
+        if current is not None and current.epoch == worker.epoch:
+            self.registry.remove(worker.worker_id)
+            self._forget(worker, reason)
+
+    def _forget(self, worker: WorkerInfo, reason: str) -> None:
+        """A worker left the registry: its calls in flight fail over (see the module docstring)."""
+        self.hints.forget(worker.worker_id)
+        cancelled = self.calls.cancel_all(worker.worker_id)
+        log.warning(
+            "worker %s dropped (%s); %d calls in flight fail over", worker.worker_id, reason, cancelled
+        )
+        self.dispatcher.kick()
 
     async def expire_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
+            await asyncio.sleep(self.config.heartbeat_interval_s)
             for info in self.registry.expire():
-                # Its channel stays open: calls in flight on it end by themselves
-                # (a dead peer resets the connection), and closing it would cancel
-                # streams of a worker that is only slow or draining.
-                log.warning("worker %s missed its heartbeats; dropped", info.worker_id)
+                self._forget(info, "missed its heartbeats")
+            self.dispatcher.kick()
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -130,38 +176,72 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         reply: inference_pb2.TokenizeResponse = await stub.Tokenize(request, timeout=context.time_remaining())
         return reply
 
+    async def _queued(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> QueuedRequest:
+        workers = self.registry.resolve(request.model)  # no worker / unknown model: fail now
+        model = workers[0].model
+        prompt_tokens, prefix = await self.prefixes.describe(request.prompt, request.cache_salt, workers)
+        return convert.queued_request(
+            request,
+            model=model,
+            seq=self.dispatcher.next_seq(),
+            now=self.registry.clock(),
+            time_remaining=context.time_remaining(),
+            prompt_tokens=prompt_tokens,
+            prefix=prefix,
+        )
+
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         request.request_id = request.request_id or uuid.uuid4().hex
-        failed: set[str] = set()
+        queued = await self._queued(request, context)
+        request.model = queued.model
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            worker = self.registry.pick(request.model, frozenset(failed))
-            request.model = worker.model
+            placed = await self.dispatcher.wait_for_worker(queued, requeue=attempt > 1)
             produced = False
-            call = self.channels.stub(worker.address).Generate(request, timeout=context.time_remaining())
-            worker.inflight += 1
             try:
-                async for msg in call:
+                async for msg in self._relay(request, placed, context):
                     produced = True
                     yield msg
                 return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                log.warning(
-                    "worker %s failed request %s: %s", worker.worker_id, request.request_id, exc.details()
-                )
+            except WorkerUnavailable as exc:
                 if produced:
                     raise WorkerUnavailable(
-                        f"worker {worker.worker_id} failed while streaming request {request.request_id}: "
-                        f"{exc.details()}"
+                        f"worker {placed.worker.worker_id} failed while streaming request "
+                        f"{request.request_id}: {exc}"
                     ) from None
-                failed.add(worker.worker_id)
                 if attempt == MAX_ATTEMPTS:
                     raise WorkerUnavailable(
-                        f"request {request.request_id} failed on {attempt} workers; last: {exc.details()}"
+                        f"request {request.request_id} failed on {attempt} workers; last: {exc}"
                     ) from None
-            finally:
-                worker.inflight -= 1
-                call.cancel()
+                queued.exclude |= {placed.worker.worker_id}
+                log.warning("request %s goes back to the queue: %s", request.request_id, exc)
+
+    async def _relay(
+        self, request: inference_pb2.GenerateRequest, placed: Assignment, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        """The worker's stream; a broken worker raises WorkerUnavailable (and is dropped)."""
+        worker = placed.worker
+        call = _Call(self.channels.stub(worker.address).Generate(request, timeout=context.time_remaining()))
+        self.calls.add(worker.worker_id, call)
+        try:
+            async for msg in call.call:
+                yield msg
+        except grpc.aio.AioRpcError as exc:
+            if call.lost:  # cancelled by _forget: CANCELLED here means the worker is gone
+                raise WorkerUnavailable("the worker was dropped from the registry") from None
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            self._drop(worker, f"its stream broke: {exc.details()}")
+            raise WorkerUnavailable(exc.details() or "worker unreachable") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not call.lost or (task is not None and task.cancelling()):
+                raise
+            raise WorkerUnavailable("the worker was dropped from the registry") from None
+        finally:
+            self.calls.discard(worker.worker_id, call)
+            call.call.cancel()
+            self.dispatcher.finished(placed)

@@ -1,5 +1,6 @@
 """Worker process: load the model, serve `wicore.v1.Worker`, register with the
-scheduler and keep heartbeating until SIGTERM."""
+scheduler and keep heartbeating (publishing its prefix cache to Redis for
+routing at each beat) until SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from wicore.config import Config, GiB
 from wicore.errors import ConfigError
+from wicore.kvblock import check_codec
 from wicore.server import CHANNEL_OPTIONS, ServiceServer
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
@@ -21,9 +23,12 @@ from wicore.worker.convert import ModelDefaults
 from wicore.worker.cpu_kernels import KERNELS, use_onednn_linears
 from wicore.worker.model_files import fingerprint, resolve_model
 from wicore.worker.model_runner import check_supported, kv_layout
+from wicore.worker.offload import KvOffloader
 from wicore.worker.paged_attention import KVPool
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
+from wicore.worker.residency import ResidencyPublisher
 from wicore.worker.servicer import WorkerServicer
+from wicore.worker.tier_client import TierClient
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     fingerprint: str
+    path: str  # the model directory (the scheduler loads the tokenizer from it)
 
 
 def load_model(config: Config) -> LoadedModel:
@@ -45,6 +51,10 @@ def load_model(config: Config) -> LoadedModel:
     if wc.dtype not in DTYPES:
         raise ConfigError(f"worker.dtype: {wc.dtype!r} is not one of {sorted(DTYPES)}")
     source = resolve_model(wc.model, config.cache_path, wc.model_id)
+    if wc.num_threads < 0:
+        raise ConfigError(f"worker.num_threads: must be >= 0 (0: torch's default), got {wc.num_threads}")
+    if wc.num_threads and wc.device == "cpu":
+        torch.set_num_threads(wc.num_threads)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[wc.dtype])
@@ -55,7 +65,7 @@ def load_model(config: Config) -> LoadedModel:
     if wc.cpu_kernels == "onednn" and wc.device == "cpu" and model.dtype == torch.float32:
         use_onednn_linears(model)
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
-    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, wc.dtype))
+    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, wc.dtype), str(source.path))
 
 
 def engine_config(config: Config, model: Any) -> EngineConfig:
@@ -72,6 +82,7 @@ def engine_config(config: Config, model: Any) -> EngineConfig:
         block_size=wc.block_size,
         max_running=wc.max_batch_size,
         max_num_batched_tokens=wc.max_num_batched_tokens,
+        attention_sample_every=wc.attention_sample_every,
     )
 
 
@@ -92,6 +103,12 @@ class Registration:
         self.request = request
         self.engine = engine
         self.interval = config.scheduler.heartbeat_interval_s
+        self.residency = ResidencyPublisher(
+            config.redis.url,
+            config.redis.namespace,
+            request.worker_id,
+            ttl_s=max(10.0, 3 * config.scheduler.worker_timeout_s),
+        )
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -108,6 +125,7 @@ class Registration:
         async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             while True:
+                await self._publish_residency()
                 try:
                     if not registered:
                         self.request.load.CopyFrom(self._load())
@@ -126,9 +144,18 @@ class Registration:
                     registered = False
                 await asyncio.sleep(self.interval)
 
+    async def _publish_residency(self) -> None:
+        try:
+            hashes = await asyncio.wait_for(self.engine.resident_hashes(), timeout=self.interval + 1.0)
+        except TimeoutError:  # the engine thread is stuck or gone: nothing to advertise
+            return
+        await self.residency.publish(hashes)
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        await self.residency.clear()
+        await self.residency.close()
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             try:
@@ -137,6 +164,22 @@ class Registration:
                 )
             except grpc.aio.AioRpcError as exc:
                 log.warning("could not deregister: %s", exc.code().name)
+
+
+def make_offloader(config: Config) -> KvOffloader | None:
+    wc = config.worker
+    if not wc.kv_offload:
+        return None
+    try:
+        check_codec(wc.offload_codec, "worker.offload_codec")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if wc.max_pending_offload_blocks < 1:
+        raise ConfigError(
+            f"worker.max_pending_offload_blocks: must be >= 1, got {wc.max_pending_offload_blocks}"
+        )
+    client = TierClient(f"{config.tier.host}:{config.tier.port}")
+    return KvOffloader(client, wc.offload_codec, wc.max_pending_offload_blocks)
 
 
 async def serve(config: Config) -> None:
@@ -152,7 +195,10 @@ async def serve(config: Config) -> None:
         paged.pool.block_size,
         paged.max_sequence_tokens,
     )
-    engine = AsyncEngine(paged, tokenizer)
+    offloader = make_offloader(config)
+    engine = AsyncEngine(paged, tokenizer, offloader)
+    if offloader is not None:
+        offloader.start()
     engine.start()
     servicer = WorkerServicer(engine, tokenizer, model_id, defaults)
     server.add(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, "wicore.v1.Worker")
@@ -169,6 +215,9 @@ async def serve(config: Config) -> None:
             total_blocks=stats.total_blocks,
             block_size=stats.block_size,
             max_batch_size=wc.max_batch_size,
+            fingerprint=loaded.fingerprint,
+            tokenizer_path=loaded.path,
+            default_max_tokens=defaults.default_max_tokens,
         ),
         engine,
     )
@@ -183,3 +232,5 @@ async def serve(config: Config) -> None:
         await server.serve_until_signal(drain)
     finally:
         engine.stop()
+        if offloader is not None:
+            await offloader.stop()

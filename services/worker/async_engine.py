@@ -4,7 +4,14 @@
     ───────────────────────────         ─────────────────────────────
     generate() ── inbox: add ─────────▶ engine.add_request()
     (cancel)   ── inbox: abort ───────▶ engine.abort_request()
+    resident_hashes() ── inbox: snapshot ▶ engine.resident_hashes()   (heartbeats)
     queue.get() ◀─ call_soon_threadsafe ─ engine.step() -> TextStream.push()
+
+With an offloader (KV offload to the tier service, `wicore.worker.offload`), the
+pool hands reclaimed blocks to it from the engine thread, and `generate` first
+loads the request's prefix blocks that are neither on the device nor computed yet
+(one Lookup + one GetBlocks) and sends them ahead of the request (inbox: install),
+so the admission finds them in the prefix cache and computes only the rest.
 
 The engine is touched by its thread only. A stop string found by the text
 stream finishes the request and aborts it in the engine in the same step.
@@ -21,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from wicore.errors import InvalidRequest, NotReady, WicoreError
+from wicore.hashing import BlockHash
 from wicore.worker.engine import Engine
 from wicore.worker.engine_types import EngineRequest, EngineStats
+from wicore.worker.offload import KvOffloader
 from wicore.worker.output import Delta, TextStream
 
 log = logging.getLogger(__name__)
@@ -36,9 +45,13 @@ class _Active:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, tokenizer: Any) -> None:
+    def __init__(self, engine: Engine, tokenizer: Any, offloader: KvOffloader | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.offloader = offloader
+        self._resident: frozenset[BlockHash] = frozenset()  # the device's prefix cache after the last step
+        if offloader is not None:
+            engine.enable_offload(offloader.spill, offloader.observe)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._active: dict[str, _Active] = {}
@@ -70,6 +83,8 @@ class AsyncEngine:
             asyncio.Queue(),
             asyncio.get_running_loop(),
         )
+        if self.offloader is not None:
+            await self._preload(request)
         self._send("add", (request, active))
         finished = False
         try:
@@ -84,6 +99,29 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._send("abort", request.request_id)
+
+    async def resident_hashes(self) -> frozenset[BlockHash]:
+        """A snapshot of the device prefix cache, taken on the engine thread between steps."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[frozenset[BlockHash]] = loop.create_future()
+        self._send("snapshot", (loop, future))
+        return await future
+
+    async def _preload(self, request: EngineRequest) -> None:
+        """Loads the prefix blocks after the device's from the tiers; never fails the request."""
+        assert self.offloader is not None
+        try:
+            chain = self.engine.prefix_chain(list(request.prompt_token_ids), request.cache_salt)
+            resident = self._resident
+            start = next((i for i, h in enumerate(chain) if h not in resident), len(chain))
+            if start < len(chain):
+                kv = await self.offloader.load(chain[start:])
+                if kv:
+                    self._send("install", (chain, start, kv))
+        except Exception:
+            log.exception(
+                "loading request %s's prefix from the tiers failed; computing it", request.request_id
+            )
 
     def _send(self, kind: str, payload: Any) -> None:
         self._inbox.put((kind, payload))
@@ -116,6 +154,8 @@ class AsyncEngine:
                         self.engine.abort_request(out.request_id)
                 active.loop.call_soon_threadsafe(active.queue.put_nowait, delta)
             self._stats = self.engine.stats()
+            if self.offloader is not None:
+                self._resident = self.engine.resident_hashes()
         self._fail_all(NotReady("worker stopped"))
 
     def _drain_inbox(self) -> None:
@@ -135,9 +175,23 @@ class AsyncEngine:
                 self._active[request.request_id] = active
             elif kind == "abort" and self._active.pop(payload, None) is not None:
                 self.engine.abort_request(payload)
+            elif kind == "install":
+                chain, start, kv = payload
+                try:
+                    self.engine.install_blocks(chain, start, kv)
+                except Exception:  # the blocks are recomputed instead
+                    log.exception("installing %d loaded blocks failed", len(kv))
+            elif kind == "snapshot":
+                loop, future = payload
+                loop.call_soon_threadsafe(_set_result, future, self.engine.resident_hashes())
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id, active in list(self._active.items()):
             self.engine.abort_request(request_id)
             active.loop.call_soon_threadsafe(active.queue.put_nowait, exc)
         self._active.clear()
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():  # the caller may have gone away
+        future.set_result(value)

@@ -9,17 +9,27 @@
 
 A block is exactly one of: free (ref 0, no hash), in use (ref > 0), or cached
 (ref 0, hash kept so a later request can reuse it). `allocate` takes free blocks
-first, then reclaims cached blocks least recently released first; a reclaimed
-block loses its hash. `check_integrity` verifies free + in use + cached == total
-and that the hash map and the blocks agree; tests call it after every scenario.
+first, then reclaims cached blocks least recently released first, except that a
+block whose measured attention A(b) exceeds `SPARE_ATTENTION` is spared once (moved
+to the recent end): the A²CR score's attention term ordering device reclamation at
+O(1) per block. A reclaimed block loses its hash, and `on_reclaim` (if set) sees it
+first, its slots still intact, so the engine can offload it to the memory tiers. `check_integrity`
+verifies free + in use + cached == total and that the hash map and the blocks
+agree; tests call it after every scenario.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from wicore.hashing import BlockHash
+from wicore.tier.policy import UNIFORM_ATTENTION, attention_alpha, attention_from_mass
+
+# A block this well attended (A > 0.6: its share of attention over 1.5x uniform) gets
+# a second chance before reclamation.
+SPARE_ATTENTION = 0.6
 
 
 class PoolExhausted(Exception):
@@ -31,6 +41,19 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None
+    position: int = -1  # with a hash: the block's index in its sequence's chain
+    attention: float = UNIFORM_ATTENTION  # A²CR's A(b) as measured on this device (see `observe`)
+    observations: int = 0
+    last_observation: tuple[float, int] | None = None  # (mass, blocks_in_sequence), for the tier
+    spared: bool = False  # skipped once by reclamation since it was last cached
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    block_id: int
+    block_hash: BlockHash
+    position: int
+    last_observation: tuple[float, int] | None = None
 
 
 class BlockPool:
@@ -45,6 +68,7 @@ class BlockPool:
         self._by_hash: dict[BlockHash, int] = {}
         self.hits = 0  # blocks reused through the prefix cache
         self.queries = 0  # blocks looked up
+        self.on_reclaim: Callable[[list[Reclaimed]], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -55,6 +79,10 @@ class BlockPool:
     def num_cached(self) -> int:
         return len(self._cached)
 
+    def hashes(self) -> frozenset[BlockHash]:
+        """Every hash a new request could reuse now (cached blocks and hashed blocks in use)."""
+        return frozenset(self._by_hash)
+
     def usage(self) -> float:
         return 1.0 - self.num_free / self.num_blocks
 
@@ -62,18 +90,31 @@ class BlockPool:
         """n blocks with ref_count 1 (free ones first, then the least recently used cached)."""
         if n > self.num_free:
             raise PoolExhausted(f"asked for {n} blocks, {self.num_free} available")
-        taken = []
-        for _ in range(n):
+        taken: list[int] = []
+        reclaimed: list[Reclaimed] = []
+        while len(taken) < n:
             if self._free:
                 block = self.blocks[self._free.popleft()]
             else:
                 block_id, _ = self._cached.popitem(last=False)
                 block = self.blocks[block_id]
+                if block.attention > SPARE_ATTENTION and not block.spared:
+                    block.spared = True  # once per stay in the cache: this loop ends
+                    self._cached[block_id] = None
+                    continue
                 assert block.block_hash is not None
+                reclaimed.append(
+                    Reclaimed(block_id, block.block_hash, block.position, block.last_observation)
+                )
                 del self._by_hash[block.block_hash]
                 block.block_hash = None
+                block.position = -1
             block.ref_count = 1
+            block.attention, block.observations, block.spared = UNIFORM_ATTENTION, 0, False
+            block.last_observation = None
             taken.append(block.block_id)
+        if reclaimed and self.on_reclaim is not None:
+            self.on_reclaim(reclaimed)
         return taken
 
     def release(self, block_ids: list[int]) -> None:
@@ -107,13 +148,26 @@ class BlockPool:
             self._ref(block_id)
         return found
 
+    def observe(self, block_id: int, mass: float, blocks_in_sequence: int) -> float:
+        """Folds an attention observation into the block's A (the tier policy's estimator)."""
+        block = self.blocks[block_id]
+        block.observations += 1
+        block.last_observation = (mass, blocks_in_sequence)
+        weight = attention_alpha(block.observations)
+        block.attention += weight * (attention_from_mass(mass, blocks_in_sequence) - block.attention)
+        return block.attention
+
+    def contains(self, block_hash: BlockHash) -> bool:
+        return block_hash in self._by_hash
+
     def _ref(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self._cached[block_id]
+            block.spared = False
         block.ref_count += 1
 
-    def register(self, block_id: int, block_hash: BlockHash) -> None:
+    def register(self, block_id: int, block_hash: BlockHash, position: int = -1) -> None:
         """Marks a full, in-use block as holding `block_hash` so later requests can reuse it.
 
         If another block already holds the same hash, this one stays unhashed (a
@@ -125,6 +179,7 @@ class BlockPool:
         if block.block_hash is not None or block_hash in self._by_hash:
             return
         block.block_hash = block_hash
+        block.position = position
         self._by_hash[block_hash] = block_id
 
     def check_integrity(self) -> None:

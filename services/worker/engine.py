@@ -10,9 +10,14 @@ the implementation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
+import torch
+
+from wicore.hashing import BlockHash
 from wicore.worker.engine_types import EngineRequest, EngineStats, StepOutput
+from wicore.worker.kv_io import Observation, Spilled
 
 
 class Engine(Protocol):
@@ -25,3 +30,19 @@ class Engine(Protocol):
     def has_unfinished(self) -> bool: ...
 
     def stats(self) -> EngineStats: ...
+
+    def resident_hashes(self) -> frozenset[BlockHash]:
+        """The prefix-cache block hashes on the device now (for routing)."""
+        ...
+
+    def prefix_chain(self, token_ids: list[int], cache_salt: str) -> list[BlockHash]:
+        """The block hashes an admission of these tokens could reuse (thread-safe: pure)."""
+        ...
+
+    def enable_offload(
+        self,
+        spill: Callable[[list[Spilled]], None],
+        observe: Callable[[list[Observation]], None] | None = None,
+    ) -> None: ...
+
+    def install_blocks(self, chain: list[BlockHash], start: int, kv: list[torch.Tensor]) -> int: ...

@@ -99,10 +99,18 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         return ids, pos.to(dev), meta, torch.tensor(rows, dtype=torch.long, device=dev)
 
+    @property
+    def probe_layer(self) -> int:
+        """The layer whose attention the A²CR probe measures: the middle one."""
+        return len(self.pool.keys) // 2
+
     @torch.inference_mode()
-    def run(self, batch: Seq[ScheduledSeq]) -> torch.Tensor:
-        """Logits [R, vocab] (fp32) for the sequences of `batch` that sample, in batch order."""
+    def run(self, batch: Seq[ScheduledSeq], probe: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits [R, vocab] (fp32) for the sequences of `batch` that sample, in batch order, and
+        with `probe`, the attention mass [S, Lmax] each key received on the probe layer."""
         ids, positions, meta, rows = self.metadata(batch)
+        if probe:
+            meta.probe_layer = self.probe_layer
         if rows.numel() == 0:
             rows = rows.new_tensor([ids.shape[0] - 1])  # nothing samples: keep one row, cheaply
         out = self.model(
@@ -114,4 +122,4 @@ class ModelRunner:
             wicore_meta=meta,
         )
         logits = out.logits[0].float()
-        return logits if any(item.samples for item in batch) else logits[:0]
+        return (logits if any(item.samples for item in batch) else logits[:0]), meta.key_mass

@@ -82,6 +82,8 @@ class StepMetadata:
     num_seqs: int
     max_query: int
     max_kv: int  # Lmax: keys gathered per sequence (whole blocks, then cut to this)
+    probe_layer: int | None = None  # measure attention on this layer (A²CR), None: not this step
+    key_mass: torch.Tensor | None = None  # [S, Lmax] attention mass per key, set by the probe
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor:
@@ -164,10 +166,36 @@ def paged_attention(
         scale=scaling,
         enable_gqa=keys.shape[1] != heads,
     )  # [S, H, Qmax, D]
+    if layer == meta.probe_layer:
+        meta.key_mass = key_mass(
+            grid.transpose(1, 2), keys, meta.mask(sliding_window), meta.query_positions, scaling
+        )
     out = out.transpose(1, 2).reshape(s * qmax, heads, head_dim)
     if not (qmax == 1 and tokens == s):
         out = out.index_select(0, meta.packed_to_grid)
     return out.unsqueeze(0), None
+
+
+def key_mass(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float | None,
+) -> torch.Tensor:
+    """[S, Lmax]: the attention probability each key receives, summed over heads and over the
+    real (non-padding) queries of its sequence: the probe behind A²CR's A(b) (DESIGN.md §4).
+
+    query [S, H, Qmax, D], keys [S, Hkv, Lmax, D], mask [S, 1, Qmax, Lmax].
+    """
+    heads, kv_heads = query.shape[1], keys.shape[1]
+    if kv_heads != heads:
+        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # [S, H, Qmax, Lmax]
+    real = (query_positions >= 0).to(probs.dtype)[:, None, :, None]
+    return (probs * real).sum(dim=(1, 2))
 
 
 def register() -> str:

@@ -12,14 +12,18 @@ sequence that reached the end of its known tokens samples one token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from wicore.errors import Overloaded
 from wicore.hashing import BlockHash, chain_hashes, root_hash
 from wicore.worker.batch_scheduler import BatchScheduler, ScheduledSeq
-from wicore.worker.block_pool import BlockPool
+from wicore.worker.block_pool import BlockPool, Reclaimed
 from wicore.worker.engine_types import EngineRequest, EngineStats, FinishReason, StepOutput
+from wicore.worker.kv_io import Observation, Spilled, read_blocks, write_blocks
 from wicore.worker.model_runner import ModelRunner
 from wicore.worker.sampler import make_generator, sample_batch, token_logprobs
 from wicore.worker.sequence import Sequence
@@ -31,10 +35,13 @@ class EngineConfig:
     block_size: int = 16
     max_running: int = 64
     max_num_batched_tokens: int = 1024
+    attention_sample_every: int = 8  # measure attention (A²CR) every n-th step; 0: never
 
     def __post_init__(self) -> None:
         if min(self.num_blocks, self.block_size, self.max_running, self.max_num_batched_tokens) < 1:
             raise ValueError(f"every engine setting must be positive: {self}")
+        if self.attention_sample_every < 0:
+            raise ValueError(f"attention_sample_every must be >= 0, got {self.attention_sample_every}")
 
 
 class PagedEngine:
@@ -49,6 +56,8 @@ class PagedEngine:
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = 0
         self.num_preemptions = 0
+        self.num_steps = 0
+        self._observe: Callable[[list[Observation]], None] | None = None
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -77,6 +86,9 @@ class PagedEngine:
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
+    def resident_hashes(self) -> frozenset[BlockHash]:
+        return self.pool.hashes()
+
     def stats(self) -> EngineStats:
         return EngineStats(
             running=len(self.scheduler.running),
@@ -92,11 +104,38 @@ class PagedEngine:
         if not batch:
             return []
         sampling = [item for item in batch if item.samples]
-        logits = self.runner.run(batch)
+        self.num_steps += 1
+        every = self.config.attention_sample_every
+        logits, key_mass = self.runner.run(batch, probe=every > 0 and self.num_steps % every == 0)
         for item in batch:
             item.seq.num_computed += item.num_tokens
             self._register_full_blocks(item.seq)
+        if key_mass is not None:
+            self._observe_attention(batch, key_mass)
         return self._sample(logits, sampling)
+
+    def _observe_attention(self, batch: list[ScheduledSeq], key_mass: torch.Tensor) -> None:
+        """Each hashed block's share of its sequence's attention on this step, into the pool's
+        A estimates and (with offload) to the tier's A²CR scores."""
+        bs = self.config.block_size
+        mass = key_mass.float().cpu()
+        observations: list[Observation] = []
+        for i, item in enumerate(batch):
+            seq = item.seq
+            kv_len = seq.num_computed
+            blocks = -(-kv_len // bs)
+            per_block = (
+                torch.nn.functional.pad(mass[i, :kv_len], (0, blocks * bs - kv_len)).view(blocks, bs).sum(1)
+            )
+            total = float(per_block.sum())
+            if total <= 0.0:
+                continue
+            shares = (per_block / total).clamp(0.0, 1.0).tolist()
+            for j, block_hash in enumerate(seq.block_hashes[:blocks]):
+                self.pool.observe(seq.block_ids[j], shares[j], blocks)
+                observations.append(Observation(block_hash, shares[j], blocks))
+        if observations and self._observe is not None:
+            self._observe(observations)
 
     def _sample(self, logits: Any, sampling: list[ScheduledSeq]) -> list[StepOutput]:
         seqs = [item.seq for item in sampling]
@@ -130,11 +169,51 @@ class PagedEngine:
         return root_hash(self.fingerprint, seq.request.cache_salt)
 
     def _prefix_hashes(self, seq: Sequence) -> list[BlockHash]:
+        return self.prefix_chain(seq.token_ids, seq.request.cache_salt)
+
+    def prefix_chain(self, token_ids: list[int], cache_salt: str) -> list[BlockHash]:
         """Hashes of the blocks a new admission may take from the cache: every full
         block but the one holding the last token (at least one token must be computed)."""
         bs = self.config.block_size
-        usable = (len(seq.token_ids) - 1) // bs
-        return chain_hashes(self._root(seq), seq.token_ids[: usable * bs], bs)
+        usable = (len(token_ids) - 1) // bs
+        return chain_hashes(root_hash(self.fingerprint, cache_salt), token_ids[: usable * bs], bs)
+
+    # --- offload to the memory tiers (wicore.worker.offload) ---
+
+    def enable_offload(
+        self,
+        spill: Callable[[list[Spilled]], None],
+        observe: Callable[[list[Observation]], None] | None = None,
+    ) -> None:
+        """Hands every cached block the pool reclaims to `spill`, as a host copy, before reuse,
+        and the attention observations of hashed blocks to `observe`."""
+        self._observe = observe
+
+        def on_reclaim(reclaimed: list[Reclaimed]) -> None:
+            kv = read_blocks(self.runner.pool, [r.block_id for r in reclaimed])
+            spill(
+                [Spilled(r.block_hash, r.position, kv[i], _observation(r)) for i, r in enumerate(reclaimed)]
+            )
+
+        self.pool.on_reclaim = on_reclaim
+
+    def install_blocks(self, chain: list[BlockHash], start: int, kv: list[torch.Tensor]) -> int:
+        """Puts loaded blocks chain[start : start + len(kv)] into the pool as cached blocks, so the
+        next admission of their sequence reuses them; returns how many it installed.
+
+        Blocks already in the pool are skipped; installing stops when the pool has no
+        block to spare (the rest is recomputed).
+        """
+        todo = [(start + i, kv[i]) for i in range(len(kv)) if not self.pool.contains(chain[start + i])]
+        todo = todo[: self.pool.num_free]
+        if not todo:
+            return 0
+        block_ids = self.pool.allocate(len(todo))
+        write_blocks(self.runner.pool, block_ids, torch.stack([t for _, t in todo]))
+        for block_id, (position, _) in zip(block_ids, todo, strict=True):
+            self.pool.register(block_id, chain[position], position)
+        self.pool.release(block_ids)
+        return len(todo)
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         bs = self.config.block_size
@@ -144,6 +223,13 @@ class PagedEngine:
             return
         prev = bytes.fromhex(seq.block_hashes[-1]) if done else self._root(seq)
         new = chain_hashes(prev, seq.token_ids[done * bs : full * bs], bs)
-        for block_id, h in zip(seq.block_ids[done:full], new, strict=True):
-            self.pool.register(block_id, h)
+        for position, (block_id, h) in enumerate(zip(seq.block_ids[done:full], new, strict=True), done):
+            self.pool.register(block_id, h, position)
         seq.block_hashes += new
+
+
+def _observation(block: Reclaimed) -> Observation | None:
+    if block.last_observation is None:
+        return None
+    mass, blocks_in_sequence = block.last_observation
+    return Observation(block.block_hash, mass, blocks_in_sequence)

@@ -18,7 +18,7 @@ from wicore.server import wait_for_serving
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-from stack import alive, child_pids, free_port, start_stack
+from stack import alive, child_pids, free_port, pid_listening_on, start_stack
 
 
 async def test_sigterm_drains_streams_and_leaves_no_process(
@@ -63,7 +63,7 @@ async def test_killed_worker_is_dropped_then_restarted_and_rejoins(
 
             (worker,) = (await sched.ListWorkers(scheduler_pb2.ListWorkersRequest())).workers
             port = int(worker.address.rsplit(":", 1)[1])
-            worker_pid = next(p for p in child_pids(stack.proc.pid) if _listens_on(p, port))
+            worker_pid = pid_listening_on(stack.proc.pid, port)
             os.kill(worker_pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
             while await worker_ids():  # dropped after missing heartbeats (2 s here)
@@ -105,21 +105,3 @@ async def test_no_worker_means_unavailable(tmp_path: Path, redis_url: str) -> No
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         assert [proc.wait(timeout=15) for proc in procs] == [0, 0]
-
-
-def _listens_on(pid: int, port: int) -> bool:
-    """Whether process pid holds a listening TCP socket on port (from /proc)."""
-    try:
-        inodes = {
-            os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
-            for fd in os.listdir(f"/proc/{pid}/fd")
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        }
-    except OSError:
-        return False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A" and fields[9] in inodes:
-                return True
-    return False

@@ -103,3 +103,42 @@ def test_a_duplicate_hash_is_not_registered_twice() -> None:
     pool.release([a, b])
     assert (pool.num_cached, pool.num_free) == (1, 3)
     pool.check_integrity()
+
+
+def test_well_attended_cached_blocks_are_spared_once_and_reclaimed_blocks_are_reported() -> None:
+    pool = BlockPool(num_blocks=4, block_size=16)
+    seen: list[list[tuple[int, BlockHash, int]]] = []
+    pool.on_reclaim = lambda blocks: seen.append([(b.block_id, b.block_hash, b.position) for b in blocks])
+    ids = pool.allocate(4)
+    for position, block_id in enumerate(ids):
+        pool.register(block_id, h(block_id), position)
+    estimates = [pool.observe(2, 0.7, 4) for _ in range(3)]  # block 2 took 70 % of the attention
+    assert estimates[0] < 0.6 < estimates[2]  # one sample is not enough to be spared, three are
+    assert pool.observe(1, 0.05, 4) < 0.5
+    pool.release(ids)  # cached tail first: LRU order 3, 2, 1, 0
+    assert pool.allocate(1) == [3]
+    assert pool.allocate(1) == [1]  # 2 is spared once: moved to the recent end
+    assert pool.blocks[2].spared and pool.blocks[2].block_hash == h(2)
+    assert pool.allocate(2) == [0, 2]  # its chance is spent
+    assert seen == [[(3, h(3), 3)], [(1, h(1), 1)], [(0, h(0), 0), (2, h(2), 2)]]
+    assert pool.blocks[2].attention == 0.5 and pool.blocks[2].observations == 0  # reset for its new owner
+    pool.check_integrity()
+
+
+def test_a_spared_block_that_is_reused_can_be_spared_again() -> None:
+    pool = BlockPool(num_blocks=3, block_size=16)
+    ids = pool.allocate(3)
+    for block_id in ids:
+        pool.register(block_id, h(block_id), block_id)
+    for _ in range(3):
+        pool.observe(0, 0.9, 3)
+    pool.release(ids)  # LRU: 2, 1, 0
+    assert pool.allocate(1) == [2]
+    assert pool.allocate(1) == [1]  # 0 spared, goes to the recent end
+    assert pool.longest_cached_prefix([h(0)]) == [0]  # reused: its chance is restored
+    assert not pool.blocks[0].spared
+    pool.release([0])
+    pool.release([1, 2])
+    assert pool.allocate(2) == [2, 1]  # free blocks first
+    assert pool.blocks[0].block_hash == h(0)
+    pool.check_integrity()

@@ -1,8 +1,12 @@
-"""Chooses the default KV block size by measurement: the engine's throughput and
-TTFT on the engine_bench workload for several block sizes, interleaved in one
-process (so machine noise hits every size alike), medians over --runs.
+"""One engine setting swept on the engine_bench workload: throughput and TTFT per value,
+interleaved in one process (so machine noise hits every value alike), medians over
+--runs, ratios against the first value.
 
-    python benchmark/block_size_sweep.py --sizes 8,16,32,64 --runs 3 --json OUT
+    python benchmark/engine_sweep.py --setting worker.block_size --values 8,16,32,64 --runs 3
+    python benchmark/engine_sweep.py --setting worker.attention_sample_every --values 0,8,1 --runs 5
+
+The first chose the default block size; the second measures the A²CR attention
+probe's cost (0 = off, 8 = the default, 1 = every step).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--sizes", default="8,16,32,64")
+    parser.add_argument("--setting", default="worker.block_size", help="a dotted worker.* config key")
+    parser.add_argument("--values", default="8,16,32,64", help="integers, comma separated")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -36,7 +41,7 @@ def main() -> int:
     from wicore.worker.app import engine_config, load_model
     from wicore.worker.paged_engine import PagedEngine
 
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.values.split(",")]
     model_dir = resolve_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = make_prompts(tokenizer, args.requests, args.prompt_tokens, args.shared_prefix_tokens)
@@ -45,22 +50,22 @@ def main() -> int:
     results: dict[int, list[tuple[float, float]]] = {s: [] for s in sizes}
     for run in range(args.runs):
         for size in sizes:
-            config = load_config(None, {}, {"worker.model": str(model_dir), "worker.block_size": size})
+            config = load_config(None, {}, {"worker.model": str(model_dir), args.setting: size})
             warm = PagedEngine(loaded.model, engine_config(config, loaded.model), loaded.fingerprint)
             run_engine(warm, ids[:2], 2, f"w{run}-{size}")  # warm-up, excluded
             engine = PagedEngine(loaded.model, engine_config(config, loaded.model), loaded.fingerprint)
             r = run_engine(engine, ids, args.new_tokens, f"r{run}-{size}")
             results[size].append((r.tok_s, r.ttft_p50_ms))
-            print(f"run {run} block {size}: {r.tok_s:.1f} tok/s", file=sys.stderr)
-    print(f"\n{'block size':<12}{'tok/s':>10}{'ttft p50 ms':>14}{'ratio':>8}")
+            print(f"run {run} {args.setting}={size}: {r.tok_s:.1f} tok/s", file=sys.stderr)
+    print(f"\n{args.setting:<34}{'tok/s':>10}{'ttft p50 ms':>14}{'ratio':>8}")
     base = statistics.median(t for t, _ in results[sizes[0]])
     table = {}
     for size in sizes:
         tok_s = statistics.median(t for t, _ in results[size])
         ttft = statistics.median(f for _, f in results[size])
         table[size] = {"tok_s": tok_s, "ttft_p50_ms": ttft}
-        print(f"{size:<12}{tok_s:>10.1f}{ttft:>14.0f}{tok_s / base:>8.2f}")
-    write_json(args.json, {"params": vars(args), "by_block_size": table})
+        print(f"{size:<34}{tok_s:>10.1f}{ttft:>14.0f}{tok_s / base:>8.2f}")
+    write_json(args.json, {"params": vars(args), "by_value": table})
     return 0
 
 

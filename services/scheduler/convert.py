@@ -1,0 +1,93 @@
+"""Protobuf <-> the scheduler's dataclasses, for the servicer only."""
+
+from __future__ import annotations
+
+from wicore.errors import InvalidRequest
+from wicore.scheduler.registry import WorkerInfo, WorkerLoad
+from wicore.scheduler.state import PrefixInfo, Priority, QueuedRequest, WorkloadType
+from wicore.v1 import inference_pb2, scheduler_pb2
+
+PRIORITY_FROM_PROTO = {
+    inference_pb2.PRIORITY_UNSPECIFIED: Priority.NORMAL,
+    inference_pb2.PRIORITY_LOW: Priority.LOW,
+    inference_pb2.PRIORITY_NORMAL: Priority.NORMAL,
+    inference_pb2.PRIORITY_HIGH: Priority.HIGH,
+    inference_pb2.PRIORITY_URGENT: Priority.URGENT,
+}
+
+
+def workload_from_proto(value: str) -> WorkloadType:
+    try:
+        return WorkloadType(value or WorkloadType.DEFAULT.value)
+    except ValueError:
+        known = sorted(w.value for w in WorkloadType)
+        raise InvalidRequest("workload_type", f"{value!r} is not one of {known}") from None
+
+
+def priority_from_proto(value: int) -> Priority:
+    if value not in PRIORITY_FROM_PROTO:
+        raise InvalidRequest("priority", f"unknown value {value}")
+    return PRIORITY_FROM_PROTO[value]
+
+
+def queued_request(
+    request: inference_pb2.GenerateRequest,
+    *,
+    model: str,
+    seq: int,
+    now: float,
+    time_remaining: float | None,
+    prompt_tokens: int,
+    prefix: PrefixInfo,
+) -> QueuedRequest:
+    return QueuedRequest(
+        request_id=request.request_id,
+        seq=seq,
+        arrival=now,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=request.max_tokens if request.HasField("max_tokens") and request.max_tokens else None,
+        priority=priority_from_proto(request.priority),
+        workload=workload_from_proto(request.workload_type),
+        model=model,
+        deadline=None if time_remaining is None else now + time_remaining,
+        prefix=prefix,
+    )
+
+
+def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> WorkerLoad:
+    return WorkerLoad(running=msg.running, waiting=msg.waiting, free_blocks=msg.free_blocks)
+
+
+def worker_from_proto(msg: scheduler_pb2.RegisterWorkerRequest) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=msg.worker_id,
+        address=msg.address,
+        device=msg.device,
+        model=msg.model,
+        max_context=msg.max_context,
+        total_blocks=msg.total_blocks,
+        block_size=msg.block_size,
+        max_batch_size=msg.max_batch_size,
+        fingerprint=msg.fingerprint,
+        tokenizer_path=msg.tokenizer_path,
+        default_max_tokens=msg.default_max_tokens or 256,
+        load=load_from_proto(msg.load),
+    )
+
+
+def worker_status(w: WorkerInfo, now: float, batch_limit: int) -> scheduler_pb2.WorkerStatus:
+    return scheduler_pb2.WorkerStatus(
+        worker_id=w.worker_id,
+        address=w.address,
+        device=w.device,
+        model=w.model,
+        load=scheduler_pb2.WorkerLoad(
+            running=w.load.running, waiting=w.load.waiting, free_blocks=w.load.free_blocks
+        ),
+        inflight=w.inflight,
+        seconds_since_heartbeat=now - w.last_seen,
+        dispatched=w.dispatched,
+        reserved_blocks=w.reserved_blocks,
+        total_blocks=w.total_blocks,
+        max_batch_size=batch_limit,
+    )

@@ -1,0 +1,144 @@
+"""Where a prompt's prefix blocks sit: the scheduler's only reads of Redis.
+
+The scheduler tokenizes the prompt with the model's own tokenizer (loaded once
+from the `tokenizer_path` a worker registers, in a thread) and hashes its full
+blocks exactly as the worker's engine does: `chain_hashes(root_hash(fingerprint,
+cache_salt), tokens[: usable blocks])`, with the fingerprint and block size the
+worker registered. One pipelined round trip then asks, per live worker,
+`SMISMEMBER {ns}:res:{worker} h_0 … h_k` (the blocks on its device, published by
+the worker each heartbeat) and, per block, `HGET {ns}:blk:{h} tier` (written by
+the tier service).
+
+Redis is advisory here: an error or a timeout (`redis_timeout_s`) means "no
+information" — routing falls back to load alone — and Redis is left alone for
+`retry_after_s` so a dead server costs no request its timeout. Without a
+tokenizer the prompt length is estimated from its UTF-8 bytes (4 per token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from wicore.hashing import BlockHash, chain_hashes, root_hash
+from wicore.redis_server import fast_failing_client
+from wicore.scheduler.registry import WorkerInfo
+from wicore.scheduler.state import PrefixInfo, Tier
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_TOKEN_ESTIMATE = 4
+
+
+def residency_key(namespace: str, worker_id: str) -> str:
+    return f"{namespace}:res:{worker_id}"
+
+
+def block_key(namespace: str, block_hash: str) -> str:
+    return f"{namespace}:blk:{block_hash}"
+
+
+def estimate_tokens(prompt: str) -> int:
+    return max(1, -(-len(prompt.encode()) // BYTES_PER_TOKEN_ESTIMATE))
+
+
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class PrefixIndex:
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str,
+        timeout_s: float,
+        retry_after_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.namespace = namespace
+        self.retry_after_s = retry_after_s
+        self.clock = clock
+        self._redis = fast_failing_client(redis_url, timeout_s)
+        self._down_until = 0.0
+        self._tokenizers: dict[str, asyncio.Task[Any]] = {}
+        self._unloadable: set[str] = set()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def preload(self, path: str) -> asyncio.Task[Any]:
+        """Starts loading the tokenizer at `path` (once), so the first request need not wait."""
+        task = self._tokenizers.get(path)
+        if task is None:
+            task = self._tokenizers[path] = asyncio.create_task(asyncio.to_thread(_load_tokenizer, path))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # reported when awaited
+        return task
+
+    async def _tokenizer(self, path: str) -> Any:
+        task = self.preload(path)
+        try:
+            return await asyncio.shield(task)
+        except Exception as exc:  # a path this host cannot read: route without prefixes
+            if path not in self._unloadable:
+                self._unloadable.add(path)
+                log.warning("cannot load the tokenizer at %s (%s); routing ignores prefixes", path, exc)
+            return None
+
+    async def describe(
+        self, prompt: str, cache_salt: str, workers: Sequence[WorkerInfo]
+    ) -> tuple[int, PrefixInfo]:
+        """The prompt's length in tokens and where its blocks sit on `workers` (one model)."""
+        first = min(workers, key=lambda w: w.registered_at) if workers else None
+        if first is None or not first.tokenizer_path or first.block_size < 1:
+            return estimate_tokens(prompt), PrefixInfo()
+        tokenizer = await self._tokenizer(first.tokenizer_path)
+        if tokenizer is None:
+            return estimate_tokens(prompt), PrefixInfo()
+        ids: list[int] = await asyncio.to_thread(tokenizer.encode, prompt)
+        bs = first.block_size
+        usable = (len(ids) - 1) // bs
+        hashes = tuple(chain_hashes(root_hash(first.fingerprint, cache_salt), ids[: usable * bs], bs))
+        group = [w.worker_id for w in workers if (w.fingerprint, w.block_size) == (first.fingerprint, bs)]
+        device, tier = await self.lookup(group, hashes)
+        return max(1, len(ids)), PrefixInfo(hashes, first.fingerprint, bs, device, tier)
+
+    async def lookup(
+        self, worker_ids: Sequence[str], hashes: Sequence[BlockHash]
+    ) -> tuple[dict[str, int], tuple[Tier | None, ...]]:
+        """Per worker, how many of `hashes` (from the first) it holds; per hash, its tier."""
+        if not hashes or self.clock() < self._down_until:
+            return {}, ()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for worker_id in worker_ids:
+                    pipe.smismember(residency_key(self.namespace, worker_id), list(hashes))
+                for h in hashes:
+                    pipe.hget(block_key(self.namespace, h), "tier")
+                replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            if self.clock() >= self._down_until:
+                log.warning("Redis did not answer (%s); routing by load alone for now", exc)
+            self._down_until = self.clock() + self.retry_after_s
+            return {}, ()
+        device = {}
+        for worker_id, flags in zip(worker_ids, replies, strict=False):
+            n = 0
+            while n < len(flags) and flags[n]:
+                n += 1
+            device[worker_id] = n
+        tiers = tuple(_tier(v) for v in replies[len(worker_ids) :])
+        return device, tiers
+
+
+def _tier(value: bytes | None) -> Tier | None:
+    try:
+        return Tier(value.decode()) if value is not None else None
+    except ValueError:
+        return None

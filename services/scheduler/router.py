@@ -1,0 +1,168 @@
+"""Routing policies: which of the workers that can take a request now gets it.
+
+The batcher hands a policy only candidates with a free batch slot and room for
+the request's KV; the policy picks one. Three policies, by name
+(`scheduler.routing_policy`): `mor`, `round_robin`, `least_loaded`.
+
+MoR ("Mixture of Routers", DESIGN.md §1) prices every candidate w and takes
+the cheapest:
+
+    cost(w) = device(w) + prefix_weight · prefill(w) + queue_weight · queue(w)
+
+    prefill(w) = min(1, uncomputed(w) / prefill_scale_tokens)
+        uncomputed(w) = n - bs·(d_w + t_w) + bs·Σ price(tier of block i), i in [d_w, d_w + t_w)
+        n = prompt tokens, d_w = prompt blocks resident on w's device (Redis
+        `{ns}:res:{w}` plus the scheduler's placement hints), t_w = blocks after
+        those that the tier service holds (`{ns}:blk:{hash}` field `tier`), each
+        priced as a fraction of recomputing it: tier_cpu_cost, tier_nvme_cost.
+    queue(w)   = inflight(w) / batch_limit(w)              (occupancy of its batch)
+    util(w)    = max(queue(w), kv_utilisation(w))
+    a          = clamp(min(1, (n + max_new) / attention_scale_tokens) + 0.5 - θ, 0, 1)
+        θ = the workload type's threshold: creative_writing 0.3, code_generation
+        0.5, simple_qa 0.7, default 0.5 (a lower θ raises a: more goes to GPUs).
+    device(w)  = 0.5·a + 0.3·util(w)        on a CPU worker   (the seed's cpu_cost)
+               = 0.5·(1 - a) + 0.3·util(w)  on a GPU worker   (the seed's gpu_cost)
+
+Ties go to the worker picked least recently, then the smaller id. Death-spiral
+guard: a worker already holding more than `max_imbalance` requests above the
+least loaded candidate is not considered, however much of the prefix it holds,
+so a hot prefix (or a run of misses tied on cost) cannot pile onto one worker;
+and `inflight` counts placements at once, not at the next heartbeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from wicore.config import SchedulerConfig
+from wicore.errors import ConfigError
+from wicore.scheduler.registry import WorkerInfo
+from wicore.scheduler.state import WORKLOAD_THRESHOLDS, QueuedRequest, Tier
+
+
+def batch_limit(worker: WorkerInfo, config: SchedulerConfig) -> int:
+    """Requests in flight a worker may have: the scheduler's limit, else the worker's own."""
+    return max(1, config.max_batch_size or worker.max_batch_size or 1)
+
+
+def max_new_tokens(request: QueuedRequest, worker: WorkerInfo) -> int:
+    """What the worker will allow the request to generate (its default when unset)."""
+    if request.max_new_tokens is not None:
+        return request.max_new_tokens
+    room = worker.max_context - request.prompt_tokens if worker.max_context else worker.default_max_tokens
+    return max(1, min(worker.default_max_tokens, room))
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """One candidate's MoR cost, term by term (for tests, logs and the benchmark)."""
+
+    worker_id: str
+    device: float
+    prefill: float
+    queue: float
+    total: float
+
+
+class Router(Protocol):
+    name: str
+
+    def choose(
+        self, request: QueuedRequest, candidates: Sequence[WorkerInfo], resident: Mapping[str, int]
+    ) -> WorkerInfo:
+        """One of `candidates` (never empty); `resident[w]` = prompt blocks on w's device."""
+        ...
+
+
+class MoRRouter:
+    name = "mor"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+
+    def attention_score(self, request: QueuedRequest, worker: WorkerInfo) -> float:
+        size = request.prompt_tokens + max_new_tokens(request, worker)
+        heaviness = min(1.0, size / max(1, self.config.attention_scale_tokens))
+        return min(1.0, max(0.0, heaviness + 0.5 - WORKLOAD_THRESHOLDS[request.workload]))
+
+    def uncomputed_tokens(self, request: QueuedRequest, worker: WorkerInfo, resident: int) -> float:
+        prefix = request.prefix
+        bs = prefix.block_size or worker.block_size or 1
+        loaded, price = 0, 0.0
+        for tier in prefix.tier[resident:]:
+            if tier is None:
+                break
+            loaded += 1
+            price += self.config.tier_cpu_cost if tier is Tier.CPU else self.config.tier_nvme_cost
+        return max(0.0, request.prompt_tokens - bs * (resident + loaded) + bs * price)
+
+    def cost(self, request: QueuedRequest, worker: WorkerInfo, resident: int) -> Cost:
+        c = self.config
+        uncomputed = self.uncomputed_tokens(request, worker, resident)
+        prefill = min(1.0, uncomputed / max(1, c.prefill_scale_tokens))
+        queue = min(1.0, worker.inflight / batch_limit(worker, c))
+        util = max(queue, worker.kv_utilisation)
+        a = self.attention_score(request, worker)
+        device = 0.5 * (1.0 - a if worker.is_gpu else a) + 0.3 * util
+        total = device + c.prefix_weight * prefill + c.queue_weight * queue
+        return Cost(worker.worker_id, device, prefill, queue, total)
+
+    def choose(
+        self, request: QueuedRequest, candidates: Sequence[WorkerInfo], resident: Mapping[str, int]
+    ) -> WorkerInfo:
+        least = min(w.inflight for w in candidates)
+        eligible = [w for w in candidates if w.inflight <= least + self.config.max_imbalance]
+        costs = {w.worker_id: self.cost(request, w, resident.get(w.worker_id, 0)).total for w in eligible}
+        return min(eligible, key=lambda w: (round(costs[w.worker_id], 9), w.last_picked, w.worker_id))
+
+
+class RoundRobinRouter:
+    """Takes workers in turn (by id), skipping those that cannot take the request now."""
+
+    name = "round_robin"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self._last = ""
+
+    def choose(
+        self, request: QueuedRequest, candidates: Sequence[WorkerInfo], resident: Mapping[str, int]
+    ) -> WorkerInfo:
+        ordered = sorted(candidates, key=lambda w: w.worker_id)
+        chosen = next((w for w in ordered if w.worker_id > self._last), ordered[0])
+        self._last = chosen.worker_id
+        return chosen
+
+
+class LeastLoadedRouter:
+    """The lowest batch occupancy; ties: least recently picked, then the smaller id."""
+
+    name = "least_loaded"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+
+    def choose(
+        self, request: QueuedRequest, candidates: Sequence[WorkerInfo], resident: Mapping[str, int]
+    ) -> WorkerInfo:
+        return min(
+            candidates,
+            key=lambda w: (w.inflight / batch_limit(w, self.config), w.last_picked, w.worker_id),
+        )
+
+
+ROUTERS: Mapping[str, type[MoRRouter] | type[RoundRobinRouter] | type[LeastLoadedRouter]] = {
+    "mor": MoRRouter,
+    "round_robin": RoundRobinRouter,
+    "least_loaded": LeastLoadedRouter,
+}
+
+
+def make_router(config: SchedulerConfig) -> Router:
+    cls = ROUTERS.get(config.routing_policy)
+    if cls is None:
+        raise ConfigError(
+            f"scheduler.routing_policy: {config.routing_policy!r} is not one of {sorted(ROUTERS)}"
+        )
+    return cls(config)

@@ -1,0 +1,98 @@
+"""The scheduler's vocabulary: what a queued request and its prefix look like.
+
+Plain dataclasses and enums, no protobuf, no sockets: the queue, the batcher and
+the router are pure functions of these (and of `WorkerInfo` in registry.py), so
+tests build states by hand and check exact decisions.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from wicore.hashing import BlockHash
+
+
+class Priority(enum.IntEnum):
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    URGENT = 3
+
+
+class WorkloadType(enum.Enum):
+    """The performance guide's MoR workload types (DESIGN.md §1)."""
+
+    DEFAULT = "default"
+    CREATIVE_WRITING = "creative_writing"
+    CODE_GENERATION = "code_generation"
+    SIMPLE_QA = "simple_qa"
+
+
+# The seed's thresholds: a request's attention score is compared against these;
+# a lower threshold sends more of that workload to GPUs, a higher one to CPUs.
+WORKLOAD_THRESHOLDS: Mapping[WorkloadType, float] = {
+    WorkloadType.CREATIVE_WRITING: 0.3,
+    WorkloadType.CODE_GENERATION: 0.5,
+    WorkloadType.SIMPLE_QA: 0.7,
+    WorkloadType.DEFAULT: 0.5,
+}
+
+
+class Tier(enum.Enum):
+    """Where the tier service keeps a spilled block (the `tier` field of `{ns}:blk:{hash}`)."""
+
+    CPU = "cpu"
+    NVME = "nvme"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixInfo:
+    """Where a prompt's reusable blocks sit, as far as Redis said at arrival.
+
+    `hashes` are the chain hashes of the prompt's reusable full blocks (every full
+    block but the one holding the last token, as the worker's engine reuses them);
+    `device[w]` is how many of them, from the first, worker w holds on its device;
+    `tier[i]` is where the tier service holds block i (None: not there). Only
+    workers with the same fingerprint and block size can hold these blocks.
+    Empty when the scheduler has no tokenizer; `device` and `tier` are empty
+    when Redis did not answer.
+    """
+
+    hashes: tuple[BlockHash, ...] = ()
+    fingerprint: str = ""  # the model fingerprint the hashes were rooted in
+    block_size: int = 0
+    device: Mapping[str, int] = field(default_factory=dict)
+    tier: tuple[Tier | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.tier and len(self.tier) != len(self.hashes):
+            raise ValueError(f"tier has {len(self.tier)} entries for {len(self.hashes)} hashes")
+        for worker_id, n in self.device.items():
+            if not 0 <= n <= len(self.hashes):
+                raise ValueError(f"device[{worker_id!r}] = {n} is outside [0, {len(self.hashes)}]")
+
+
+@dataclass(slots=True)
+class QueuedRequest:
+    """One request waiting for a worker. `seq` orders arrivals (ties in priority)."""
+
+    request_id: str
+    seq: int
+    arrival: float
+    prompt_tokens: int
+    max_new_tokens: int | None = None  # None: the worker's default
+    priority: Priority = Priority.NORMAL
+    workload: WorkloadType = WorkloadType.DEFAULT
+    model: str = ""
+    deadline: float | None = None  # absolute, on the scheduler's clock
+    prefix: PrefixInfo = field(default_factory=PrefixInfo)
+    exclude: frozenset[str] = frozenset()  # workers that failed it already
+    orphaned_since: float | None = None  # when no live worker could take it any more
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens must be >= 1, got {self.prompt_tokens}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

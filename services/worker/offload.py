@@ -1,0 +1,205 @@
+"""KV offload: device blocks the pool reclaims go to the tier service; prefixes come back.
+
+    engine thread                         event loop (this module)                tier service
+    ─────────────                         ────────────────────────                ────────────
+    pool reclaims cached blocks ──spill──▶ pending[hash] = host copy ──PutBlocks─▶ CPU / NVMe
+                                           (dropped once acknowledged,
+                                            or abandoned if the tier fails)
+    admission of a request     ◀─install─ load(chain): pending, then ◀─Lookup + GetBlocks─
+                                           one Lookup and one GetBlocks per request
+
+- A reclaimed block is copied to host memory before the pool reuses its slots, so
+  decode steps never wait on the tier; the copy stays in `pending` (and serves
+  reloads) until the tier acknowledges it. At most `max_pending_blocks` wait: past
+  that, the oldest are abandoned (counted), never blocking the engine.
+- `load` returns the longest run of a request's chain after its device prefix that
+  can be brought back. Concurrent requests for the same blocks share one load; a
+  block evicted between Lookup and GetBlocks just ends the run (the rest is
+  recomputed). With the tier down, `load` returns nothing at once.
+- The first block of a sequence is sent with `SINK_TOKENS` attention-sink tokens,
+  which lossy tier codecs keep at fp16.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from wicore.hashing import BlockHash
+from wicore.kvblock import KvPayload, decode_kv, encode_kv
+from wicore.worker.kv_io import Observation, Spilled
+from wicore.worker.tier_client import TierClient
+
+log = logging.getLogger(__name__)
+
+SINK_TOKENS = 4
+PUT_BATCH_BLOCKS = 16
+MAX_OBSERVATIONS = 4096  # per UpdateScores (the tier's limit); older ones are dropped
+
+
+@dataclass(slots=True)
+class OffloadStats:
+    spilled: int = 0  # blocks the tier acknowledged
+    spill_failed: int = 0  # blocks abandoned (tier down, refused, or too many pending)
+    loaded: dict[str, int] = field(default_factory=lambda: {"pending": 0, "cpu": 0, "nvme": 0})
+    observations_sent: int = 0
+
+
+class KvOffloader:
+    def __init__(self, client: TierClient, codec: str, max_pending_blocks: int = 256) -> None:
+        self.client = client
+        self.codec = codec
+        self.max_pending_blocks = max_pending_blocks
+        self.stats = OffloadStats()
+        self._pending: collections.OrderedDict[BlockHash, Spilled] = collections.OrderedDict()
+        self._queue: collections.deque[BlockHash] = collections.deque()
+        self._loading: dict[BlockHash, asyncio.Future[torch.Tensor | None]] = {}
+        self._observations: list[Observation] = []
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.close()
+
+    # --- engine thread side ---
+
+    def spill(self, blocks: list[Spilled]) -> None:
+        """Called on the engine thread with host copies of blocks the pool is reclaiming."""
+        if self._loop is not None and blocks:
+            self._loop.call_soon_threadsafe(self._enqueue, blocks)
+
+    def observe(self, observations: list[Observation]) -> None:
+        """Called on the engine thread with attention observations of cached blocks."""
+        if self._loop is not None and observations:
+            self._loop.call_soon_threadsafe(self._add_observations, observations)
+
+    # --- event loop side ---
+
+    @property
+    def pending_blocks(self) -> int:
+        return len(self._pending)
+
+    async def load(self, chain: Sequence[BlockHash]) -> list[torch.Tensor]:
+        """KV [layers, 2, B, Hkv, D] of the longest leading run of `chain` found off the device."""
+        found: list[torch.Tensor] = []
+        while len(found) < len(chain):
+            i = len(found)
+            spilled = self._pending.get(chain[i])
+            if spilled is not None:  # a spill not yet acknowledged
+                found.append(spilled.kv)
+                self.stats.loaded["pending"] += 1
+                continue
+            if chain[i] in self._loading:  # another request is loading these: share that load
+                futures = [
+                    self._loading[h] for h in itertools.takewhile(self._loading.__contains__, chain[i:])
+                ]
+                for future in futures:
+                    kv = await future
+                    if kv is None:
+                        return found
+                    found.append(kv)
+                continue
+            if not self.client.available:
+                break
+            tiers = await self.client.lookup(chain[i:])
+            if chain[i] in self._loading or chain[i] in self._pending:
+                continue  # it changed hands while we looked
+            wanted = list(itertools.takewhile(lambda h: h not in self._loading, chain[i : i + len(tiers)]))
+            if not wanted:
+                break
+            loaded = await self._fetch(wanted)
+            found += loaded
+            if len(loaded) < len(wanted):
+                break
+        return found
+
+    async def _fetch(self, wanted: list[BlockHash]) -> list[torch.Tensor]:
+        """One GetBlocks for `wanted`: the decoded leading run that arrived (others await it too)."""
+        loop = asyncio.get_running_loop()
+        futures = {h: loop.create_future() for h in wanted}
+        self._loading.update(futures)
+        decoded: list[torch.Tensor] = []
+        try:
+            got = await self.client.get(wanted)
+            run = list(itertools.takewhile(lambda h: h in got, wanted))
+            decoded = await loop.run_in_executor(None, _decode_all, [got[h][0] for h in run])
+            for h in run:
+                self.stats.loaded[got[h][1]] += 1
+        finally:
+            for j, h in enumerate(wanted):
+                if not futures[h].done():
+                    futures[h].set_result(decoded[j] if j < len(decoded) else None)
+                del self._loading[h]
+        return decoded
+
+    def _enqueue(self, blocks: list[Spilled]) -> None:
+        for block in blocks:
+            if block.block_hash in self._pending:
+                continue
+            self._pending[block.block_hash] = block
+            self._queue.append(block.block_hash)
+        while len(self._pending) > self.max_pending_blocks:  # the tier cannot keep up: abandon the oldest
+            self._pending.popitem(last=False)
+            self.stats.spill_failed += 1
+        self._wake.set()
+
+    def _add_observations(self, observations: list[Observation]) -> None:
+        self._observations += observations
+        self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._send_observations()
+            while self._queue:
+                hashes = [self._queue.popleft() for _ in range(min(PUT_BATCH_BLOCKS, len(self._queue)))]
+                blocks = [self._pending[h] for h in hashes if h in self._pending]
+                if not blocks:
+                    continue
+                try:
+                    encoded = await loop.run_in_executor(None, self._encode_all, blocks)
+                    ok = await self.client.put(encoded)
+                except Exception:  # a block that cannot be encoded is not offloaded; serving goes on
+                    log.exception("spilling %d blocks failed", len(blocks))
+                    ok = False
+                for block in blocks:
+                    self._pending.pop(block.block_hash, None)
+                if ok:
+                    self.stats.spilled += len(blocks)
+                    # The tier knows these blocks now: pass on what the device measured.
+                    self._observations += [b.observation for b in blocks if b.observation is not None]
+                else:
+                    self.stats.spill_failed += len(blocks)
+            await self._send_observations()
+
+    async def _send_observations(self) -> None:
+        if self._observations:
+            batch, self._observations = self._observations[-MAX_OBSERVATIONS:], []
+            await self.client.update_scores(batch)
+            self.stats.observations_sent += len(batch)
+
+    def _encode_all(self, blocks: list[Spilled]) -> list[tuple[BlockHash, KvPayload]]:
+        return [
+            (b.block_hash, encode_kv(b.kv, self.codec, sink_tokens=SINK_TOKENS if b.position == 0 else 0))
+            for b in blocks
+        ]
+
+
+def _decode_all(blocks: list[KvPayload]) -> list[torch.Tensor]:
+    return [decode_kv(b) for b in blocks]

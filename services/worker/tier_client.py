@@ -1,0 +1,124 @@
+"""The worker's client of the tier service: Lookup, GetBlocks, PutBlocks, UpdateScores.
+
+The tier is an optimisation, never a dependency: a call that fails (the tier down,
+restarting, or slower than `timeout_s`) marks it unavailable for `retry_after_s`,
+during which every call returns "nothing" at once; the worker then recomputes, and
+clients see no error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from wicore.hashing import BlockHash
+from wicore.kvblock import KvPayload
+from wicore.server import CHANNEL_OPTIONS
+from wicore.tier_wire import BadStream, block_chunks, read_blocks
+from wicore.v1 import tier_pb2, tier_pb2_grpc
+from wicore.worker.kv_io import Observation
+
+log = logging.getLogger(__name__)
+
+TIER_NAMES = {tier_pb2.STORAGE_TIER_CPU: "cpu", tier_pb2.STORAGE_TIER_NVME: "nvme"}
+CHUNK_BYTES = 1 << 20
+
+
+class TierClient:
+    """One channel to the tier; owns the `available` flag (see the module docstring)."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 5.0,
+        retry_after_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = tier_pb2_grpc.TierStub(self._channel)
+        self._timeout_s = timeout_s
+        self._retry_after_s = retry_after_s
+        self._clock = clock
+        self._down_until = 0.0
+        self.failures = 0
+
+    @property
+    def available(self) -> bool:
+        return self._clock() >= self._down_until
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def lookup(self, hashes: Sequence[BlockHash]) -> list[str]:
+        """The tier ("cpu" / "nvme") of each leading block of the chain the tier holds."""
+        if not hashes or not self.available:
+            return []
+        try:
+            reply = await self._stub.Lookup(
+                tier_pb2.LookupRequest(block_hashes=hashes), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            self._failed("Lookup", exc)
+            return []
+        return [TIER_NAMES.get(t, "cpu") for t in reply.tiers]
+
+    async def get(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, tuple[KvPayload, str]]:
+        """The blocks the tier still holds (each verified), with the tier each came from."""
+        if not hashes or not self.available:
+            return {}
+        found: dict[BlockHash, tuple[KvPayload, str]] = {}
+        stream = self._stub.GetBlocks(tier_pb2.GetBlocksRequest(block_hashes=hashes), timeout=self._timeout_s)
+        try:
+            async for block_hash, block, tier in read_blocks(stream):
+                found[block_hash] = (block, TIER_NAMES.get(tier, "cpu"))
+        except (grpc.aio.AioRpcError, BadStream) as exc:
+            self._failed("GetBlocks", exc)
+            stream.cancel()
+        return found
+
+    async def put(self, blocks: Sequence[tuple[BlockHash, KvPayload]]) -> bool:
+        """Stores blocks; False if the tier did not take them all (they are then simply not offloaded)."""
+        if not blocks or not self.available:
+            return False
+        chunks = (c for block_hash, block in blocks for c in block_chunks(block_hash, block, CHUNK_BYTES))
+        try:
+            reply = await self._stub.PutBlocks(chunks, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self._failed("PutBlocks", exc)
+            return False
+        return reply.stored == len(blocks)
+
+    async def update_scores(self, observations: Sequence[Observation]) -> None:
+        if not observations or not self.available:
+            return
+        request = tier_pb2.UpdateScoresRequest(
+            observations=[
+                tier_pb2.AttentionObservation(
+                    block_hash=o.block_hash, mass=o.mass, blocks_in_sequence=o.blocks_in_sequence
+                )
+                for o in observations
+            ]
+        )
+        try:
+            await self._stub.UpdateScores(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self._failed("UpdateScores", exc)
+
+    async def prefetch(self, hashes: Sequence[BlockHash]) -> None:
+        if not hashes or not self.available:
+            return
+        try:
+            await self._stub.Prefetch(tier_pb2.PrefetchRequest(block_hashes=hashes), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self._failed("Prefetch", exc)
+
+    def _failed(self, call: str, exc: Exception) -> None:
+        if self.available:
+            log.warning("tier %s: %s failed (%s); recomputing without it for %.1f s",
+                        self.address, call, exc, self._retry_after_s)  # fmt: skip
+        self.failures += 1
+        self._down_until = self._clock() + self._retry_after_s

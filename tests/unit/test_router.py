@@ -1,0 +1,126 @@
+"""Routing policies on constructed states: exact choices and exact MoR costs."""
+
+from __future__ import annotations
+
+import pytest
+
+from wicore.config import SchedulerConfig
+from wicore.errors import ConfigError
+from wicore.scheduler.router import LeastLoadedRouter, MoRRouter, RoundRobinRouter, make_router
+from wicore.scheduler.state import Tier, WorkloadType
+
+from scheduling import request, worker
+
+CONFIG = SchedulerConfig()
+
+
+def test_mor_costs_term_by_term() -> None:
+    mor = MoRRouter(CONFIG)
+    # 320 prompt tokens (19 reusable blocks of 16), 64 new: a = min(1, 384/512) = 0.75.
+    r = request("r", prompt=320, new=64, blocks=19, device={"b": 19})
+    a, b = worker("a"), worker("b", inflight=2)
+    cost_a, cost_b = mor.cost(r, a, 0), mor.cost(r, b, 19)
+    assert (cost_a.device, cost_a.prefill, cost_a.queue, cost_a.total) == (0.375, 0.625, 0.0, 1.0)
+    # b: 320 - 19*16 = 16 tokens left to compute; 2 of 8 slots taken.
+    assert (cost_b.prefill, cost_b.queue) == (16 / 512, 0.25)
+    assert cost_b.device == pytest.approx(0.375 + 0.3 * 0.25)
+    assert cost_b.total == pytest.approx(0.45 + 16 / 512 + 0.25)
+    assert mor.choose(r, [a, b], {"b": 19}).worker_id == "b"
+
+
+def test_mor_without_prefix_information_is_least_loaded() -> None:
+    mor = MoRRouter(CONFIG)
+    r = request("r", prompt=200)
+    assert (
+        mor.choose(
+            r, [worker("a", inflight=3), worker("b", inflight=1), worker("c", inflight=2)], {}
+        ).worker_id
+        == "b"
+    )
+
+
+def test_mor_ties_take_turns() -> None:
+    mor = MoRRouter(CONFIG)
+    a, b = worker("a"), worker("b")
+    a.last_picked, b.last_picked = 5.0, 3.0
+    assert mor.choose(request("r"), [a, b], {}).worker_id == "b"
+    b.last_picked = 7.0
+    assert mor.choose(request("r"), [a, b], {}).worker_id == "a"
+
+
+def test_the_prefix_holder_wins_until_it_runs_max_imbalance_more_requests() -> None:
+    mor = MoRRouter(CONFIG)  # max_imbalance 4
+    r = request("r", prompt=1024, new=64, blocks=63, device={"hot": 63})
+    idle, hot = worker("idle", max_batch=16), worker("hot", inflight=4, max_batch=16)
+    assert mor.choose(r, [idle, hot], {"hot": 63}).worker_id == "hot"
+    hot.inflight = 5  # 5 above the least loaded: the death-spiral guard sends it elsewhere
+    assert mor.choose(r, [idle, hot], {"hot": 63}).worker_id == "idle"
+
+
+def test_tier_blocks_are_priced_by_where_they_sit() -> None:
+    mor = MoRRouter(CONFIG)
+    tier = (Tier.CPU,) * 10 + (Tier.NVME,) * 5 + (None,) * 5
+    r = request("r", prompt=330, blocks=20, tier=tier)
+    w = worker("w")
+    # Nothing on the device: blocks 0-9 from the CPU tier (0.2 each), 10-14 from NVMe (0.5 each).
+    assert mor.uncomputed_tokens(r, w, 0) == 330 - 16 * 15 + 16 * (10 * 0.2 + 5 * 0.5)
+    # 5 blocks on the device: the tier supplies 5 (CPU) + 5 (NVMe) after them.
+    assert mor.uncomputed_tokens(r, w, 5) == 330 - 16 * 15 + 16 * (5 * 0.2 + 5 * 0.5)
+    # A gap ends the run: what follows it cannot be reused.
+    gap = request("g", prompt=330, blocks=20, tier=(Tier.CPU, None) + (Tier.CPU,) * 18)
+    assert mor.uncomputed_tokens(gap, w, 0) == 330 - 16 * 1 + 16 * 0.2
+
+
+@pytest.mark.parametrize(
+    ("workload", "device"),
+    [
+        (WorkloadType.CREATIVE_WRITING, "gpu:0"),
+        (WorkloadType.CODE_GENERATION, "cpu"),
+        (WorkloadType.SIMPLE_QA, "cpu"),
+        (WorkloadType.DEFAULT, "cpu"),
+    ],
+)
+def test_workload_thresholds_split_a_mid_sized_request_between_cpu_and_gpu(
+    workload: WorkloadType, device: str
+) -> None:
+    mor = MoRRouter(CONFIG)
+    r = request("r", prompt=141, new=64, workload=workload)  # 205 / 512 tokens: a = 0.4 + 0.5 - threshold
+    cpu, gpu = worker("cpu-w", "cpu"), worker("gpu-w", "gpu:0")
+    assert mor.choose(r, [cpu, gpu], {}).device == device
+
+
+def test_heavy_requests_go_to_the_gpu_and_light_qa_to_the_cpu_until_it_is_busy() -> None:
+    mor = MoRRouter(CONFIG)
+    cpu, gpu = worker("cpu-w", "cpu"), worker("gpu-w", "gpu:0")
+    assert mor.choose(request("big", prompt=900, new=200), [cpu, gpu], {}).worker_id == "gpu-w"
+    qa = request("qa", prompt=32, new=32, workload=WorkloadType.SIMPLE_QA)  # a = 0: CPU costs 0.5 less
+    assert mor.choose(qa, [cpu, gpu], {}).worker_id == "cpu-w"
+    cpu.inflight = 4  # queue 0.5 + util 0.3*0.5 = 0.65 > the GPU's 0.5
+    assert mor.choose(qa, [cpu, gpu], {}).worker_id == "gpu-w"
+
+
+def test_round_robin_takes_turns_skipping_busy_workers() -> None:
+    rr = RoundRobinRouter(CONFIG)
+    a, b, c = worker("a"), worker("b"), worker("c")
+    picks = [rr.choose(request("r"), ws, {}).worker_id for ws in ([a, b, c], [a, b, c], [a, c], [a, b, c])]
+    assert picks == ["a", "b", "c", "a"]
+
+
+def test_least_loaded_ignores_prefixes() -> None:
+    ll = LeastLoadedRouter(CONFIG)
+    r = request("r", prompt=1024, blocks=63, device={"a": 63})
+    assert ll.choose(r, [worker("a", inflight=1), worker("b", inflight=0)], {"a": 63}).worker_id == "b"
+
+
+def test_policies_by_name() -> None:
+    for name, cls in [
+        ("mor", MoRRouter),
+        ("round_robin", RoundRobinRouter),
+        ("least_loaded", LeastLoadedRouter),
+    ]:
+        assert isinstance(make_router(SchedulerConfig(routing_policy=name)), cls)
+    with pytest.raises(
+        ConfigError,
+        match=r"scheduler.routing_policy: 'fastest' is not one of \['least_loaded', 'mor', 'round_robin'\]",
+    ):
+        make_router(SchedulerConfig(routing_policy="fastest"))
