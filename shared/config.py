@@ -90,6 +90,7 @@ class SchedulerConfig:
     tier_nvme_cost: float = 0.5  # MoR: the same from NVMe
     attention_scale_tokens: int = 512  # MoR: prompt + max tokens at which a request counts as heaviest
     redis_timeout_s: float = 0.2  # residency lookups give up after this (routing then ignores prefixes)
+    prefetch: bool = True  # ask the tier to move a queued request's NVMe prefix blocks to CPU RAM
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from wicore.scheduler.request_queue import RequestQueue
 from wicore.scheduler.router import make_router
 from wicore.scheduler.servicer import SchedulerServicer
 from wicore.server import ServiceServer
+from wicore.tier_client import TierClient
 from wicore.v1 import scheduler_pb2_grpc
 
 # Placement hints live until the worker's own residency report has surely landed in Redis.
@@ -29,7 +30,8 @@ def build_servicer(config: Config) -> SchedulerServicer:
     batcher = BatchOptimizer(sc, make_router(sc), hints, orphan_timeout_s=sc.worker_timeout_s)
     queue = RequestQueue(sc.max_queue_size, sc.aging_interval_s, registry.clock)
     prefixes = PrefixIndex(config.redis.url, config.redis.namespace, sc.redis_timeout_s)
-    return SchedulerServicer(sc, registry, Dispatcher(registry, queue, batcher), prefixes, hints)
+    tier = TierClient(f"{config.tier.host}:{config.tier.port}", timeout_s=2.0) if sc.prefetch else None
+    return SchedulerServicer(sc, registry, Dispatcher(registry, queue, batcher), prefixes, hints, tier)
 
 
 async def serve(config: Config) -> None:
@@ -48,3 +50,5 @@ async def serve(config: Config) -> None:
             await expiry
         await servicer.channels.close_all()
         await servicer.prefixes.close()
+        if servicer.tier is not None:
+            await servicer.tier.close()

@@ -21,6 +21,7 @@ import grpc
 
 from wicore.config import SchedulerConfig
 from wicore.errors import WorkerUnavailable
+from wicore.hashing import BlockHash
 from wicore.scheduler import convert
 from wicore.scheduler.batcher import Assignment
 from wicore.scheduler.dispatcher import Dispatcher
@@ -30,6 +31,7 @@ from wicore.scheduler.registry import WorkerInfo, WorkerRegistry
 from wicore.scheduler.router import batch_limit
 from wicore.scheduler.state import QueuedRequest
 from wicore.server import CHANNEL_OPTIONS
+from wicore.tier_client import TierClient
 from wicore.v1 import inference_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -89,8 +91,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         dispatcher: Dispatcher,
         prefixes: PrefixIndex,
         hints: PlacementHints,
+        tier: TierClient | None = None,
     ) -> None:
         self.config = config
+        self.tier = tier  # for Prefetch; None: no prefetching
+        self._prefetches: set[asyncio.Task[None]] = set()
         self.registry = registry
         self.dispatcher = dispatcher
         self.prefixes = prefixes
@@ -176,6 +181,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         reply: inference_pb2.TokenizeResponse = await stub.Tokenize(request, timeout=context.time_remaining())
         return reply
 
+    def _prefetch(self, hashes: list[BlockHash]) -> None:
+        """Asks the tier, in the background, to promote these blocks from NVMe to CPU RAM."""
+        if hashes and self.tier is not None:
+            task = asyncio.create_task(self.tier.prefetch(hashes))
+            self._prefetches.add(task)
+            task.add_done_callback(self._prefetches.discard)
+
     async def _queued(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> QueuedRequest:
@@ -197,6 +209,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         request.request_id = request.request_id or uuid.uuid4().hex
         queued = await self._queued(request, context)
+        self._prefetch(queued.prefix.to_prefetch())
         request.model = queued.model
         for attempt in range(1, MAX_ATTEMPTS + 1):
             placed = await self.dispatcher.wait_for_worker(queued, requeue=attempt > 1)

@@ -69,6 +69,23 @@ class PrefixInfo:
     def __post_init__(self) -> None:
         if self.tier and len(self.tier) != len(self.hashes):
             raise ValueError(f"tier has {len(self.tier)} entries for {len(self.hashes)} hashes")
+
+    def to_prefetch(self) -> list[BlockHash]:
+        """The NVMe blocks of the reusable prefix that no worker holds on its device.
+
+        The prefix runs while each block is on some device or in the tier; of it, the
+        blocks past the longest device prefix that sit on NVMe are worth promoting to CPU
+        RAM before the worker asks for them.
+        """
+        on_device = max(self.device.values(), default=0)
+        wanted: list[BlockHash] = []
+        for i, block_hash in enumerate(self.hashes):
+            tier = self.tier[i] if i < len(self.tier) else None
+            if i >= on_device and tier is None:
+                break
+            if i >= on_device and tier is Tier.NVME:
+                wanted.append(block_hash)
+        return wanted
         for worker_id, n in self.device.items():
             if not 0 <= n <= len(self.hashes):
                 raise ValueError(f"device[{worker_id!r}] = {n} is outside [0, {len(self.hashes)}]")

@@ -234,6 +234,8 @@ class TierManager:
         in_cpu = [h for h in wanted if self.tier_of(h) is StorageTier.CPU]
         on_nvme = [h for h in wanted if self.tier_of(h) is StorageTier.NVME]
         promoted = 0
+        for block_hash in in_cpu + on_nvme:  # a request is about to read them: an access
+            self._touch(block_hash, self._entries[block_hash])
         if on_nvme and self.cpu is not None:
             read = await self._read_nvme(on_nvme)
             async with self._lock:

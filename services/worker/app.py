@@ -17,6 +17,7 @@ from wicore.config import Config, GiB
 from wicore.errors import ConfigError
 from wicore.kvblock import check_codec
 from wicore.server import CHANNEL_OPTIONS, ServiceServer
+from wicore.tier_client import TierClient
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.convert import ModelDefaults
@@ -28,7 +29,6 @@ from wicore.worker.paged_attention import KVPool
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 from wicore.worker.residency import ResidencyPublisher
 from wicore.worker.servicer import WorkerServicer
-from wicore.worker.tier_client import TierClient
 
 log = logging.getLogger(__name__)
 

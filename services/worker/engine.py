@@ -16,8 +16,9 @@ from typing import Protocol
 import torch
 
 from wicore.hashing import BlockHash
+from wicore.tier_client import Observation
 from wicore.worker.engine_types import EngineRequest, EngineStats, StepOutput
-from wicore.worker.kv_io import Observation, Spilled
+from wicore.worker.kv_io import Spilled
 
 
 class Engine(Protocol):

@@ -14,16 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from wicore.hashing import BlockHash
+from wicore.tier_client import Observation
 from wicore.worker.paged_attention import KVPool
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """`mass` of a sequence's attention (on the probe layer, one step) fell on this block."""
-
-    block_hash: BlockHash
-    mass: float
-    blocks_in_sequence: int
 
 
 @dataclass(frozen=True, slots=True)

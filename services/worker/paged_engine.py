@@ -20,10 +20,11 @@ import torch
 
 from wicore.errors import Overloaded
 from wicore.hashing import BlockHash, chain_hashes, root_hash
+from wicore.tier_client import Observation
 from wicore.worker.batch_scheduler import BatchScheduler, ScheduledSeq
 from wicore.worker.block_pool import BlockPool, Reclaimed
 from wicore.worker.engine_types import EngineRequest, EngineStats, FinishReason, StepOutput
-from wicore.worker.kv_io import Observation, Spilled, read_blocks, write_blocks
+from wicore.worker.kv_io import Spilled, read_blocks, write_blocks
 from wicore.worker.model_runner import ModelRunner
 from wicore.worker.sampler import make_generator, sample_batch, token_logprobs
 from wicore.worker.sequence import Sequence

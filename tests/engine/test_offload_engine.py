@@ -13,9 +13,10 @@ from transformers import AutoTokenizer
 
 from wicore.config import load_config
 from wicore.hashing import BlockHash
+from wicore.tier_client import Observation
 from wicore.worker.app import load_model
 from wicore.worker.engine_types import EngineRequest, StepOutput
-from wicore.worker.kv_io import Observation, Spilled, read_blocks
+from wicore.worker.kv_io import Spilled, read_blocks
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
 LONG = "Paged attention keeps the KV cache in fixed-size blocks, and WiCore spills them to RAM and NVMe."

@@ -1,4 +1,5 @@
-"""The worker's client of the tier service: Lookup, GetBlocks, PutBlocks, UpdateScores.
+"""A client of the tier service (workers: Lookup, GetBlocks, PutBlocks, UpdateScores; the
+scheduler: Prefetch).
 
 The tier is an optimisation, never a dependency: a call that fails (the tier down,
 restarting, or slower than `timeout_s`) marks it unavailable for `retry_after_s`,
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -19,12 +21,20 @@ from wicore.kvblock import KvPayload
 from wicore.server import CHANNEL_OPTIONS
 from wicore.tier_wire import BadStream, block_chunks, read_blocks
 from wicore.v1 import tier_pb2, tier_pb2_grpc
-from wicore.worker.kv_io import Observation
 
 log = logging.getLogger(__name__)
 
 TIER_NAMES = {tier_pb2.STORAGE_TIER_CPU: "cpu", tier_pb2.STORAGE_TIER_NVME: "nvme"}
 CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """`mass` of a sequence's attention (on the probe layer, one step) fell on this block."""
+
+    block_hash: BlockHash
+    mass: float
+    blocks_in_sequence: int
 
 
 class TierClient:

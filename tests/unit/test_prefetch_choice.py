@@ -1,0 +1,25 @@
+"""Which blocks the scheduler asks the tier to promote ahead of a request."""
+
+from __future__ import annotations
+
+from wicore.hashing import BlockHash
+from wicore.scheduler.state import PrefixInfo, Tier
+
+H = tuple(BlockHash(f"{i:032x}") for i in range(6))
+CPU, NVME = Tier.CPU, Tier.NVME
+
+
+def test_nvme_blocks_after_the_best_device_prefix_until_the_first_gap() -> None:
+    info = PrefixInfo(H, "fp", 16, {"w1": 1, "w2": 2}, (None, NVME, NVME, CPU, NVME, None))
+    assert info.to_prefetch() == [H[2], H[4]]  # 0-1 on w2's device; 5 is nowhere
+
+
+def test_a_gap_ends_the_prefix() -> None:
+    info = PrefixInfo(H, "fp", 16, {}, (NVME, None, NVME, NVME, NVME, NVME))
+    assert info.to_prefetch() == [H[0]]
+
+
+def test_nothing_without_redis_answers_or_nvme_blocks() -> None:
+    assert PrefixInfo(H, "fp", 16, {}, ()).to_prefetch() == []
+    assert PrefixInfo(H, "fp", 16, {"w": 6}, (NVME,) * 6).to_prefetch() == []  # all on a device
+    assert PrefixInfo(H, "fp", 16, {}, (CPU,) * 6).to_prefetch() == []
