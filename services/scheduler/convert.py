@@ -55,7 +55,14 @@ def queued_request(
 
 
 def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> WorkerLoad:
-    return WorkerLoad(running=msg.running, waiting=msg.waiting, free_blocks=msg.free_blocks)
+    return WorkerLoad(
+        running=msg.running,
+        waiting=msg.waiting,
+        free_blocks=msg.free_blocks,
+        loaded_blocks=dict(msg.loaded_blocks),
+        spilled_blocks=msg.spilled_blocks,
+        spill_failed_blocks=msg.spill_failed_blocks,
+    )
 
 
 def worker_from_proto(msg: scheduler_pb2.RegisterWorkerRequest) -> WorkerInfo:
@@ -82,7 +89,12 @@ def worker_status(w: WorkerInfo, now: float, batch_limit: int) -> scheduler_pb2.
         device=w.device,
         model=w.model,
         load=scheduler_pb2.WorkerLoad(
-            running=w.load.running, waiting=w.load.waiting, free_blocks=w.load.free_blocks
+            running=w.load.running,
+            waiting=w.load.waiting,
+            free_blocks=w.load.free_blocks,
+            loaded_blocks=w.load.loaded_blocks,
+            spilled_blocks=w.load.spilled_blocks,
+            spill_failed_blocks=w.load.spill_failed_blocks,
         ),
         inflight=w.inflight,
         seconds_since_heartbeat=now - w.last_seen,

@@ -12,7 +12,7 @@ flight; request placement is the batcher's and the router's job.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from wicore.errors import ModelNotFound, WorkerUnavailable
@@ -23,6 +23,9 @@ class WorkerLoad:
     running: int = 0
     waiting: int = 0
     free_blocks: int = 0
+    loaded_blocks: Mapping[str, int] = field(default_factory=dict)  # KV offload: by source tier
+    spilled_blocks: int = 0
+    spill_failed_blocks: int = 0
 
 
 @dataclass(slots=True)

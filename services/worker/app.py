@@ -116,9 +116,15 @@ class Registration:
 
     def _load(self) -> scheduler_pb2.WorkerLoad:
         stats = self.engine.stats()
-        return scheduler_pb2.WorkerLoad(
+        load = scheduler_pb2.WorkerLoad(
             running=stats.running, waiting=stats.waiting, free_blocks=stats.free_blocks
         )
+        offload = self.engine.offloader.stats if self.engine.offloader is not None else None
+        if offload is not None:
+            load.loaded_blocks.update(offload.loaded)
+            load.spilled_blocks = offload.spilled
+            load.spill_failed_blocks = offload.spill_failed
+        return load
 
     async def _run(self) -> None:
         registered = False

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from wicore.hashing import chain_hashes, root_hash
 from wicore.v1 import inference_pb2 as pb
-from wicore.v1 import inference_pb2_grpc, tier_pb2, tier_pb2_grpc
+from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc
 from wicore.worker.model_files import fingerprint, resolve_model
 
 from stack import Stack, pid_listening_on, start_stack
@@ -64,6 +64,12 @@ def stack(
 
 
 @pytest.fixture()
+def where(request: pytest.FixtureRequest) -> str:
+    """The tier this module's stack offloads to ("cpu" or "nvme")."""
+    return str(request.node.callspec.params["stack"])
+
+
+@pytest.fixture()
 async def client(stack: Stack) -> AsyncIterator[inference_pb2_grpc.InferenceStub]:
     async with grpc.aio.insecure_channel(stack.gateway) as channel:
         yield inference_pb2_grpc.InferenceStub(channel)
@@ -101,7 +107,11 @@ def full_blocks(response: pb.GenerateResponse) -> int:
 
 
 async def test_a_pushed_out_prefix_comes_back_from_the_tier(
-    client: inference_pb2_grpc.InferenceStub, tier: tier_pb2_grpc.TierStub, tiny_llama_dir: Path
+    client: inference_pb2_grpc.InferenceStub,
+    tier: tier_pb2_grpc.TierStub,
+    tiny_llama_dir: Path,
+    stack: Stack,
+    where: str,
 ) -> None:
     prompt = LONG[0]
     first = await generate(client, prompt)
@@ -111,6 +121,16 @@ async def test_a_pushed_out_prefix_comes_back_from_the_tier(
     again = await generate(client, prompt)
     assert again.usage.cached_tokens == full_blocks(first) * BLOCK  # loaded, not recomputed
     assert again.text == first.text and list(again.token_ids) == list(first.token_ids)
+
+    async def reported() -> bool:  # the worker's heartbeat carries its offload counters
+        async with grpc.aio.insecure_channel(stack.scheduler) as channel:
+            reply = await scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(
+                scheduler_pb2.ListWorkersRequest()
+            )
+        load = reply.workers[0].load
+        return load.loaded_blocks[where] >= full_blocks(first) and load.spilled_blocks >= full_blocks(first)
+
+    await until(reported, f"the worker to report blocks loaded from {where}")
 
 
 async def test_partial_hit_loads_up_to_the_gap(
