@@ -237,7 +237,7 @@ class TierManager:
         for block_hash in in_cpu + on_nvme:  # a request is about to read them: an access
             self._touch(block_hash, self._entries[block_hash])
         if on_nvme and self.cpu is not None:
-            read = await self._read_nvme(on_nvme)
+            read = await self._read_nvme(on_nvme, count=False)
             async with self._lock:
                 promoted = await self._promote(read)
         missing = len(wanted) - len(in_cpu) - len(on_nvme)
@@ -515,11 +515,12 @@ class TierManager:
             promoted += 1
         return promoted
 
-    async def _read_nvme(self, hashes: list[BlockHash]) -> dict[BlockHash, KvPayload]:
-        """Reads NVMe blocks concurrently; a block found missing or corrupt loses its NVMe copy."""
+    async def _read_nvme(self, hashes: list[BlockHash], count: bool = True) -> dict[BlockHash, KvPayload]:
+        """Reads NVMe blocks concurrently; a block found missing or corrupt loses its NVMe copy.
+        `count`: the reads serve a client (hits and bytes out), not a prefetch."""
         if not hashes or self.nvme is None:
             return {}
-        results = await self.nvme.aget_many(hashes)
+        results = await self.nvme.aget_many(hashes, count)
         read: dict[BlockHash, KvPayload] = {}
         for block_hash, result in zip(hashes, results, strict=True):
             if result is not None:

@@ -268,10 +268,10 @@ class NvmeTier:
                     self.bytes_in += len(payload)
         return evicted
 
-    def _get_run(self, hashes: list[str]) -> list[tuple[NvmeBlockMeta, bytes] | None]:
-        return [self.get(h) for h in hashes]
+    def _get_run(self, hashes: list[str], count: bool) -> list[tuple[NvmeBlockMeta, bytes] | None]:
+        return [self.get(h, count) for h in hashes]
 
-    def get(self, block_hash: str) -> tuple[NvmeBlockMeta, bytes] | None:
+    def get(self, block_hash: str, count: bool = True) -> tuple[NvmeBlockMeta, bytes] | None:
         """The block with both checksums verified, or None; a bad file is deleted, never served."""
         h = validate_block_hash(block_hash, "block_hash")
         try:
@@ -281,15 +281,15 @@ class NvmeTier:
             meta = _verify(h, header, size, payload)
         except (_Corrupt, FileNotFoundError) as exc:
             with self._lock:
-                self.misses += 1
+                self.misses += count
                 if isinstance(exc, _Corrupt):
                     log.warning("NVMe block %s is corrupt (%s): deleted", h, exc)
                     self.corrupt += 1
                 self._remove(h)
             return None
         with self._lock:
-            self.hits += 1
-            self.bytes_out += len(payload)
+            self.hits += count
+            self.bytes_out += len(payload) if count else 0
         return meta, payload
 
     def delete(self, block_hash: str) -> bool:
@@ -345,7 +345,9 @@ class NvmeTier:
     async def aget(self, block_hash: str) -> tuple[NvmeBlockMeta, bytes] | None:
         return await self._run(self.get, block_hash)
 
-    async def aget_many(self, hashes: Sequence[str]) -> list[tuple[NvmeBlockMeta, bytes] | None]:
+    async def aget_many(
+        self, hashes: Sequence[str], count: bool = True
+    ) -> list[tuple[NvmeBlockMeta, bytes] | None]:
         """`get` of each hash, in order: a few I/O threads each read a run of blocks.
 
         One thread hop costs more than reading a cached block, so blocks go in runs of
@@ -354,7 +356,7 @@ class NvmeTier:
         runs = max(1, min(self._io_depth, len(hashes) // MIN_RUN))
         size = -(-len(hashes) // runs)
         parts = [list(hashes[i : i + size]) for i in range(0, len(hashes), size)]
-        results = await asyncio.gather(*(self._run(self._get_run, part) for part in parts))
+        results = await asyncio.gather(*(self._run(self._get_run, part, count) for part in parts))
         return [r for part in results for r in part]
 
     async def arecover(self, verify_payloads: bool = False) -> list[NvmeBlockMeta]:

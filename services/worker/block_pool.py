@@ -157,6 +157,14 @@ class BlockPool:
         block.attention += weight * (attention_from_mass(mass, blocks_in_sequence) - block.attention)
         return block.attention
 
+    def hold(self, hashes: list[BlockHash]) -> list[int]:
+        """One more reference on each of these blocks that is in the pool (no hit counted), so
+        they cannot be reclaimed until `release`d; returns their ids."""
+        held = [self._by_hash[h] for h in hashes if h in self._by_hash]
+        for block_id in held:
+            self._ref(block_id)
+        return held
+
     def contains(self, block_hash: BlockHash) -> bool:
         return block_hash in self._by_hash
 

@@ -205,16 +205,22 @@ class PagedEngine:
         Blocks already in the pool are skipped; installing stops when the pool has no
         block to spare (the rest is recomputed).
         """
-        todo = [(start + i, kv[i]) for i in range(len(kv)) if not self.pool.contains(chain[start + i])]
-        todo = todo[: self.pool.num_free]
-        if not todo:
-            return 0
-        block_ids = self.pool.allocate(len(todo))
-        write_blocks(self.runner.pool, block_ids, torch.stack([t for _, t in todo]))
-        for block_id, (position, _) in zip(block_ids, todo, strict=True):
-            self.pool.register(block_id, chain[position], position)
-        self.pool.release(block_ids)
-        return len(todo)
+        # The blocks before `start` are on the device: hold them, or making room for the rest
+        # could reclaim them and leave a gap that admission stops at.
+        held = self.pool.hold(chain[:start])
+        try:
+            todo = [(start + i, kv[i]) for i in range(len(kv)) if not self.pool.contains(chain[start + i])]
+            todo = todo[: self.pool.num_free]
+            if not todo:
+                return 0
+            block_ids = self.pool.allocate(len(todo))
+            write_blocks(self.runner.pool, block_ids, torch.stack([t for _, t in todo]))
+            for block_id, (position, _) in zip(block_ids, todo, strict=True):
+                self.pool.register(block_id, chain[position], position)
+            self.pool.release(block_ids)
+            return len(todo)
+        finally:
+            self.pool.release(held)
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         bs = self.config.block_size

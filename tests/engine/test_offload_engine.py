@@ -101,3 +101,18 @@ def test_sampled_steps_report_each_hashed_blocks_share_of_attention(tiny_llama_d
     assert last[0].blocks_in_sequence == -(-(len(ids) + 5) // 4)  # kv length when it was measured
     observed = [b for b in engine.pool.blocks if b.observations > 0]
     assert observed and all(b.block_hash is not None for b in observed)
+
+
+def test_install_never_reclaims_the_device_blocks_it_extends(tiny_llama_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    chain = make_engine(tiny_llama_dir, num_blocks=1).prefix_chain(list(tokenizer(LONG).input_ids), "")
+    engine = make_engine(tiny_llama_dir, num_blocks=4)
+    shape = (len(engine.runner.pool.keys), 2, 4, *engine.runner.pool.keys[0].shape[1:])
+    kv = [torch.full(shape, float(i)) for i in range(len(chain))]
+    assert engine.install_blocks(chain, 0, kv[:1]) == 1  # block 0 is on the device, cached
+    # Blocks 1.. come back from a tier: only 3 fit beside block 0, which must stay.
+    assert engine.install_blocks(chain, 1, kv[1:6]) == 3
+    assert [engine.pool.contains(h) for h in chain[:5]] == [True, True, True, True, False]
+    ids = [engine.pool._by_hash[h] for h in chain[:4]]
+    assert [float(t[0, 0, 0, 0, 0]) for t in read_blocks(engine.runner.pool, ids)] == [0.0, 1.0, 2.0, 3.0]
+    engine.pool.check_integrity()

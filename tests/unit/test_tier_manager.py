@@ -262,6 +262,7 @@ async def test_prefetch_drop_and_lookup(tmp_path: Path, clock: ManualClock) -> N
     result = await manager.prefetch([h(0), h(2), h(8)])
     assert (result.promoted, result.already_cpu, result.missing) == (1, 1, 1)
     assert manager.tier_of(h(0)) is CPU
+    assert manager.stats().tiers[1].hits == 0  # a prefetch read serves nobody: not a hit
     assert await manager.drop([h(0), h(1), h(8)]) == 2
     assert tiers(manager, 0, 1) == [None, None]
     assert manager.nvme is not None and not manager.nvme.path_of(h(0)).exists()
