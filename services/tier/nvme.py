@@ -461,8 +461,12 @@ class NvmeTier:
                         return buf[:HEADER_SIZE], size, buf[HEADER_SIZE:n]
                 finally:
                     os.close(fd)
-        with open(path, "rb", buffering=0) as f:
-            return f.read(HEADER_SIZE), os.fstat(f.fileno()).st_size, f.read()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            return os.read(fd, HEADER_SIZE), size, os.read(fd, max(0, size - HEADER_SIZE))
+        finally:
+            os.close(fd)
 
     def _direct_refused(self, exc: OSError) -> bool:
         """Falls back to buffered I/O when the filesystem refuses O_DIRECT (EINVAL); re-raises others."""
