@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,7 @@ import redis
 from transformers import AutoTokenizer
 
 from wicore.hashing import chain_hashes, root_hash
+from wicore.redis_server import start_private_redis
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc
 from wicore.worker.model_files import fingerprint, resolve_model
@@ -225,3 +227,45 @@ async def test_attention_measured_on_the_device_reaches_the_tiers_scores(
         await until(observed, "the blocks' attention observations in Redis")
         attention = [float(r.hget(k, "attention") or 0.5) for k in keys]
     assert all(0.0 <= a <= 1.0 for a in attention) and len(set(attention)) > 1  # measured, not the prior
+
+
+async def test_redis_stopped_and_restarted_offload_goes_on(
+    tmp_path: Path, tiny_llama_dir: Path, redis_url: str
+) -> None:
+    """Redis is only a mirror for offload: with it down, spills and reloads go on, and the tier
+    rewrites its metadata when Redis returns (empty: restarted without its data)."""
+    redis_dir = tmp_path / "redis-state"
+    proc, private_url = start_private_redis(redis_dir)
+    (tmp_path / "stack").mkdir()
+    stack = await asyncio.to_thread(
+        start_stack, tmp_path / "stack", str(tiny_llama_dir), private_url, settings=settings("cpu")
+    )
+    try:
+        async with (
+            grpc.aio.insecure_channel(stack.gateway) as gateway,
+            grpc.aio.insecure_channel(stack.tier) as tier_channel,
+        ):
+            client = inference_pb2_grpc.InferenceStub(gateway)
+            tier = tier_pb2_grpc.TierStub(tier_channel)
+            prompt = LONG[0]
+            first = await generate(client, prompt)
+            proc.terminate()
+            proc.wait(timeout=10)
+            await push_out(client, prompt)
+            chain = await in_tier(tier, tiny_llama_dir, prompt, full_blocks(first))
+            again = await generate(client, prompt)
+            assert again.text == first.text and again.usage.cached_tokens == full_blocks(first) * BLOCK
+            assert not (await tier.Stats(tier_pb2.StatsRequest(), timeout=10)).redis_ok
+
+            shutil.rmtree(redis_dir / "redis")
+            proc, private_url = start_private_redis(redis_dir)
+            with redis.Redis.from_url(private_url, decode_responses=True) as r:
+
+                async def mirrored() -> bool:
+                    return all(r.exists(f"{stack.namespace}:blk:{h}") for h in chain)
+
+                await until(mirrored, "the tier to rewrite its metadata into the new Redis")
+    finally:
+        assert await asyncio.to_thread(stack.stop) == 0, stack.log()[-3000:]
+        proc.terminate()
+        proc.wait(timeout=10)
