@@ -123,7 +123,7 @@ async def test_kill_9_while_writing_then_restart_serves_only_intact_blocks(
             acknowledged.clear()
             async with grpc.aio.insecure_channel(tier.address, options=CHANNEL_OPTIONS) as channel:
                 task = asyncio.create_task(writer(tier_pb2_grpc.TierStub(channel)))
-                await asyncio.sleep(rng.uniform(0.3, 1.5))
+                await asyncio.sleep(rng.uniform(0.6, 1.5))  # long enough for > 4 blocks on a slow disk
                 tier.proc.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(tier.proc.wait, 10)
                 with pytest.raises(grpc.aio.AioRpcError):
