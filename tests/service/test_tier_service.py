@@ -277,3 +277,39 @@ async def test_serves_without_redis(tmp_path: Path) -> None:
         assert await asyncio.to_thread(running.proc.wait, 10) == 0
     finally:
         stop(running)
+
+
+async def test_attention_observations_change_the_eviction_order(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """a is older than b, so without attention a would be demoted first; a worker reports that
+    a takes most of its sequence's attention and b none, and b goes instead."""
+    namespace = f"wicore-test-{uuid.uuid4().hex}"
+    running = start_tier(tmp_path, redis_url, namespace, cpu_capacity_bytes=3 * BLOCK_BYTES)
+    try:
+        await wait_up(running)
+        a, b, c, d = (new_hash() for _ in range(4))
+        async with grpc.aio.insecure_channel(running.address, options=CHANNEL_OPTIONS) as channel:
+            stub = tier_pb2_grpc.TierStub(channel)
+            await put(stub, a)
+            await put(stub, b)
+            observations = [
+                tier_pb2.AttentionObservation(block_hash=a, mass=0.9, blocks_in_sequence=8),
+                tier_pb2.AttentionObservation(block_hash=b, mass=0.0, blocks_in_sequence=8),
+            ]
+            for _ in range(3):
+                await stub.UpdateScores(tier_pb2.UpdateScoresRequest(observations=observations), timeout=10)
+            key = f"{namespace}:a2cr:cpu"
+            assert (redis_client.zscore(key, a) or 0) > (redis_client.zscore(key, b) or 0)
+            await put(stub, c)
+            await put(stub, d)  # 4 blocks into 3: the two lowest scores go to NVMe, b first
+            tiers = {}
+            for h in (a, b, c, d):
+                lookup = await stub.Lookup(tier_pb2.LookupRequest(block_hashes=[h]), timeout=10)
+                tiers[h] = list(lookup.tiers)
+            assert tiers[a] == [tier_pb2.STORAGE_TIER_CPU] and tiers[b] == [tier_pb2.STORAGE_TIER_NVME]
+            assert tiers[d] == [tier_pb2.STORAGE_TIER_CPU]
+        assert redis_client.hget(f"{namespace}:blk:{b}", "tier") == "nvme"
+    finally:
+        stop(running)
+        delete_namespace(redis_client, namespace)
