@@ -3,10 +3,13 @@ placed on a worker and relayed back.
 
 Worker failure: a call to a worker that breaks (UNAVAILABLE: the process died,
 the connection reset) or a worker dropped for missed heartbeats (its calls are
-cancelled) removes that worker from the registry at once. A request that had
-not produced a token goes back to the queue, keeping its place, and is placed
-on another worker (at most `MAX_ATTEMPTS` workers in all); one that had streamed
-tokens fails with UNAVAILABLE naming the worker (no replay on another worker).
+cancelled) removes that worker from the registry at once. The request goes back
+to the queue, keeping its place, and is placed on another worker (at most
+`MAX_ATTEMPTS` workers in all). One that had streamed tokens continues there
+(Worker.Resume): the tokens the client already has are appended to its prompt,
+so the stream goes on where it stopped (greedy output is the same as if nothing
+had failed; a seeded sample continues with a fresh generator). After
+`MAX_ATTEMPTS` workers it fails with UNAVAILABLE naming the last one.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from wicore.scheduler.router import batch_limit
 from wicore.scheduler.state import QueuedRequest
 from wicore.server import CHANNEL_OPTIONS
 from wicore.tier_client import TierClient
-from wicore.v1 import inference_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
+from wicore.v1 import inference_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -211,33 +214,47 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         queued = await self._queued(request, context)
         self._prefetch(queued.prefix.to_prefetch())
         request.model = queued.model
+        generated: list[int] = []  # the tokens the client has received
         for attempt in range(1, MAX_ATTEMPTS + 1):
             placed = await self.dispatcher.wait_for_worker(queued, requeue=attempt > 1)
-            produced = False
             try:
-                async for msg in self._relay(request, placed, context):
-                    produced = True
+                async for msg in self._relay(request, placed, context, generated):
+                    generated += msg.token_ids
                     yield msg
                 return
             except WorkerUnavailable as exc:
-                if produced:
+                if attempt == MAX_ATTEMPTS and generated:
                     raise WorkerUnavailable(
                         f"worker {placed.worker.worker_id} failed while streaming request "
-                        f"{request.request_id}: {exc}"
+                        f"{request.request_id} (after {len(generated)} tokens, the last of {attempt} "
+                        f"workers tried): {exc}"
                     ) from None
                 if attempt == MAX_ATTEMPTS:
                     raise WorkerUnavailable(
                         f"request {request.request_id} failed on {attempt} workers; last: {exc}"
                     ) from None
                 queued.exclude |= {placed.worker.worker_id}
-                log.warning("request %s goes back to the queue: %s", request.request_id, exc)
+                log.warning(
+                    "request %s goes back to the queue (%d tokens streamed, resumed on the next worker): %s",
+                    request.request_id, len(generated), exc,
+                )  # fmt: skip
 
     async def _relay(
-        self, request: inference_pb2.GenerateRequest, placed: Assignment, context: grpc.aio.ServicerContext
+        self,
+        request: inference_pb2.GenerateRequest,
+        placed: Assignment,
+        context: grpc.aio.ServicerContext,
+        generated: list[int],
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        """The worker's stream; a broken worker raises WorkerUnavailable (and is dropped)."""
+        """The worker's stream (resuming after `generated` tokens, if any); a broken worker
+        raises WorkerUnavailable (and is dropped)."""
         worker = placed.worker
-        call = _Call(self.channels.stub(worker.address).Generate(request, timeout=context.time_remaining()))
+        stub = self.channels.stub(worker.address)
+        if generated:
+            resume = worker_pb2.ResumeRequest(request=request, generated_token_ids=generated)
+            call = _Call(stub.Resume(resume, timeout=context.time_remaining()))
+        else:
+            call = _Call(stub.Generate(request, timeout=context.time_remaining()))
         self.calls.add(worker.worker_id, call)
         try:
             async for msg in call.call:

@@ -74,15 +74,20 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
-    async def generate(self, request: EngineRequest, stop: tuple[str, ...] = ()) -> AsyncIterator[Delta]:
-        """Yields deltas until the request finishes; aborts it if the caller goes away."""
+    async def generate(
+        self, request: EngineRequest, stop: tuple[str, ...] = (), resumed: int = 0
+    ) -> AsyncIterator[Delta]:
+        """Yields deltas until the request finishes; aborts it if the caller goes away.
+
+        `resumed`: the prompt's last tokens are output another worker already streamed
+        (see Worker.Resume): they count as completion tokens and their text is not sent again.
+        """
         if self._stopped:
             raise NotReady("worker is shutting down")
-        active = _Active(
-            TextStream(self.tokenizer, stop, prompt_tokens=len(request.prompt_token_ids)),
-            asyncio.Queue(),
-            asyncio.get_running_loop(),
-        )
+        stream = TextStream(self.tokenizer, stop, prompt_tokens=len(request.prompt_token_ids) - resumed)
+        for token in request.prompt_token_ids[len(request.prompt_token_ids) - resumed :]:
+            stream.push([token], None)  # sent already, one per step as then: the text is dropped
+        active = _Active(stream, asyncio.Queue(), asyncio.get_running_loop())
         if self.offloader is not None:
             await self._preload(request)
         self._send("add", (request, active))

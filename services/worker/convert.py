@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class ModelDefaults:
     eos_token_ids: frozenset[int]
     max_context: int
     default_max_tokens: int
+    vocab_size: int = 0  # 0: unknown
 
     @classmethod
     def from_model(cls, model: Any, default_max_tokens: int) -> ModelDefaults:
@@ -44,7 +46,8 @@ class ModelDefaults:
         else:
             sampling = SamplingParams(repetition_penalty=penalty)
         max_context = int(getattr(text_config(model), "max_position_embeddings", 0) or 2048)
-        return cls(sampling, eos_ids, max_context, default_max_tokens)
+        vocab_size = int(getattr(text_config(model), "vocab_size", 0) or 0)
+        return cls(sampling, eos_ids, max_context, default_max_tokens, vocab_size)
 
 
 def sampling_from_proto(msg: inference_pb2.SamplingParams, defaults: SamplingParams) -> SamplingParams:
@@ -93,6 +96,25 @@ def engine_request(
         logprobs=request.logprobs if request.HasField("logprobs") else None,
         cache_salt=request.cache_salt,
     )
+
+
+def resumed_request(
+    request: inference_pb2.GenerateRequest,
+    prompt_ids: list[int],
+    generated: list[int],
+    defaults: ModelDefaults,
+) -> EngineRequest:
+    """The engine request that continues `request` after `generated` tokens were streamed."""
+    if defaults.vocab_size and any(t >= defaults.vocab_size for t in generated):
+        vocab = defaults.vocab_size
+        raise InvalidRequest("generated_token_ids", f"ids must be below the vocabulary size {vocab}")
+    base = engine_request(request, prompt_ids, defaults)
+    remaining = base.max_new_tokens - len(generated)
+    if remaining < 1:
+        raise InvalidRequest(
+            "generated_token_ids", f"{len(generated)} tokens already reach max_tokens ({base.max_new_tokens})"
+        )
+    return dataclasses.replace(base, prompt_token_ids=prompt_ids + generated, max_new_tokens=remaining)
 
 
 def delta_to_proto(delta: Delta, request_id: str, model_id: str) -> inference_pb2.GenerateStreamResponse:

@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 
 from wicore.errors import ModelNotFound
-from wicore.v1 import inference_pb2, worker_pb2_grpc
+from wicore.v1 import inference_pb2, worker_pb2, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
-from wicore.worker.convert import ModelDefaults, delta_to_proto, engine_request
+from wicore.worker.convert import ModelDefaults, delta_to_proto, engine_request, resumed_request
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -35,6 +35,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         prompt_ids = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
         engine_req = engine_request(request, prompt_ids, self.defaults)
         async for delta in self.engine.generate(engine_req, tuple(request.stop)):
+            yield delta_to_proto(delta, request_id, self.model_id)
+
+    async def Resume(
+        self, request: worker_pb2.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        inner = request.request
+        self._check_model(inner.model)
+        request_id = inner.request_id or uuid.uuid4().hex
+        generated = list(request.generated_token_ids)
+        prompt_ids = await asyncio.to_thread(self.tokenizer.encode, inner.prompt)
+        engine_req = resumed_request(inner, prompt_ids, generated, self.defaults)
+        engine_req.request_id = request_id
+        async for delta in self.engine.generate(engine_req, tuple(inner.stop), resumed=len(generated)):
             yield delta_to_proto(delta, request_id, self.model_id)
 
     async def Tokenize(

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from wicore.v1 import inference_pb2 as wicore_dot_v1_dot_inference__pb2
+from wicore.v1 import worker_pb2 as wicore_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -39,6 +40,11 @@ class WorkerStub:
                 request_serializer=wicore_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/wicore.v1.Worker/Resume',
+                request_serializer=wicore_dot_v1_dot_worker__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/wicore.v1.Worker/Tokenize',
                 request_serializer=wicore_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
@@ -56,6 +62,15 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Continues a request whose worker failed mid-stream: the tokens it had streamed
+        are appended to the prompt, and the stream goes on from there (text, usage and
+        max_tokens as if it had never stopped).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Tokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -68,6 +83,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=wicore_dot_v1_dot_worker__pb2.ResumeRequest.FromString,
                     response_serializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
@@ -102,6 +122,33 @@ class Worker:
             target,
             '/wicore.v1.Worker/Generate',
             wicore_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/wicore.v1.Worker/Resume',
+            wicore_dot_v1_dot_worker__pb2.ResumeRequest.SerializeToString,
             wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,

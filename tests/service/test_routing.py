@@ -163,55 +163,55 @@ async def test_invalid_workload_type_and_priority_are_named(client: inference_pb
     assert reply.usage.completion_tokens == 2
 
 
-async def consume(call: grpc.aio.Call) -> tuple[str, int, str]:
-    """(status code name, tokens received, details) of one stream, however it ends."""
-    tokens = 0
+async def consume(call: grpc.aio.Call) -> tuple[str, list[int], str]:
+    """(status code name, token ids received, details) of one stream, however it ends."""
+    tokens: list[int] = []
     try:
         while (msg := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-            tokens += len(msg.token_ids)
+            tokens += msg.token_ids
     except grpc.aio.AioRpcError as exc:
         return exc.code().name, tokens, exc.details() or ""
     return "OK", tokens, ""
 
 
-async def test_killed_worker_under_load_loses_no_queued_request_and_rejoins(
+async def test_killed_worker_under_load_loses_no_request_and_rejoins(
     tmp_path: Path, tiny_llama_dir: Path, redis_url: str
 ) -> None:
+    """kill -9 of a worker with streams running and queued: every stream completes (those that
+    had tokens resume on the other worker), greedy output as if nothing happened."""
     stack = await asyncio.to_thread(
         start_stack, tmp_path, str(tiny_llama_dir), redis_url, 2, {"worker.max_batch_size": 2}
     )
+
+    def greedy(i: int) -> pb.GenerateRequest:
+        request = short(f"request {i}", max_tokens=300)
+        request.sampling.temperature = 0.0
+        return request
+
     try:
         async with grpc.aio.insecure_channel(stack.gateway) as channel:
             client = inference_pb2_grpc.InferenceStub(channel)
-            calls = [client.GenerateStream(short(f"request {i}", max_tokens=300)) for i in range(8)]
+            calls = [client.GenerateStream(greedy(i)) for i in range(8)]
             firsts = [await call.read() for call in calls[:2]]  # type: ignore[attr-defined]
             assert all(m.token_ids for m in firsts)
-            first_tokens = [len(m.token_ids) for m in firsts] + [0] * 6
             status = await list_workers(stack)
             victim = next(w for w in status.workers if w.inflight > 0)
             os.kill(pid_listening_on(stack.proc.pid, int(victim.address.rsplit(":", 1)[1])), signal.SIGKILL)
-            rest = await asyncio.wait_for(asyncio.gather(*(consume(c) for c in calls)), timeout=60)
-            results = [
-                (code, first + n, details)
-                for first, (code, n, details) in zip(first_tokens, rest, strict=True)
-            ]
-            failed = [r for r in results if r[0] != "OK"]
-            # Only streams that had produced tokens on the victim may fail, with UNAVAILABLE.
-            assert len(failed) <= 2, results
-            for code, tokens, details in failed:
-                assert (
-                    code == "UNAVAILABLE" and f"worker {victim.worker_id} failed while streaming" in details
-                )
-                assert tokens > 0
-            assert all(tokens == 300 for code, tokens, _ in results if code == "OK")
+            rest = await asyncio.wait_for(asyncio.gather(*(consume(c) for c in calls)), timeout=90)
+            assert [code for code, _, _ in rest] == ["OK"] * 8, rest
+            received = [list(m.token_ids) for m in firsts] + [[] for _ in range(6)]
+            received = [head + ids for head, (_, ids, _) in zip(received, rest, strict=True)]
+            assert [len(ids) for ids in received] == [300] * 8
             assert f"worker {victim.worker_id} dropped" in stack.log()
+            assert "resumed on the next worker" in stack.log()
 
             async def rejoined() -> bool:
                 ids = {w.worker_id for w in (await list_workers(stack)).workers}
                 return victim.worker_id in ids and len(ids) == 2
 
             await until(rejoined, 60.0, "the restarted worker never rejoined")
-            reply = await client.Generate(short("after the crash", max_tokens=3))
-            assert reply.usage.completion_tokens == 3
+            for i, ids in enumerate(received):  # the same requests, undisturbed
+                reply = await client.Generate(greedy(i))
+                assert list(reply.token_ids) == ids, f"request {i}"
     finally:
         assert stack.stop() == 0

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wicore.v1 import inference_pb2 as pb
-from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from stack import Stack, start_stack
 
@@ -240,3 +240,39 @@ async def test_logprobs_come_with_each_token(client: inference_pb2_grpc.Inferenc
     for lp in reply.logprobs:
         assert len(lp.top) == 3 and lp.top[0].token_id == lp.token_id  # greedy picks the top token
         assert lp.logprob <= 0 and lp.top[0].logprob >= lp.top[1].logprob >= lp.top[2].logprob
+
+
+async def test_worker_resume_continues_a_stream_where_it_stopped(stack: Stack, hf: tuple) -> None:
+    """Worker.Resume (what the scheduler calls when a worker dies mid-stream): the tokens already
+    streamed join the prompt, the rest comes out as in one uninterrupted run."""
+    prompt, n, k = "The quick brown fox", 24, 9
+    want = reference(hf, prompt, n)
+    full = greedy(prompt, max_tokens=n, request_id="whole")
+    async with grpc.aio.insecure_channel(stack.workers[0]) as channel:
+        worker = worker_pb2_grpc.WorkerStub(channel)
+        whole = [m async for m in worker.Generate(full)]
+        resume = worker_pb2.ResumeRequest(
+            request=greedy(prompt, max_tokens=n, request_id="r"), generated_token_ids=want[:k]
+        )
+        rest = [m async for m in worker.Resume(resume)]
+        assert [t for m in rest for t in m.token_ids] == want[k:]
+        assert rest[-1].usage.prompt_tokens == whole[-1].usage.prompt_tokens
+        assert rest[-1].usage.completion_tokens == n
+        sent, count = "", 0  # what the uninterrupted stream had sent after k tokens
+        for m in whole:
+            if count + len(m.token_ids) > k:
+                break
+            sent, count = sent + m.text, count + len(m.token_ids)
+        assert count == k
+        assert sent + "".join(m.text for m in rest) == "".join(
+            m.text for m in whole
+        )  # nothing twice, nothing lost
+
+        for generated, field in (([10**6], "generated_token_ids"), (want, "generated_token_ids")):
+            bad = worker_pb2.ResumeRequest(
+                request=greedy(prompt, max_tokens=n), generated_token_ids=generated
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [m async for m in worker.Resume(bad)]
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (err.value.details() or "").startswith(f"{field}:")
