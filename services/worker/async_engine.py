@@ -49,7 +49,6 @@ class AsyncEngine:
         self.engine = engine
         self.tokenizer = tokenizer
         self.offloader = offloader
-        self._resident: frozenset[BlockHash] = frozenset()  # the device's prefix cache after the last step
         if offloader is not None:
             engine.enable_offload(offloader.spill, offloader.observe)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -117,8 +116,7 @@ class AsyncEngine:
         assert self.offloader is not None
         try:
             chain = self.engine.prefix_chain(list(request.prompt_token_ids), request.cache_salt)
-            resident = self._resident
-            start = next((i for i, h in enumerate(chain) if h not in resident), len(chain))
+            start = self.engine.device_prefix(chain)
             if start < len(chain):
                 kv = await self.offloader.load(chain[start:])
                 if kv:
@@ -159,8 +157,6 @@ class AsyncEngine:
                         self.engine.abort_request(out.request_id)
                 active.loop.call_soon_threadsafe(active.queue.put_nowait, delta)
             self._stats = self.engine.stats()
-            if self.offloader is not None:
-                self._resident = self.engine.resident_hashes()
         self._fail_all(NotReady("worker stopped"))
 
     def _drain_inbox(self) -> None:

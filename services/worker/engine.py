@@ -36,6 +36,11 @@ class Engine(Protocol):
         """The prefix-cache block hashes on the device now (for routing)."""
         ...
 
+    def device_prefix(self, chain: list[BlockHash]) -> int:
+        """How many leading blocks of `chain` the device holds now; callable from any thread
+        (a hint: the engine thread may reclaim them right after)."""
+        ...
+
     def prefix_chain(self, token_ids: list[int], cache_salt: str) -> list[BlockHash]:
         """The block hashes an admission of these tokens could reuse (thread-safe: pure)."""
         ...

@@ -172,6 +172,10 @@ class PagedEngine:
     def _prefix_hashes(self, seq: Sequence) -> list[BlockHash]:
         return self.prefix_chain(seq.token_ids, seq.request.cache_salt)
 
+    def device_prefix(self, chain: list[BlockHash]) -> int:
+        # Only dict membership tests, atomic under the GIL: safe beside the engine thread.
+        return next((i for i, h in enumerate(chain) if not self.pool.contains(h)), len(chain))
+
     def prefix_chain(self, token_ids: list[int], cache_salt: str) -> list[BlockHash]:
         """Hashes of the blocks a new admission may take from the cache: every full
         block but the one holding the last token (at least one token must be computed)."""
