@@ -62,7 +62,7 @@ def make_blocks(count: int, codec: str) -> list[tuple[BlockHash, KvPayload]]:
     return blocks
 
 
-async def time_cpu(blocks: list[tuple[BlockHash, KvPayload]], root: Path) -> dict[str, float]:
+async def time_cpu(blocks: list[tuple[BlockHash, KvPayload]]) -> dict[str, float]:
     config = TierConfig(cpu_capacity_bytes=4 * GiB, cpu_codec="q8", nvme_capacity_bytes=0)
     manager = TierManager(config, A2crConfig(), None, None)
     received = [(h, bytearray(b.payload), b) for h, b in blocks]  # as the chunk assembler holds them
@@ -170,7 +170,7 @@ def main() -> int:
     cpu_runs, nvme_runs = [], []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            cpu_runs.append(asyncio.run(time_cpu(q8, Path(tmp))))
+            cpu_runs.append(asyncio.run(time_cpu(q8)))
             nvme_runs.append(asyncio.run(time_nvme(q4, Path(tmp), args.get_batch)))
     cpu, nvme = median_of(cpu_runs), median_of(nvme_runs)
     print(f"\ntiers, {args.blocks} blocks (q8 {q8[0][1].nbytes} B, q4 {q4[0][1].nbytes} B each), GB/s")

@@ -55,7 +55,7 @@ GROUP = 32
 _LZ4_MIN_SAVING = 64  # keep lz4 only if it saves at least 1/64 of the payload
 _F16_MAX = 65504.0
 _SLICE_VALUES = 1 << 19  # values encoded or decoded at once (see _layer_slices)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CodecName(enum.Enum):
@@ -82,8 +82,8 @@ class EncodedBlock:
     def __post_init__(self) -> None:
         if not isinstance(self.codec, CodecName):
             raise ValueError(f"codec: expected a CodecName, got {self.codec!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype: unsupported {self.dtype!r} (supported: {', '.join(_DTYPES)})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: unsupported {self.dtype!r} (supported: {', '.join(DTYPES)})")
         _check_shape(self.shape)
         _check_sinks(self.codec, self.sink_tokens, self.shape[2])
 
@@ -106,8 +106,8 @@ def encode_block(
     loses precision, and fp16 overflows to inf beyond ±65504).
     """
     dtype = str(kv.dtype).removeprefix("torch.")
-    if dtype not in _DTYPES or kv.device.type != "cpu":
-        raise ValueError(f"kv: expected a CPU tensor of {', '.join(_DTYPES)}, got {kv.dtype} on {kv.device}")
+    if dtype not in DTYPES or kv.device.type != "cpu":
+        raise ValueError(f"kv: expected a CPU tensor of {', '.join(DTYPES)}, got {kv.dtype} on {kv.device}")
     shape = tuple(kv.shape)
     _check_shape(shape)
     sinks = sink_tokens if codec in _QUANTISED else 0
@@ -134,7 +134,7 @@ def decode_block(block: EncodedBlock) -> torch.Tensor:
     for name, dtype, shape in layout:
         sections[name] = _section(buf, dtype, shape, offset)
         offset += sections[name].nbytes
-    out = torch.empty(block.shape, dtype=_DTYPES[block.dtype])
+    out = torch.empty(block.shape, dtype=DTYPES[block.dtype])
     decode, slices = _DECODERS[block.codec], _layer_slices(block.shape)
     if len(slices) == 1:  # saves slicing every section
         decode(sections, out)

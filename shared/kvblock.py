@@ -15,13 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from wicore.codecs import EncodedBlock, codec_from_name, decode_block, encode_block
+from wicore.codecs import DTYPES, CodecName, EncodedBlock, codec_from_name, decode_block, encode_block
 from wicore.hashing import payload_checksum
 
 RAW = "raw"
-CODECS = (RAW, "fp16", "bf16", "q8", "q4")
-LOSSLESS = (RAW,)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CODECS = (RAW, *(c.value for c in CodecName))
 
 
 def check_codec(name: str, field: str) -> str:
@@ -101,11 +99,8 @@ def decode_kv(block: KvPayload) -> torch.Tensor:
     return decode_block(encoded)
 
 
-def transcode(
-    block: KvPayload, codec: str, *, sink_tokens: int | None = None, use_lz4: bool = True
-) -> KvPayload:
+def transcode(block: KvPayload, codec: str, *, use_lz4: bool = True) -> KvPayload:
     """`block` in `codec` (the same object when it already is); lossy codecs lose precision once more."""
     if block.codec == codec:
         return block
-    sinks = block.sink_tokens if sink_tokens is None else sink_tokens
-    return encode_kv(decode_kv(block), codec, sink_tokens=sinks, use_lz4=use_lz4)
+    return encode_kv(decode_kv(block), codec, sink_tokens=block.sink_tokens, use_lz4=use_lz4)

@@ -12,29 +12,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import grpc
 
+from wicore.config import TierConfig
 from wicore.hashing import BlockHash
 from wicore.kvblock import KvPayload
 from wicore.server import CHANNEL_OPTIONS
-from wicore.tier_wire import BadStream, block_chunks, read_blocks
+from wicore.tier_wire import BadStream, Observation, block_chunks, read_blocks
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 TIER_NAMES = {tier_pb2.STORAGE_TIER_CPU: "cpu", tier_pb2.STORAGE_TIER_NVME: "nvme"}
-CHUNK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """`mass` of a sequence's attention (on the probe layer, one step) fell on this block."""
-
-    block_hash: BlockHash
-    mass: float
-    blocks_in_sequence: int
+CHUNK_BYTES = TierConfig().chunk_bytes
 
 
 class TierClient:
@@ -54,7 +45,6 @@ class TierClient:
         self._retry_after_s = retry_after_s
         self._clock = clock
         self._down_until = 0.0
-        self.failures = 0
 
     @property
     def available(self) -> bool:
@@ -130,5 +120,4 @@ class TierClient:
         if self.available:
             log.warning("tier %s: %s failed (%s); recomputing without it for %.1f s",
                         self.address, call, exc, self._retry_after_s)  # fmt: skip
-        self.failures += 1
         self._down_until = self._clock() + self._retry_after_s

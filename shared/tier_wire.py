@@ -12,6 +12,7 @@ it receives, `wicore.tier.convert`) and its clients (workers, tests, benchmarks)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 from wicore.hashing import BlockHash, payload_checksum
 from wicore.kvblock import RAW, KvPayload
@@ -25,6 +26,15 @@ CODEC_FROM_PROTO = {
     tier_pb2.CODEC_Q4: "q4",
 }
 CODEC_TO_PROTO = {codec: proto for proto, codec in CODEC_FROM_PROTO.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """`mass` of a sequence's attention (one measurement) fell on this block (UpdateScores)."""
+
+    block_hash: BlockHash
+    mass: float
+    blocks_in_sequence: int
 
 
 class BadStream(Exception):

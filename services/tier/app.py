@@ -14,9 +14,10 @@ import torch
 from wicore.config import Config, TierConfig
 from wicore.errors import ConfigError
 from wicore.kvblock import check_codec
+from wicore.redis_server import fast_failing_client
 from wicore.server import ServiceServer
 from wicore.tier.manager import TierManager
-from wicore.tier.metadata import BlockMetadata, connect_redis
+from wicore.tier.metadata import BlockMetadata
 from wicore.tier.nvme import keep_freed_memory
 from wicore.tier.policy import POLICIES
 from wicore.tier.servicer import TierServicer
@@ -24,6 +25,7 @@ from wicore.v1 import tier_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+REDIS_TIMEOUT_S = 0.5  # Redis is a mirror: a slow one must not stall RPCs
 MAX_TICK_S = 1.0  # how often the loop retries Redis and flushes, at most this far apart
 
 
@@ -74,7 +76,7 @@ async def serve(config: Config) -> None:
     check_tier_config(tc)
     torch.set_num_threads(1)  # codec work: one thread beside the event loop, on a shared machine
     keep_freed_memory()
-    redis = connect_redis(config.redis.url)
+    redis = fast_failing_client(config.redis.url, REDIS_TIMEOUT_S)
     metadata = BlockMetadata(redis, config.redis.namespace)
     manager = TierManager(
         tc, config.a2cr_config, metadata, nvme_root(config) if tc.nvme_capacity_bytes else None

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from wicore.errors import InvalidRequest
 from wicore.hashing import BlockHash, payload_checksum, validate_block_hash
 from wicore.kvblock import DTYPES, RAW, KvPayload
-from wicore.tier.manager import ManagerStats, Observation
+from wicore.tier.manager import ManagerStats
 from wicore.tier.store import StorageTier, TierStats
-from wicore.tier_wire import CODEC_FROM_PROTO, CODEC_TO_PROTO, block_chunks
+from wicore.tier_wire import CODEC_FROM_PROTO, CODEC_TO_PROTO, Observation, block_chunks
 from wicore.v1 import tier_pb2
 
 TIER_TO_PROTO = {StorageTier.CPU: tier_pb2.STORAGE_TIER_CPU, StorageTier.NVME: tier_pb2.STORAGE_TIER_NVME}

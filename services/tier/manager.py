@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -47,9 +46,11 @@ from wicore.tier.policy import (
     bytes_to_free,
     make_policy,
     observe_attention,
+    room_to_make,
     select_victims,
 )
 from wicore.tier.store import CpuTier, StorageTier, TierStats
+from wicore.tier_wire import Observation
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
@@ -59,15 +60,6 @@ _R = TypeVar("_R")
 class Entry:
     stats: BlockStats  # size_bytes: the copy in the fastest tier
     nvme: bool = False  # a durable copy exists on NVMe
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """One worker's measurement: `mass` of a sequence's attention fell on this block."""
-
-    block_hash: BlockHash
-    mass: float
-    blocks_in_sequence: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +73,6 @@ class PrefetchResult:
     promoted: int
     already_cpu: int
     missing: int
-
-
-class Moved(enum.Enum):
-    DEMOTED = "demoted"
-    PROMOTED = "promoted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +119,7 @@ class TierManager:
         self._dirty: set[BlockHash] = set()
         self._lock = asyncio.Lock()
         self._codec_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier-codec")
-        self.moved = {Moved.DEMOTED: [0, 0], Moved.PROMOTED: [0, 0]}  # [blocks, bytes]
+        self.blocks_demoted = self.bytes_demoted = self.blocks_promoted = self.bytes_promoted = 0
 
     # --- lifecycle ---
 
@@ -231,8 +218,9 @@ class TierManager:
     async def prefetch(self, hashes: Sequence[BlockHash]) -> PrefetchResult:
         """Promotes blocks that sit only on NVMe to the CPU tier, ahead of a GetBlocks."""
         wanted = list(dict.fromkeys(hashes))
-        in_cpu = [h for h in wanted if self.tier_of(h) is StorageTier.CPU]
-        on_nvme = [h for h in wanted if self.tier_of(h) is StorageTier.NVME]
+        where = {h: self.tier_of(h) for h in wanted}
+        in_cpu = [h for h, t in where.items() if t is StorageTier.CPU]
+        on_nvme = [h for h, t in where.items() if t is StorageTier.NVME]
         promoted = 0
         for block_hash in in_cpu + on_nvme:  # a request is about to read them: an access
             self._touch(block_hash, self._entries[block_hash])
@@ -334,15 +322,14 @@ class TierManager:
             tiers.append(TierStats(StorageTier.NVME, self.config.nvme_codec, n.capacity_bytes,
                                    n.used_bytes, n.blocks, n.hits, n.misses, n.bytes_in, n.bytes_out,
                                    n.evictions))  # fmt: skip
-        demoted, promoted = self.moved[Moved.DEMOTED], self.moved[Moved.PROMOTED]
         return ManagerStats(
             tiers=tiers,
             policy=self.config.policy,
-            params={tier: _params(p) for tier, p in self.policies.items()},
-            blocks_demoted=demoted[0],
-            bytes_demoted=demoted[1],
-            blocks_promoted=promoted[0],
-            bytes_promoted=promoted[1],
+            params={tier: p.params for tier, p in self.policies.items()},
+            blocks_demoted=self.blocks_demoted,
+            bytes_demoted=self.bytes_demoted,
+            blocks_promoted=self.blocks_promoted,
+            bytes_promoted=self.bytes_promoted,
             corrupt_blocks=self.nvme.corrupt if self.nvme is not None else 0,
             redis_ok=self.metadata.redis_ok if self.metadata is not None else False,
         )
@@ -399,10 +386,9 @@ class TierManager:
         """Demotes the policy's victims until `size` more bytes fit, down to the low watermark."""
         assert self.cpu is not None
         cpu = self.cpu
-        over = cpu.used_bytes + size - cpu.capacity_bytes
-        if over <= 0:
+        target = room_to_make(cpu.used_bytes, size, cpu.capacity_bytes, self.config.low_watermark)
+        if target <= 0:
             return []
-        target = max(over, cpu.used_bytes + size - int(self.config.low_watermark * cpu.capacity_bytes))
         victims = select_victims(self.policies[StorageTier.CPU], self._tier_stats(StorageTier.CPU), target)
         return await self._demote([v.block_hash for v in victims])
 
@@ -430,7 +416,8 @@ class TierManager:
                 written = to_write.get(block_hash)
                 entry.stats.size_bytes = self.nvme.sizes_of(block_hash) if self.nvme is not None else 0
                 if written is not None:  # a block with a copy already there moves no bytes
-                    self._count(Moved.DEMOTED, entry.stats.size_bytes)
+                    self.blocks_demoted += 1
+                    self.bytes_demoted += entry.stats.size_bytes
                 self._dirty.add(block_hash)
             else:
                 self._forget(block_hash)
@@ -446,11 +433,11 @@ class TierManager:
         assert self.nvme is not None
         if not blocks:
             return []
-        need = sum(HEADER_SIZE + b.nbytes for b in blocks.values()) - self.nvme.free_bytes
-        low = int(self.config.low_watermark * self.nvme.capacity_bytes)
-        lost = await self._evict_nvme(
-            max(need, self.nvme.used_bytes + need - low) if need > 0 else 0, set(blocks)
-        )
+        nvme = self.nvme
+        incoming = sum(HEADER_SIZE + b.nbytes for b in blocks.values())
+        taken = nvme.capacity_bytes - nvme.free_bytes  # stored and reserved by writes in flight
+        need = room_to_make(taken, incoming, nvme.capacity_bytes, self.config.low_watermark)
+        lost = await self._evict_nvme(need, set(blocks))
         metas = {h: self._nvme_meta(h, b, created) for h, b in blocks.items()}
         results = await asyncio.gather(
             *(self.nvme.aput(metas[h], b.payload) for h, b in blocks.items()), return_exceptions=True
@@ -510,7 +497,8 @@ class TierManager:
                 continue
             self.cpu.put(block_hash, block)
             entry.stats.size_bytes = block.nbytes
-            self._count(Moved.PROMOTED, block.nbytes)
+            self.blocks_promoted += 1
+            self.bytes_promoted += block.nbytes
             self._dirty.add(block_hash)
             promoted += 1
         return promoted
@@ -567,10 +555,6 @@ class TierManager:
         else:
             self.cpu.hits += 1
             self.cpu.bytes_out += block.nbytes
-
-    def _count(self, kind: Moved, nbytes: int) -> None:
-        self.moved[kind][0] += 1
-        self.moved[kind][1] += nbytes
 
     def _tier_stats(self, tier: StorageTier) -> list[BlockStats]:
         """The blocks of one tier, each with that tier's copy size (copies: the policy reads them only)."""
@@ -629,8 +613,3 @@ def _field(fields: dict[str, str], name: str, default: float) -> float:
         return float(fields[name])
     except (KeyError, ValueError):
         return default
-
-
-def _params(policy: EvictionPolicy) -> TunedParams | None:
-    params = getattr(policy, "params", None)
-    return params if isinstance(params, TunedParams) else None

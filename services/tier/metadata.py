@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
@@ -43,16 +41,6 @@ log = logging.getLogger(__name__)
 # Unreachable (ConnectionError, TimeoutError) or refusing (OOM, READONLY...): serve on regardless.
 REDIS_DOWN = (RedisError, OSError)
 BATCH = 1000  # keys per command or pipeline when many blocks are written, read or deleted
-
-
-def connect_redis(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
-    """A client that fails fast (no retries, short timeouts) so a dead Redis never stalls RPCs."""
-    return aioredis.from_url(
-        url,
-        socket_connect_timeout=timeout_s,
-        socket_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,6 +148,11 @@ class EvictionPolicy(Protocol):
     @property
     def threshold(self) -> float | None: ...
 
+    @property
+    def params(self) -> TunedParams | None:
+        """The current (tuned) threshold and decay; None for a policy without them."""
+        ...
+
     def score(self, stats: BlockStats) -> float: ...
 
     def touch(self, stats: BlockStats) -> None: ...
@@ -220,6 +225,7 @@ class LRUPolicy:
 
     name = "lru"
     threshold = None
+    params = None
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -239,6 +245,7 @@ class LFUPolicy:
 
     name = "lfu"
     threshold = None
+    params = None
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -303,6 +310,14 @@ def select_victims(
         if freed >= bytes_to_free:
             break
     return victims
+
+
+def room_to_make(used: int, incoming: int, capacity: int, low: float) -> int:
+    """Bytes to free before `incoming` bytes go in: 0 while they fit; otherwise enough to
+    bring the tier down to its low watermark with them, used + incoming - floor(low * capacity)."""
+    if used + incoming <= capacity:
+        return 0
+    return used + incoming - math.floor(low * capacity)
 
 
 def bytes_to_free(used: int, capacity: int, high: float = 0.9, low: float = 0.8) -> int:

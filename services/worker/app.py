@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import torch
 
+from wicore.codecs import DTYPES
 from wicore.config import Config, GiB
 from wicore.errors import ConfigError
 from wicore.kvblock import check_codec
@@ -31,8 +32,6 @@ from wicore.worker.residency import ResidencyPublisher
 from wicore.worker.servicer import WorkerServicer
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from wicore.hashing import BlockHash
-from wicore.tier_client import Observation
+from wicore.tier_wire import Observation
 from wicore.worker.engine_types import EngineRequest, EngineStats, StepOutput
 from wicore.worker.kv_io import Spilled
 

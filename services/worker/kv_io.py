@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from wicore.hashing import BlockHash
-from wicore.tier_client import Observation
+from wicore.tier_wire import Observation
 from wicore.worker.paged_attention import KVPool
 
 

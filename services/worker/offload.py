@@ -33,7 +33,8 @@ import torch
 
 from wicore.hashing import BlockHash
 from wicore.kvblock import KvPayload, decode_kv, encode_kv
-from wicore.tier_client import Observation, TierClient
+from wicore.tier_client import TierClient
+from wicore.tier_wire import Observation
 from wicore.worker.kv_io import Spilled
 
 log = logging.getLogger(__name__)

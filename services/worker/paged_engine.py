@@ -20,7 +20,7 @@ import torch
 
 from wicore.errors import Overloaded
 from wicore.hashing import BlockHash, chain_hashes, root_hash
-from wicore.tier_client import Observation
+from wicore.tier_wire import Observation
 from wicore.worker.batch_scheduler import BatchScheduler, ScheduledSeq
 from wicore.worker.block_pool import BlockPool, Reclaimed
 from wicore.worker.engine_types import EngineRequest, EngineStats, FinishReason, StepOutput

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from wicore.config import load_config
 from wicore.hashing import BlockHash
-from wicore.tier_client import Observation
+from wicore.tier_wire import Observation
 from wicore.worker.app import load_model
 from wicore.worker.engine_types import EngineRequest, StepOutput
 from wicore.worker.kv_io import Spilled, read_blocks

@@ -27,6 +27,7 @@ from wicore.tier.policy import (
     bytes_to_free,
     make_policy,
     observe_attention,
+    room_to_make,
     select_victims,
 )
 
@@ -347,3 +348,9 @@ def test_replay_all_reports_every_policy() -> None:
     for key in ("hit_rate", "bytes_moved"):
         assert set(result[key]) == {"a2cr", "lru", "lfu"}
     assert all(0.0 < rate < result["params"]["ideal_hit_rate"] for rate in result["hit_rate"].values())
+
+
+def test_room_to_make_frees_down_to_the_low_watermark_only_when_needed() -> None:
+    assert room_to_make(used=60, incoming=40, capacity=100, low=0.8) == 0  # fits exactly
+    assert room_to_make(used=90, incoming=20, capacity=100, low=0.8) == 30  # 110 - 80
+    assert room_to_make(used=0, incoming=150, capacity=100, low=0.8) == 70  # never fits: callers refuse it
