@@ -77,6 +77,18 @@ def chain_hashes(
     return hashes
 
 
+def reusable_chain(
+    model_fingerprint: str, cache_salt: str, token_ids: Sequence[int], block_size: int
+) -> list[BlockHash]:
+    """Hashes of the blocks an admission of `token_ids` may take from a cache: every full
+    block but the one holding the last token (at least one token must be computed).
+    The engine, the scheduler's router and the tiers all key prefixes by this."""
+    usable = (len(token_ids) - 1) // block_size
+    return chain_hashes(
+        root_hash(model_fingerprint, cache_salt), token_ids[: usable * block_size], block_size
+    )
+
+
 def payload_checksum(data: bytes | bytearray | memoryview) -> str:
     """XXH3-128 hex digest of a block's payload bytes: catches corruption, not forgery.
 

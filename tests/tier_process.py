@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import uuid
@@ -21,6 +20,8 @@ from wicore.tier_wire import block_chunks as wire_chunks
 from wicore.tier_wire import read_blocks
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
+from stack import free_port
+
 MiB = 1 << 20
 BLOCK_SHAPE = (8, 2, 16, 4, 64)  # float32: 256 KiB raw
 BLOCK_BYTES = 8 * 2 * 16 * 4 * 64 * 4
@@ -31,12 +32,6 @@ START_CODE = (
     "import asyncio,sys; from wicore.config import load_config; from wicore.tier.app import serve; "
     "asyncio.run(serve(load_config(sys.argv[1])))"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def new_hash() -> BlockHash:

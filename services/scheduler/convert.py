@@ -65,6 +65,17 @@ def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> WorkerLoad:
     )
 
 
+def load_to_proto(load: WorkerLoad) -> scheduler_pb2.WorkerLoad:
+    return scheduler_pb2.WorkerLoad(
+        running=load.running,
+        waiting=load.waiting,
+        free_blocks=load.free_blocks,
+        loaded_blocks=load.loaded_blocks,
+        spilled_blocks=load.spilled_blocks,
+        spill_failed_blocks=load.spill_failed_blocks,
+    )
+
+
 def worker_from_proto(msg: scheduler_pb2.RegisterWorkerRequest) -> WorkerInfo:
     return WorkerInfo(
         worker_id=msg.worker_id,
@@ -88,14 +99,7 @@ def worker_status(w: WorkerInfo, now: float, batch_limit: int) -> scheduler_pb2.
         address=w.address,
         device=w.device,
         model=w.model,
-        load=scheduler_pb2.WorkerLoad(
-            running=w.load.running,
-            waiting=w.load.waiting,
-            free_blocks=w.load.free_blocks,
-            loaded_blocks=w.load.loaded_blocks,
-            spilled_blocks=w.load.spilled_blocks,
-            spill_failed_blocks=w.load.spill_failed_blocks,
-        ),
+        load=load_to_proto(w.load),
         inflight=w.inflight,
         seconds_since_heartbeat=now - w.last_seen,
         dispatched=w.dispatched,

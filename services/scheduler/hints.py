@@ -22,9 +22,6 @@ class PlacementHints:
         self.max_entries = max_entries
         self._placed: collections.OrderedDict[tuple[str, BlockHash], float] = collections.OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._placed)
-
     def record(self, worker_id: str, hashes: Sequence[BlockHash], now: float) -> None:
         for h in hashes:
             key = (worker_id, h)

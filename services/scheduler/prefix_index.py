@@ -2,8 +2,7 @@
 
 The scheduler tokenizes the prompt with the model's own tokenizer (loaded once
 from the `tokenizer_path` a worker registers, in a thread) and hashes its full
-blocks exactly as the worker's engine does: `chain_hashes(root_hash(fingerprint,
-cache_salt), tokens[: usable blocks])`, with the fingerprint and block size the
+blocks exactly as the worker's engine does (`hashing.reusable_chain`), with the fingerprint and block size the
 worker registered. One pipelined round trip then asks, per live worker,
 `SMISMEMBER {ns}:res:{worker} h_0 … h_k` (the blocks on its device, published by
 the worker each heartbeat) and, per block, `HGET {ns}:blk:{h} tier` (written by
@@ -25,7 +24,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from wicore.hashing import BlockHash, chain_hashes, root_hash
+from wicore.hashing import BlockHash, reusable_chain
+from wicore.redis_keys import block_key, residency_key
 from wicore.redis_server import fast_failing_client
 from wicore.scheduler.registry import WorkerInfo
 from wicore.scheduler.state import PrefixInfo, Tier
@@ -33,14 +33,6 @@ from wicore.scheduler.state import PrefixInfo, Tier
 log = logging.getLogger(__name__)
 
 BYTES_PER_TOKEN_ESTIMATE = 4
-
-
-def residency_key(namespace: str, worker_id: str) -> str:
-    return f"{namespace}:res:{worker_id}"
-
-
-def block_key(namespace: str, block_hash: str) -> str:
-    return f"{namespace}:blk:{block_hash}"
 
 
 def estimate_tokens(prompt: str) -> int:
@@ -103,8 +95,7 @@ class PrefixIndex:
             return estimate_tokens(prompt), PrefixInfo()
         ids: list[int] = await asyncio.to_thread(tokenizer.encode, prompt)
         bs = first.block_size
-        usable = (len(ids) - 1) // bs
-        hashes = tuple(chain_hashes(root_hash(first.fingerprint, cache_salt), ids[: usable * bs], bs))
+        hashes = tuple(reusable_chain(first.fingerprint, cache_salt, ids, bs))
         group = [w.worker_id for w in workers if (w.fingerprint, w.block_size) == (first.fingerprint, bs)]
         device, tier = await self.lookup(group, hashes)
         return max(1, len(ids)), PrefixInfo(hashes, first.fingerprint, bs, device, tier)

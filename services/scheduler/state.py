@@ -69,6 +69,9 @@ class PrefixInfo:
     def __post_init__(self) -> None:
         if self.tier and len(self.tier) != len(self.hashes):
             raise ValueError(f"tier has {len(self.tier)} entries for {len(self.hashes)} hashes")
+        for worker_id, n in self.device.items():
+            if not 0 <= n <= len(self.hashes):
+                raise ValueError(f"device[{worker_id!r}] = {n} is outside [0, {len(self.hashes)}]")
 
     def to_prefetch(self) -> list[BlockHash]:
         """The NVMe blocks of the reusable prefix that no worker holds on its device.
@@ -86,9 +89,6 @@ class PrefixInfo:
             if i >= on_device and tier is Tier.NVME:
                 wanted.append(block_hash)
         return wanted
-        for worker_id, n in self.device.items():
-            if not 0 <= n <= len(self.hashes):
-                raise ValueError(f"device[{worker_id!r}] = {n} is outside [0, {len(self.hashes)}]")
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from wicore.hashing import BlockHash
+from wicore.redis_keys import block_key, block_pattern, score_key
 from wicore.tier.store import StorageTier
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,10 @@ class BlockMetadata:
         return self._ok
 
     def block_key(self, block_hash: BlockHash) -> str:
-        return f"{self._ns}:blk:{block_hash}"
+        return block_key(self._ns, block_hash)
 
     def score_key(self, tier: StorageTier) -> str:
-        return f"{self._ns}:a2cr:{tier.value}"
+        return score_key(self._ns, tier.value)
 
     @property
     def sentinel_key(self) -> str:
@@ -144,7 +145,9 @@ class BlockMetadata:
     async def _resync(self, records: Sequence[BlockRecord]) -> None:
         keep = {self.block_key(r.block_hash).encode() for r in records}
         stale = [
-            k async for k in self._redis.scan_iter(match=f"{self._ns}:blk:*", count=BATCH) if k not in keep
+            k
+            async for k in self._redis.scan_iter(match=block_pattern(self._ns), count=BATCH)
+            if k not in keep
         ]
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(*(self.score_key(t) for t in StorageTier))

@@ -108,10 +108,12 @@ class Registration:
             request.worker_id,
             ttl_s=max(10.0, 3 * config.scheduler.worker_timeout_s),
         )
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        # Two loops: routing data (residency) may wait on the engine thread or Redis;
+        # liveness (heartbeats) must never wait behind it.
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._publish_loop())]
 
     def _load(self) -> scheduler_pb2.WorkerLoad:
         stats = self.engine.stats()
@@ -130,7 +132,6 @@ class Registration:
         async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             while True:
-                await self._publish_residency()
                 try:
                     if not registered:
                         self.request.load.CopyFrom(self._load())
@@ -149,16 +150,20 @@ class Registration:
                     registered = False
                 await asyncio.sleep(self.interval)
 
-    async def _publish_residency(self) -> None:
-        try:
-            hashes = await asyncio.wait_for(self.engine.resident_hashes(), timeout=self.interval + 1.0)
-        except TimeoutError:  # the engine thread is stuck or gone: nothing to advertise
-            return
-        await self.residency.publish(hashes)
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                hashes = await asyncio.wait_for(self.engine.resident_hashes(), timeout=self.interval + 1.0)
+            except TimeoutError:  # the engine thread is stuck or gone: nothing to advertise
+                pass
+            else:
+                await self.residency.publish(hashes)
+            await asyncio.sleep(self.interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.residency.clear()
         await self.residency.close()
         async with grpc.aio.insecure_channel(self.address) as channel:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from wicore.hashing import BlockHash
 from wicore.tier.policy import UNIFORM_ATTENTION, attention_alpha, attention_from_mass
+from wicore.tier_wire import Observation
 
 # A block this well attended (A > 0.6: its share of attention over 1.5x uniform) gets
 # a second chance before reclamation.
@@ -44,7 +45,7 @@ class Block:
     position: int = -1  # with a hash: the block's index in its sequence's chain
     attention: float = UNIFORM_ATTENTION  # A²CR's A(b) as measured on this device (see `observe`)
     observations: int = 0
-    last_observation: tuple[float, int] | None = None  # (mass, blocks_in_sequence), for the tier
+    last_observation: Observation | None = None  # passed on to the tier if the block is spilled
     spared: bool = False  # skipped once by reclamation since it was last cached
 
 
@@ -53,7 +54,7 @@ class Reclaimed:
     block_id: int
     block_hash: BlockHash
     position: int
-    last_observation: tuple[float, int] | None = None
+    last_observation: Observation | None = None
 
 
 class BlockPool:
@@ -148,13 +149,14 @@ class BlockPool:
             self._ref(block_id)
         return found
 
-    def observe(self, block_id: int, mass: float, blocks_in_sequence: int) -> float:
+    def observe(self, block_id: int, observation: Observation) -> float:
         """Folds an attention observation into the block's A (the tier policy's estimator)."""
         block = self.blocks[block_id]
         block.observations += 1
-        block.last_observation = (mass, blocks_in_sequence)
+        block.last_observation = observation
         weight = attention_alpha(block.observations)
-        block.attention += weight * (attention_from_mass(mass, blocks_in_sequence) - block.attention)
+        measured = attention_from_mass(observation.mass, observation.blocks_in_sequence)
+        block.attention += weight * (measured - block.attention)
         return block.attention
 
     def hold(self, hashes: list[BlockHash]) -> list[int]:

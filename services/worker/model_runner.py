@@ -84,12 +84,13 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long)
         slot_mapping = key_slots[torch.tensor(seq_of_token), pos]
         dev = self.device
+        block_tables = tables.to(dev)
         meta = StepMetadata(
             pool=self.pool,
             slot_mapping=slot_mapping.to(dev),
             packed_to_grid=torch.tensor(to_grid, dtype=torch.long, device=dev),
-            block_tables=tables.to(dev),
-            flat_tables=tables.flatten().to(dev),
+            block_tables=block_tables,
+            flat_tables=block_tables.view(-1),
             query_positions=query_positions.to(dev),
             kv_lens=torch.tensor(kv_lens, dtype=torch.long, device=dev),
             num_seqs=num_seqs,

@@ -49,7 +49,6 @@ class OffloadStats:
     spilled: int = 0  # blocks the tier acknowledged
     spill_failed: int = 0  # blocks abandoned (tier down, refused, or too many pending)
     loaded: dict[str, int] = field(default_factory=lambda: {"pending": 0, "cpu": 0, "nvme": 0})
-    observations_sent: int = 0
 
 
 class KvOffloader:
@@ -89,10 +88,6 @@ class KvOffloader:
             self._loop.call_soon_threadsafe(self._add_observations, observations)
 
     # --- event loop side ---
-
-    @property
-    def pending_blocks(self) -> int:
-        return len(self._pending)
 
     async def load(self, chain: Sequence[BlockHash]) -> list[torch.Tensor]:
         """KV [layers, 2, B, Hkv, D] of the longest leading run of `chain` found off the device."""
@@ -193,7 +188,6 @@ class KvOffloader:
         if self._observations:
             batch, self._observations = self._observations[-MAX_OBSERVATIONS:], []
             await self.client.update_scores(batch)
-            self.stats.observations_sent += len(batch)
 
     def _encode_all(self, blocks: list[Spilled]) -> list[tuple[BlockHash, KvPayload]]:
         return [

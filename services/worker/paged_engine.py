@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from wicore.errors import Overloaded
-from wicore.hashing import BlockHash, chain_hashes, root_hash
+from wicore.hashing import BlockHash, chain_hashes, reusable_chain, root_hash
 from wicore.tier_wire import Observation
 from wicore.worker.batch_scheduler import BatchScheduler, ScheduledSeq
 from wicore.worker.block_pool import BlockPool, Reclaimed
@@ -133,8 +133,9 @@ class PagedEngine:
                 continue
             shares = (per_block / total).clamp(0.0, 1.0).tolist()
             for j, block_hash in enumerate(seq.block_hashes[:blocks]):
-                self.pool.observe(seq.block_ids[j], shares[j], blocks)
-                observations.append(Observation(block_hash, shares[j], blocks))
+                observation = Observation(block_hash, shares[j], blocks)
+                self.pool.observe(seq.block_ids[j], observation)
+                observations.append(observation)
         if observations and self._observe is not None:
             self._observe(observations)
 
@@ -177,11 +178,8 @@ class PagedEngine:
         return next((i for i, h in enumerate(chain) if not self.pool.contains(h)), len(chain))
 
     def prefix_chain(self, token_ids: list[int], cache_salt: str) -> list[BlockHash]:
-        """Hashes of the blocks a new admission may take from the cache: every full
-        block but the one holding the last token (at least one token must be computed)."""
-        bs = self.config.block_size
-        usable = (len(token_ids) - 1) // bs
-        return chain_hashes(root_hash(self.fingerprint, cache_salt), token_ids[: usable * bs], bs)
+        """The block hashes a new admission may take from the cache (`reusable_chain`)."""
+        return reusable_chain(self.fingerprint, cache_salt, token_ids, self.config.block_size)
 
     # --- offload to the memory tiers (wicore.worker.offload) ---
 
@@ -197,7 +195,10 @@ class PagedEngine:
         def on_reclaim(reclaimed: list[Reclaimed]) -> None:
             kv = read_blocks(self.runner.pool, [r.block_id for r in reclaimed])
             spill(
-                [Spilled(r.block_hash, r.position, kv[i], _observation(r)) for i, r in enumerate(reclaimed)]
+                [
+                    Spilled(b.block_hash, b.position, kv[i], b.last_observation)
+                    for i, b in enumerate(reclaimed)
+                ]
             )
 
         self.pool.on_reclaim = on_reclaim
@@ -237,10 +238,3 @@ class PagedEngine:
         for position, (block_id, h) in enumerate(zip(seq.block_ids[done:full], new, strict=True), done):
             self.pool.register(block_id, h, position)
         seq.block_hashes += new
-
-
-def _observation(block: Reclaimed) -> Observation | None:
-    if block.last_observation is None:
-        return None
-    mass, blocks_in_sequence = block.last_observation
-    return Observation(block.block_hash, mass, blocks_in_sequence)

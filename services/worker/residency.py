@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from redis.exceptions import RedisError
 
 from wicore.hashing import BlockHash
+from wicore.redis_keys import residency_key
 from wicore.redis_server import fast_failing_client
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def _batches(items: list[BlockHash]) -> Iterable[list[BlockHash]]:
 
 class ResidencyPublisher:
     def __init__(self, redis_url: str, namespace: str, worker_id: str, ttl_s: float, timeout_s: float = 1.0):
-        self.key = f"{namespace}:res:{worker_id}"
+        self.key = residency_key(namespace, worker_id)
         self.ttl_s = max(1, int(ttl_s))
         self._redis = fast_failing_client(redis_url, timeout_s)
         self._published: frozenset[BlockHash] | None = None  # None: rewrite whole next time

@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,13 +19,13 @@ import pytest
 import redis
 from transformers import AutoTokenizer
 
-from wicore.hashing import chain_hashes, root_hash
+from wicore.hashing import reusable_chain
 from wicore.redis_server import start_private_redis
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc
 from wicore.worker.model_files import fingerprint, resolve_model
 
-from stack import Stack, pid_listening_on, start_stack
+from stack import Stack, pid_listening_on, start_stack, until
 
 BLOCK = 16
 BLOCK_BYTES = 2 * 4 * BLOCK * 2 * 16 * 4  # tiny Llama: 4 layers, 2 KV heads of 16, fp32
@@ -88,14 +87,6 @@ async def generate(client: inference_pb2_grpc.InferenceStub, prompt: str) -> pb.
     return await client.Generate(request, timeout=60)
 
 
-async def until(condition: object, what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 async def push_out(client: inference_pb2_grpc.InferenceStub, keep: str) -> None:
     """Runs never-seen prompts as long as `keep`: each needs most of the pool, so `keep`'s cached
     blocks are all reclaimed (and spilled)."""
@@ -152,8 +143,8 @@ async def test_partial_hit_loads_up_to_the_gap(
 async def in_tier(tier: tier_pb2_grpc.TierStub, model_dir: Path, prompt: str, n: int) -> list[str]:
     """Waits until the tier holds the prompt's first n blocks (hashed as the worker does); their hashes."""
     ids = list(AutoTokenizer.from_pretrained(model_dir)(prompt).input_ids)
-    root = root_hash(fingerprint(resolve_model(str(model_dir), model_dir), "float32"), "")
-    chain = chain_hashes(root, ids[: n * BLOCK], BLOCK)
+    model = fingerprint(resolve_model(str(model_dir), model_dir), "float32")
+    chain = reusable_chain(model, "", ids, BLOCK)[:n]
 
     async def present() -> bool:
         lookup = await tier.Lookup(tier_pb2.LookupRequest(block_hashes=chain), timeout=10)

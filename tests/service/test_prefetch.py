@@ -4,26 +4,23 @@ scripted (it never touches the tier), so only the scheduler can have moved the b
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import pytest
 import redis
 from transformers import AutoTokenizer
 
 from wicore.config import load_config
-from wicore.hashing import chain_hashes, root_hash
+from wicore.hashing import reusable_chain
 from wicore.scheduler.app import build_servicer
 from wicore.server import ServiceServer
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc, worker_pb2_grpc
 
-from stack import free_port
+from stack import free_port, until
 from tier_process import BLOCK_BYTES, block_chunks, delete_namespace, raw_of, start_tier, stop, wait_up
 
 FINGERPRINT = "prefetch-test-model"
@@ -43,7 +40,7 @@ async def test_a_queued_requests_nvme_prefix_is_promoted_by_the_scheduler(
 ) -> None:
     namespace = f"wicore-test-{uuid.uuid4().hex}"
     ids = list(AutoTokenizer.from_pretrained(tiny_llama_dir)(PROMPT).input_ids)
-    chain = chain_hashes(root_hash(FINGERPRINT, ""), ids[: (len(ids) - 1) // 16 * 16], 16)
+    chain = reusable_chain(FINGERPRINT, "", ids, 16)
     assert len(chain) >= 3
     capacity = (len(chain) + 3) * BLOCK_BYTES  # the chain fits, and the cleanup takes fillers first
     tier = start_tier(
@@ -86,14 +83,11 @@ async def test_a_queued_requests_nvme_prefix_is_promoted_by_the_scheduler(
                                                         timeout=30) for t in m.token_ids]  # fmt: skip
                 assert tokens == [1]
 
-            deadline = time.monotonic() + 10
-            while True:  # the prefetch runs in the background of the request
+            async def promoted() -> bool:  # the prefetch runs in the background of the request
                 lookup = await tier_stub.Lookup(tier_pb2.LookupRequest(block_hashes=chain), timeout=10)
-                if list(lookup.tiers) == [tier_pb2.STORAGE_TIER_CPU] * len(chain):
-                    break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the chain was not promoted: {list(lookup.tiers)}")
-                await asyncio.sleep(0.05)
+                return list(lookup.tiers) == [tier_pb2.STORAGE_TIER_CPU] * len(chain)
+
+            await until(promoted, "the scheduler's prefetch to promote the chain", 10.0)
             stats = await tier_stub.Stats(tier_pb2.StatsRequest(), timeout=10)
             assert stats.blocks_promoted >= len(chain)
             assert stats.tiers[0].hits == 0  # nobody read them: promoted, not served

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from transformers import AutoTokenizer
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-from stack import Stack, pid_listening_on, start_stack
+from stack import Stack, pid_listening_on, start_stack, until
 
 SETTINGS = {"worker.max_batch_size": 2, "scheduler.max_queue_size": 3}
 PREFIX = "Paged attention keeps the KV cache in fixed-size blocks. " * 36
@@ -64,13 +63,6 @@ async def started(client: inference_pb2_grpc.InferenceStub, prompt: str, salt: s
     return call
 
 
-async def until(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
-
-
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {w: after[w] - before.get(w, 0) for w in after}
 
@@ -92,7 +84,7 @@ async def test_same_prefix_requests_land_on_the_worker_holding_it_unless_it_is_s
         async def published() -> bool:
             return await redis.scard(f"{routed.namespace}:res:{holder}") >= prefix_tokens // 16
 
-        await until(published, 5.0, "the holder never published its prefix blocks to Redis")
+        await until(published, "the holder never published its prefix blocks to Redis", 5.0)
         assert await redis.scard(f"{routed.namespace}:res:{other}") == 0
     finally:
         await redis.aclose()
@@ -133,7 +125,7 @@ async def test_queue_timeout_and_queue_full_get_their_codes(
         async def three_queued() -> bool:
             return (await list_workers(routed)).queued == 3
 
-        await until(three_queued, 5.0, "the requests never showed in the scheduler's queue")
+        await until(three_queued, "the requests never showed in the scheduler's queue", 5.0)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.Generate(short("one too many"))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -209,7 +201,7 @@ async def test_killed_worker_under_load_loses_no_request_and_rejoins(
                 ids = {w.worker_id for w in (await list_workers(stack)).workers}
                 return victim.worker_id in ids and len(ids) == 2
 
-            await until(rejoined, 60.0, "the restarted worker never rejoined")
+            await until(rejoined, "the restarted worker never rejoined", 60.0)
             for i, ids in enumerate(received):  # the same requests, undisturbed
                 reply = await client.Generate(greedy(i))
                 assert list(reply.token_ids) == ids, f"request {i}"

@@ -13,7 +13,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,6 +25,7 @@ from wicore.redis_server import start_private_redis
 from wicore.server import CHANNEL_OPTIONS
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
+from stack import until
 from tier_process import (
     BLOCK_SHAPE,
     TierProcess,
@@ -59,15 +60,6 @@ def raw_tier(tmp: Path, redis_url: str, namespace: str, cpu_blocks: int) -> Tier
         nvme_codec="raw",
         nvme_capacity_bytes=1 << 30,
     )
-
-
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Polls a condition the tier's maintenance loop (0.2 s ticks here) makes true; bounded."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def described(client: redis.Redis, namespace: str) -> dict[str, dict[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from wicore.hashing import BlockHash
+from wicore.tier_wire import Observation
 from wicore.worker.block_pool import BlockPool, PoolExhausted
 
 
@@ -112,9 +113,10 @@ def test_well_attended_cached_blocks_are_spared_once_and_reclaimed_blocks_are_re
     ids = pool.allocate(4)
     for position, block_id in enumerate(ids):
         pool.register(block_id, h(block_id), position)
-    estimates = [pool.observe(2, 0.7, 4) for _ in range(3)]  # block 2 took 70 % of the attention
+    # block 2 took 70 % of the attention
+    estimates = [pool.observe(2, Observation(h(2), 0.7, 4)) for _ in range(3)]
     assert estimates[0] < 0.6 < estimates[2]  # one sample is not enough to be spared, three are
-    assert pool.observe(1, 0.05, 4) < 0.5
+    assert pool.observe(1, Observation(h(1), 0.05, 4)) < 0.5
     pool.release(ids)  # cached tail first: LRU order 3, 2, 1, 0
     assert pool.allocate(1) == [3]
     assert pool.allocate(1) == [1]  # 2 is spared once: moved to the recent end
@@ -131,7 +133,7 @@ def test_a_spared_block_that_is_reused_can_be_spared_again() -> None:
     for block_id in ids:
         pool.register(block_id, h(block_id), block_id)
     for _ in range(3):
-        pool.observe(0, 0.9, 3)
+        pool.observe(0, Observation(h(0), 0.9, 3))
     pool.release(ids)  # LRU: 2, 1, 0
     assert pool.allocate(1) == [2]
     assert pool.allocate(1) == [1]  # 0 spared, goes to the recent end

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from wicore.hashing import BlockHash
 from wicore.scheduler.state import PrefixInfo, Tier
 
@@ -23,3 +25,8 @@ def test_nothing_without_redis_answers_or_nvme_blocks() -> None:
     assert PrefixInfo(H, "fp", 16, {}, ()).to_prefetch() == []
     assert PrefixInfo(H, "fp", 16, {"w": 6}, (NVME,) * 6).to_prefetch() == []  # all on a device
     assert PrefixInfo(H, "fp", 16, {}, (CPU,) * 6).to_prefetch() == []
+
+
+def test_a_device_count_beyond_the_chain_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"device\['w'\] = 7 is outside \[0, 6\]"):
+        PrefixInfo(H, "fp", 16, {"w": 7}, ())
