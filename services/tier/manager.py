@@ -278,8 +278,21 @@ class TierManager:
                 policy.tune(self.nvme.used_bytes / self.nvme.capacity_bytes)
                 need = bytes_to_free(self.nvme.used_bytes, self.nvme.capacity_bytes, *self._watermarks)
                 await self._evict_nvme(need, exclude=set())
-            self._dirty.update(self._entries)
         await self.flush()
+        if self.metadata is not None:  # recency decayed for every block: only the scores change
+            await self.metadata.write_scores(self._scores)
+
+    def _scores(self) -> dict[StorageTier, dict[BlockHash, float]]:
+        """Every block's current score in each tier holding a copy."""
+        scores: dict[StorageTier, dict[BlockHash, float]] = {tier: {} for tier in StorageTier}
+        cpu = self.cpu
+        score_cpu, score_nvme = self.policies[StorageTier.CPU].score, self.policies[StorageTier.NVME].score
+        for block_hash, entry in self._entries.items():
+            if cpu is not None and cpu.contains(block_hash):
+                scores[StorageTier.CPU][block_hash] = score_cpu(entry.stats)
+            if entry.nvme:
+                scores[StorageTier.NVME][block_hash] = score_nvme(entry.stats)
+        return scores
 
     async def flush(self) -> None:
         """Writes the dirty blocks' state to Redis (or everything, when Redis needs a resync)."""

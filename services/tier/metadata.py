@@ -16,6 +16,7 @@ is the source of truth and Redis a mirror of it:
   mirror reports `redis_ok = False` and skips Redis for `retry_after_s`;
 - every write also checks the sentinel; if it is gone, Redis lost its data
   (flushed, or restarted without persistence) and `needs_resync` is set;
+- a cleanup pass updates only the scores (`write_scores`);
 - `resync` rewrites everything: both sorted sets from scratch, every block's
   hash, stale `blk` keys deleted (SCAN), and the sentinel.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,8 @@ from wicore.redis_keys import block_key, block_pattern, score_key
 from wicore.tier.store import StorageTier
 
 log = logging.getLogger(__name__)
+
+Scores = Mapping[StorageTier, Mapping[BlockHash, float]]  # per tier: block -> policy score
 
 # Unreachable (ConnectionError, TimeoutError) or refusing (OOM, READONLY...): serve on regardless.
 REDIS_DOWN = (RedisError, OSError)
@@ -101,6 +104,13 @@ class BlockMetadata:
             if self._should_try():
                 await self._run(lambda: self._write(present, gone))
 
+    async def write_scores(self, scores: Callable[[], Scores]) -> None:
+        """Updates the score sets' values (batched ZADD XX: members already there only; no
+        block hashes). `scores` is called under the write lock, after every earlier write."""
+        async with self._lock:
+            if self._should_try() and not self.needs_resync:
+                await self._run(lambda: self._write_scores(scores()))
+
     async def resync(self, records: Sequence[BlockRecord]) -> None:
         """Makes Redis hold exactly `records` (see the module docstring)."""
         async with self._lock:
@@ -141,6 +151,14 @@ class BlockMetadata:
         if not results[0]:
             log.warning("redis lost the tier's metadata (flushed or restarted): rewriting it")
             self.needs_resync = True
+
+    async def _write_scores(self, scores: Scores) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tier, by_hash in scores.items():
+                items = list(by_hash.items())
+                for start in range(0, len(items), BATCH):
+                    pipe.zadd(self.score_key(tier), dict(items[start : start + BATCH]), xx=True)
+            await pipe.execute()
 
     async def _resync(self, records: Sequence[BlockRecord]) -> None:
         keep = {self.block_key(r.block_hash).encode() for r in records}
