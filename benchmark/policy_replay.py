@@ -63,6 +63,7 @@ from wicore.tier.policy import (
     make_policy,
     observe_attention,
     select_victims,
+    select_victims_redundant_first,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -290,19 +291,10 @@ class TwoLevelStore:
         if level is Level.CPU:
             self._demote(select_victims(self.policy[level], self.blocks[level].values(), need))
             return
-        blocks, groups = self.blocks[Level.NVME].values(), [list(self.blocks[Level.NVME].values())]
-        if self.copies is Copies.KEEP_REDUNDANT_FIRST:
-            cpu = self.blocks[Level.CPU]
-            groups = [
-                [b for b in blocks if b.block_hash in cpu],
-                [b for b in blocks if b.block_hash not in cpu],
-            ]
-        for group in groups:
-            victims = select_victims(self.policy[level], group, need)
-            self._drop(victims)
-            need -= sum(b.size_bytes for b in victims)
-            if need <= 0:
-                return
+        redundant = self.blocks[Level.CPU] if self.copies is Copies.KEEP_REDUNDANT_FIRST else {}
+        self._drop(
+            select_victims_redundant_first(self.policy[level], self.blocks[level].values(), need, redundant)
+        )
 
     def _cleanup(self) -> None:
         """As services/tier/manager.py: tune each tier to its pressure now, demote CPU blocks

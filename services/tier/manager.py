@@ -48,6 +48,7 @@ from wicore.tier.policy import (
     observe_attention,
     room_to_make,
     select_victims,
+    select_victims_redundant_first,
 )
 from wicore.tier.store import CpuTier, StorageTier, TierStats
 from wicore.tier_wire import Observation
@@ -477,16 +478,12 @@ class TierManager:
         """
         if need <= 0 or self.nvme is None:
             return []
-        cpu = self.cpu
         candidates = [b for b in self._tier_stats(StorageTier.NVME) if b.block_hash not in exclude]
-        victims: list[BlockHash] = []
-        for redundant in (True, False):
-            group = [b for b in candidates if (cpu is not None and cpu.contains(b.block_hash)) is redundant]
-            chosen = select_victims(self.policies[StorageTier.NVME], group, need)
-            victims += [v.block_hash for v in chosen]
-            need -= sum(v.size_bytes for v in chosen)
-            if need <= 0:
-                break
+        in_cpu = self.cpu.hashes() if self.cpu is not None else []
+        chosen = select_victims_redundant_first(
+            self.policies[StorageTier.NVME], candidates, need, set(in_cpu)
+        )
+        victims = [v.block_hash for v in chosen]
         lost: list[BlockHash] = []
         for block_hash in await self._nvme_call(self.nvme.evict, victims):
             self._entries[block_hash].nvme = False

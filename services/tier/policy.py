@@ -21,7 +21,7 @@ Under capacity pressure a tier frees bytes down to a low watermark
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -308,6 +308,23 @@ def select_victims(
         victims.append(block)
         freed += block.size_bytes
         if freed >= bytes_to_free:
+            break
+    return victims
+
+
+def select_victims_redundant_first(
+    policy: EvictionPolicy, blocks: Iterable[BlockStats], bytes_to_free: int, redundant: Container[BlockHash]
+) -> list[BlockStats]:
+    """`select_victims`, first among the blocks in `redundant` (another tier holds a copy, so
+    dropping this one loses nothing now), then among the rest."""
+    candidates = list(blocks)
+    victims: list[BlockStats] = []
+    for first in (True, False):
+        group = [b for b in candidates if (b.block_hash in redundant) is first]
+        chosen = select_victims(policy, group, bytes_to_free)
+        victims += chosen
+        bytes_to_free -= sum(b.size_bytes for b in chosen)
+        if bytes_to_free <= 0:
             break
     return victims
 

@@ -29,6 +29,7 @@ from wicore.tier.policy import (
     observe_attention,
     room_to_make,
     select_victims,
+    select_victims_redundant_first,
 )
 
 from clocks import ManualClock
@@ -354,3 +355,11 @@ def test_room_to_make_frees_down_to_the_low_watermark_only_when_needed() -> None
     assert room_to_make(used=60, incoming=40, capacity=100, low=0.8) == 0  # fits exactly
     assert room_to_make(used=90, incoming=20, capacity=100, low=0.8) == 30  # 110 - 80
     assert room_to_make(used=0, incoming=150, capacity=100, low=0.8) == 70  # never fits: callers refuse it
+
+
+def test_redundant_copies_are_victims_before_sole_copies(clock: ManualClock) -> None:
+    policy = LRUPolicy(clock)
+    blocks = [block("a", 1.0), block("b", 2.0), block("c", 3.0), block("d", 4.0)]  # LRU order a b c d
+    assert names(select_victims_redundant_first(policy, blocks, 15, {"c", "d"})) == ["c", "d"]
+    assert names(select_victims_redundant_first(policy, blocks, 25, {"c", "d"})) == ["c", "d", "a"]
+    assert names(select_victims_redundant_first(policy, blocks, 15, set())) == ["a", "b"]
