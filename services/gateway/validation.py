@@ -10,15 +10,14 @@ import math
 
 from wicore.config import GatewayConfig
 from wicore.errors import InvalidRequest
-from wicore.scheduler.state import WorkloadType
 from wicore.v1 import inference_pb2
+from wicore.workload import parse_workload_type
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_MODEL_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGPROBS = 20
 MAX_CACHE_SALT_CHARS = 256
-WORKLOAD_TYPES = tuple(w.value for w in WorkloadType)  # the scheduler's MoR types; "" = "default"
 
 
 def validate_generate(request: inference_pb2.GenerateRequest, limits: GatewayConfig) -> None:
@@ -48,9 +47,7 @@ def validate_generate(request: inference_pb2.GenerateRequest, limits: GatewayCon
     if request.priority not in inference_pb2.Priority.values():
         known = ", ".join(inference_pb2.Priority.keys())
         raise InvalidRequest("priority", f"unknown value {request.priority} (known: {known})")
-    if request.workload_type and request.workload_type not in WORKLOAD_TYPES:
-        shown = repr(request.workload_type[:64])
-        raise InvalidRequest("workload_type", f"{shown} is not one of {', '.join(WORKLOAD_TYPES)} (or empty)")
+    parse_workload_type(request.workload_type)
     if request.HasField("logprobs") and request.logprobs > MAX_LOGPROBS:
         raise InvalidRequest("logprobs", f"must be at most {MAX_LOGPROBS}, got {request.logprobs}")
     if len(request.cache_salt) > MAX_CACHE_SALT_CHARS:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from wicore.errors import InvalidRequest
 from wicore.scheduler.registry import WorkerInfo, WorkerLoad
-from wicore.scheduler.state import PrefixInfo, Priority, QueuedRequest, WorkloadType
+from wicore.scheduler.state import PrefixInfo, Priority, QueuedRequest
 from wicore.v1 import inference_pb2, scheduler_pb2
+from wicore.workload import parse_workload_type
 
 PRIORITY_FROM_PROTO = {
     inference_pb2.PRIORITY_UNSPECIFIED: Priority.NORMAL,
@@ -14,14 +15,6 @@ PRIORITY_FROM_PROTO = {
     inference_pb2.PRIORITY_HIGH: Priority.HIGH,
     inference_pb2.PRIORITY_URGENT: Priority.URGENT,
 }
-
-
-def workload_from_proto(value: str) -> WorkloadType:
-    try:
-        return WorkloadType(value or WorkloadType.DEFAULT.value)
-    except ValueError:
-        known = sorted(w.value for w in WorkloadType)
-        raise InvalidRequest("workload_type", f"{value!r} is not one of {known}") from None
 
 
 def priority_from_proto(value: int) -> Priority:
@@ -47,7 +40,7 @@ def queued_request(
         prompt_tokens=prompt_tokens,
         max_new_tokens=request.max_tokens if request.HasField("max_tokens") and request.max_tokens else None,
         priority=priority_from_proto(request.priority),
-        workload=workload_from_proto(request.workload_type),
+        workload=parse_workload_type(request.workload_type),
         model=model,
         deadline=None if time_remaining is None else now + time_remaining,
         prefix=prefix,

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from wicore.hashing import BlockHash
+from wicore.workload import WorkloadType
 
 
 class Priority(enum.IntEnum):
@@ -19,15 +20,6 @@ class Priority(enum.IntEnum):
     NORMAL = 1
     HIGH = 2
     URGENT = 3
-
-
-class WorkloadType(enum.Enum):
-    """The performance guide's MoR workload types (DESIGN.md §1)."""
-
-    DEFAULT = "default"
-    CREATIVE_WRITING = "creative_writing"
-    CODE_GENERATION = "code_generation"
-    SIMPLE_QA = "simple_qa"
 
 
 # The seed's thresholds: a request's attention score is compared against these;

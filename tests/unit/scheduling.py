@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from wicore.hashing import BlockHash
 from wicore.scheduler.registry import WorkerInfo, WorkerLoad
-from wicore.scheduler.state import PrefixInfo, Priority, QueuedRequest, Tier, WorkloadType
+from wicore.scheduler.state import PrefixInfo, Priority, QueuedRequest, Tier
+from wicore.workload import WorkloadType
 
 FP = "fingerprint"
 

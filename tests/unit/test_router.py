@@ -7,7 +7,8 @@ import pytest
 from wicore.config import SchedulerConfig
 from wicore.errors import ConfigError
 from wicore.scheduler.router import LeastLoadedRouter, MoRRouter, RoundRobinRouter, make_router
-from wicore.scheduler.state import Tier, WorkloadType
+from wicore.scheduler.state import Tier
+from wicore.workload import WorkloadType
 
 from scheduling import request, worker
 
