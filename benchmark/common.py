@@ -26,7 +26,7 @@ WORDS = tuple(_WORD_LIST.split())
 
 def resolve_model_dir(spec: str) -> Path:
     from wicore.config import Config
-    from wicore.worker.model_files import resolve_model
+    from wicore.model_files import resolve_model
 
     return resolve_model(spec, Config().cache_path).path
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from wicore.child import die_with_parent
 from wicore.config import Config, config_from_environ
 from wicore.errors import ConfigError
 from wicore.logs import setup_logging
@@ -100,6 +101,7 @@ def load(args: argparse.Namespace) -> Config:
 
 
 def main(prefix: Sequence[str] = ()) -> None:
+    die_with_parent()  # a child of `wicore up` ends with it
     argv = [*prefix, *sys.argv[1:]]
     args = build_parser().parse_args(argv)
     try:

@@ -8,42 +8,81 @@
     gateway :50051 (public)         ─┘  stopped in the reverse order
 
 Children get the resolved config as a file in the state directory. A child
-that dies is restarted (at most RESTARTS_PER_MINUTE times a minute; a worker
-registers again by itself); past that, or if one fails to start, all are
-stopped. Ctrl-C or SIGTERM stops every child within 15 s (SIGTERM, then
-SIGKILL); children also get SIGTERM if this process dies abruptly.
+that does not become ready is started again (START_ATTEMPTS in all, with
+backoff), and the launcher says what it printed last; one that dies later is
+restarted (at most RESTARTS_PER_MINUTE times a minute; a worker registers
+again by itself); past that, all are stopped. Ctrl-C or SIGTERM stops every
+child within 15 s (SIGTERM, then SIGKILL); children also get SIGTERM if this
+process dies abruptly (they ask for it themselves: see `spawn`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
+import collections
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import IO
 
 import yaml
 
+from wicore.child import PARENT_PID_ENV
 from wicore.config import Config, to_dict
 from wicore.redis_server import redis_answers, start_private_redis
 from wicore.server import wait_for_serving
-from wicore.worker.model_files import resolve_model
+from wicore.model_files import resolve_model
 
 STOP_TIMEOUT_S = 12.0
 READY_TIMEOUT_S = 300.0
 RESTARTS_PER_MINUTE = 3
-_PR_SET_PDEATHSIG = 1
+START_ATTEMPTS = 3
+START_BACKOFF_S = 1.0  # doubles after each failed start
+OUTPUT_TAIL_LINES = 20
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+class OutputTail:
+    """Relays a child's output (stdout and stderr, merged) to ours, line by line,
+    keeping the last lines to say why the child failed."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=OUTPUT_TAIL_LINES)
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        with stream:
+            for raw in stream:
+                line = raw.decode(errors="replace")
+                self.lines.append(line.rstrip("\n"))
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def text(self) -> str:
+        self._thread.join(timeout=1.0)  # the child has exited or been killed: let the pipe drain
+        return "\n".join(self.lines)
+
+
+def spawn(argv: list[str]) -> tuple[subprocess.Popen[bytes], OutputTail]:
+    """Starts a child in its own session (Ctrl-C reaches `up` only; it stops the
+    children in order), with no preexec_fn so that it is vforked (see `wicore.child`)."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
+    )
+    assert proc.stdout is not None
+    return proc, OutputTail(proc.stdout)
 
 
 @dataclass(slots=True)
@@ -53,6 +92,20 @@ class Child:
     address: str | None  # gRPC address to health-check; None for Redis
     args: list[str] = field(default_factory=list)  # how to start it again
     restarts: list[float] = field(default_factory=list)  # when it was restarted
+    output: OutputTail | None = None
+
+    @classmethod
+    def launch(cls, name: str, args: list[str], address: str) -> Child:
+        """Starts `python -m wicore ARGS` as a child."""
+        proc, output = spawn([sys.executable, "-m", "wicore", *args])
+        return cls(name, proc, address, args, output=output)
+
+    def start(self) -> None:
+        """Starts it again, with the same arguments."""
+        self.proc, self.output = spawn([sys.executable, "-m", "wicore", *self.args])
+
+    def last_output(self) -> str:
+        return self.output.text() if self.output is not None else ""
 
     def may_restart(self, now: float) -> bool:
         """At most RESTARTS_PER_MINUTE restarts in any minute; Redis is never restarted."""
@@ -62,15 +115,6 @@ class Child:
 
 def _say(message: str) -> None:
     print(f"wicore: {message}", file=sys.stderr, flush=True)
-
-
-def _spawn(name: str, args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "wicore", *args],
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C reaches `up` only; it stops the children in order
-        preexec_fn=_die_with_parent,
-    )
 
 
 def _stop(children: list[Child]) -> None:
@@ -159,9 +203,9 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
         for name, args, address in plan:
             if stop_requested:
                 break
-            children.append(Child(name, _spawn(name, args), address, args))
-            if not _wait_ready(children[-1], lambda: stop_requested) and not stop_requested:
-                _say(f"{name} did not become ready; stopping everything")
+            children.append(Child.launch(name, args, address))
+            if not _until_ready(children[-1], lambda: stop_requested) and not stop_requested:
+                _say(f"{name} did not become ready after {START_ATTEMPTS} attempts; stopping everything")
                 return 1
         if stop_requested:
             return 0
@@ -178,13 +222,38 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
                     return 1
                 _say(f"{child.name} exited with {child.proc.returncode}; restarting it")
                 child.restarts.append(time.monotonic())
-                child.proc = _spawn(child.name, child.args)
+                child.start()
             time.sleep(0.2)
         return 0
     finally:
         if children:
             _say("stopping...")
         _stop(children)
+
+
+def _until_ready(child: Child, stopping: Callable[[], bool]) -> bool:
+    """Waits for a started child to answer SERVING; a child that exits or stays silent for
+    READY_TIMEOUT_S is shown (what it printed last) and started again, START_ATTEMPTS
+    times in all with doubling backoff."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        if attempt > 1:
+            child.start()
+        if _wait_ready(child, stopping):
+            return True
+        if stopping():
+            return False
+        code = child.proc.poll()
+        if code is None:
+            child.proc.kill()
+            child.proc.wait()
+            why = f"no answer in {READY_TIMEOUT_S:.0f} s; killed"
+        else:
+            why = f"exited with {code}"
+        _say(f"{child.name} did not become ready (attempt {attempt} of {START_ATTEMPTS}: {why}); it printed:")
+        print(textwrap.indent(child.last_output() or "(nothing)", "    | "), file=sys.stderr, flush=True)
+        if attempt < START_ATTEMPTS:
+            time.sleep(START_BACKOFF_S * 2 ** (attempt - 1))
+    return False
 
 
 def _wait_ready(child: Child, stopping: Callable[[], bool]) -> bool:

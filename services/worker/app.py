@@ -23,7 +23,7 @@ from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.convert import ModelDefaults
 from wicore.worker.cpu_kernels import KERNELS, use_onednn_linears
-from wicore.worker.model_files import fingerprint, resolve_model
+from wicore.model_files import fingerprint, resolve_model
 from wicore.worker.model_runner import check_supported, kv_layout
 from wicore.worker.offload import KvOffloader
 from wicore.worker.paged_attention import KVPool

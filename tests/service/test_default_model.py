@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from wicore.config import Config
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc
-from wicore.worker.model_files import SMOLLM2_ID, ensure_smollm2
+from wicore.model_files import SMOLLM2_ID, ensure_smollm2
 
 from stack import start_stack
 

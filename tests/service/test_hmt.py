@@ -23,7 +23,7 @@ from wicore.hashing import reusable_chain
 from wicore.redis_server import start_private_redis
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc
-from wicore.worker.model_files import fingerprint, resolve_model
+from wicore.model_files import fingerprint, resolve_model
 
 from stack import Stack, pid_listening_on, start_stack, until
 
