@@ -208,13 +208,16 @@ async def warm_up(address: str) -> None:
                 await asyncio.sleep(1)
 
 
-async def tier_stats(port: int) -> dict[str, Any]:
-    import grpc
+async def tier_stats(port: int, state: Path) -> dict[str, Any]:
+    """The tier's Stats, over a channel with the internal token `wicore up` wrote into `state`."""
     from google.protobuf.json_format import MessageToDict
 
+    from wicore.channels import TOKEN_FILE, InternalAuth, internal_channel
+    from wicore.config import InternalConfig
     from wicore.v1 import tier_pb2, tier_pb2_grpc
 
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    auth = InternalAuth.load(InternalConfig(token_file=str(state / TOKEN_FILE)))
+    async with internal_channel(f"127.0.0.1:{port}", auth) as channel:
         reply = await tier_pb2_grpc.TierStub(channel).Stats(tier_pb2.StatsRequest(), timeout=30)
     stats = MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     for key in ("hits", "misses"):
@@ -291,9 +294,9 @@ def run_mode(
         try:
             print(f"[{mode} run {run}] stack up in {time.perf_counter() - started:.0f} s", file=sys.stderr)
             asyncio.run(warm_up(address))
-            before = asyncio.run(tier_stats(tier_port))
+            before = asyncio.run(tier_stats(tier_port, state))
             wall, turns = asyncio.run(run_workload(address, conversations, order, args))
-            after = asyncio.run(tier_stats(tier_port))
+            after = asyncio.run(tier_stats(tier_port, state))
         except BaseException:
             log = state / "up.log"
             if log.exists():

@@ -2,7 +2,8 @@
 
 wicore up [--model PATH] [--port 50051] [--workers N] ...   everything, locally
 wicore gateway|scheduler|worker|tier [--config F] [--set section.key=value]...
-wicore generate "prompt" [--addr 127.0.0.1:50051] [--max-tokens N]
+wicore generate "prompt" [--addr 127.0.0.1:50051] [--max-tokens N] [--raw] [--tls-ca FILE]
+wicore keygen [--tenant NAME]                                 a new API key and its digest
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -72,7 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--api-key", default="")
+    gen.add_argument("--tls-ca", default="", help="talk TLS, trusting this PEM CA bundle")
+    gen.add_argument(
+        "--tls-cert", default="", help="client certificate (PEM) for a gateway that requires one"
+    )
+    gen.add_argument("--tls-key", default="", help="the client certificate's private key (PEM)")
+    gen.add_argument(
+        "--raw", action="store_true", help="complete the prompt text as is, without the chat template"
+    )
+
+    keygen = sub.add_parser("keygen", help="print a new API key, its SHA-256 and the config line for it")
+    keygen.add_argument(
+        "--tenant", default="default", help="the tenant the key belongs to (default: default)"
+    )
     return parser
+
+
+def keygen(tenant: str) -> str:
+    """A new key, its digest and the `gateway.api_keys` entry (digest only) to paste."""
+    from wicore.gateway.auth import key_digest, new_key
+
+    key = new_key()
+    digest = key_digest(key)
+    return (
+        f"key:    {key}\n"
+        f"sha256: {digest}\n"
+        "# paste under gateway.api_keys (or api_keys in gateway.api_keys_file);\n"
+        "# the key itself goes to the client only\n"
+        f'  - {{sha256: "{digest}", tenant: {json.dumps(tenant)}}}\n'
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,6 +135,9 @@ def main(prefix: Sequence[str] = ()) -> None:
     argv = [*prefix, *sys.argv[1:]]
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "keygen":
+            sys.stdout.write(keygen(args.tenant))
+            return
         if args.command == "generate":
             from wicore.client import generate_to_terminal
 

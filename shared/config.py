@@ -18,6 +18,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -26,6 +27,8 @@ from wicore.errors import ConfigError
 
 GiB = 1 << 30
 MiB = 1 << 20
+HEX_DIGITS = frozenset("0123456789abcdef")
+T = typing.TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +64,60 @@ class A2crConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One API key, by its SHA-256 digest (`wicore keygen` makes both): never the key itself."""
+
+    sha256: str = ""  # 64 hex digits
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) != 64 or not all(c in HEX_DIGITS for c in self.sha256.lower()):
+            # The value is not echoed: it may be a key pasted by mistake.
+            raise ConfigError(
+                f"sha256: not a 64-hex SHA-256 digest{f' (tenant {self.tenant!r})' if self.tenant else ''}; "
+                "a config file holds keys' digests only ('wicore keygen' prints one)"
+            )
+        if not self.tenant:
+            raise ConfigError("tenant: must name the key's tenant")
+        object.__setattr__(self, "sha256", self.sha256.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class TenantLimits:
+    max_concurrent_requests: int = 0  # requests of this tenant in flight at once; 0: no own limit
+    max_tokens: int = 0  # a request's max_tokens at most; 0: no own limit
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent_requests", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (0: no limit), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeys:
+    """API keys and tenants: `gateway.api_keys` / `gateway.tenants`, and the same shape in
+    `gateway.api_keys_file` (see services/gateway/auth.py)."""
+
+    api_keys: tuple[ApiKey, ...] = ()
+    tenants: Mapping[str, TenantLimits] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    api_keys: tuple[ApiKey, ...] = ()  # {sha256, tenant} each; none (and no api_keys_file): no authentication
+    tenants: Mapping[str, TenantLimits] = field(default_factory=lambda: MappingProxyType({}))  # by name
+    api_keys_file: str = ""  # YAML with more `api_keys` and `tenants`, re-read when it changes
+    tls_cert: str = ""  # PEM certificate chain: TLS on the public ports (gRPC and HTTP)
+    tls_key: str = ""  # its PEM private key
+    tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed (mTLS)
+    http_port: int = 8000  # the OpenAI-compatible HTTP API; 0: off
+    max_http_body_bytes: int = 8 * MiB  # larger HTTP request bodies get 413, unparsed
     max_concurrent_requests: int = 256
-    max_prompt_chars: int = 1_000_000
+    max_prompt_chars: int = 1_000_000  # a prompt's, or a chat's messages' content together
+    max_messages: int = 1024  # per chat request
+    scheduler_retry_s: float = 30.0  # a request outlives a scheduler restart this long (resent, resumed)
     max_stop_strings: int = 16
     max_stop_chars: int = 256
 
@@ -97,6 +148,7 @@ class SchedulerConfig:
 class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 50060  # worker i of `wicore up` listens on port + i
+    advertise_address: str = ""  # host:port the scheduler calls (e.g. a pod's name); default host:port
     model: str = "smollm2"  # "smollm2" (the bundled default) or a local HF model directory
     model_id: str = ""  # the name clients use; default: derived from the model
     device: str = "cpu"
@@ -140,12 +192,23 @@ class RedisConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InternalConfig:
+    """The shared token the internal services (scheduler, workers, tier) require of their callers
+    (see shared/channels.py). None set: they accept everyone, with a warning; `wicore up`
+    generates one into the state directory."""
+
+    token: str = ""
+    token_file: str = ""  # a file holding the token (its first line)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     tier: TierConfig = field(default_factory=TierConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    internal: InternalConfig = field(default_factory=InternalConfig)
     gpu_config: GpuConfig = field(default_factory=GpuConfig)
     gpu_pool_config: GpuPoolConfig = field(default_factory=GpuPoolConfig)
     a2cr_config: A2crConfig = field(default_factory=A2crConfig)
@@ -204,6 +267,8 @@ def to_dict(config: Config) -> dict[str, Any]:
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, tuple):
             return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
         return value
 
     return typing.cast(dict[str, Any], plain(config))
@@ -220,9 +285,16 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def build(cls: type[T], data: Any, where: str) -> T:
+    """A config dataclass from plain data (a YAML mapping); errors name `where` and the key."""
+    return typing.cast(T, _build(cls, data, where))
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        # The type only: the value may be a secret put where a section belongs.
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{where or 'config'}: expected a mapping ({keys}), got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -234,7 +306,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
         name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
         for name, value in data.items()
     }
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a dataclass's own check (__post_init__), naming its field
+        raise ConfigError(f"{where + '.' if where else ''}{exc}") from None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -248,6 +323,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Mapping:
+        key_hint, value_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return MappingProxyType(
+            {_coerce(key_hint, k, where): _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
+        )
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: unsupported union type")
     if hint is bool:

@@ -77,13 +77,31 @@ def chain_hashes(
     return hashes
 
 
+def reusable_blocks(num_tokens: int, block_size: int) -> int:
+    """How many leading full blocks of a sequence an admission may take from a cache: all
+    but the one holding the last token (at least one token must be computed)."""
+    return max(0, (num_tokens - 1) // block_size)
+
+
+def extend_chain(
+    chain: list[BlockHash], root: bytes, token_ids: Sequence[int], block_size: int, blocks: int
+) -> None:
+    """Extends `chain`, the hashes of the first len(chain) full blocks of `token_ids`, in place
+    to `blocks` hashes, hashing only the blocks it lacks (a request's tokens are hashed once)."""
+    done = len(chain)
+    if blocks <= done:
+        return
+    prev = bytes.fromhex(chain[-1]) if done else root
+    chain += chain_hashes(prev, token_ids[done * block_size : blocks * block_size], block_size)
+
+
 def reusable_chain(
     model_fingerprint: str, cache_salt: str, token_ids: Sequence[int], block_size: int
 ) -> list[BlockHash]:
-    """Hashes of the blocks an admission of `token_ids` may take from a cache: every full
-    block but the one holding the last token (at least one token must be computed).
-    The engine, the scheduler's router and the tiers all key prefixes by this."""
-    usable = (len(token_ids) - 1) // block_size
+    """Hashes of the blocks an admission of `token_ids` may take from a cache
+    (`reusable_blocks`). The engine, the scheduler's router and the tiers all key
+    prefixes by this."""
+    usable = reusable_blocks(len(token_ids), block_size)
     return chain_hashes(
         root_hash(model_fingerprint, cache_salt), token_ids[: usable * block_size], block_size
     )

@@ -7,11 +7,14 @@
                                      │  CPU workers split the cores (worker.num_threads) when several
     gateway :50051 (public)         ─┘  stopped in the reverse order
 
-Children get the resolved config as a file in the state directory. A child
-that does not become ready is started again (START_ATTEMPTS in all, with
-backoff), and the launcher says what it printed last; one that dies later is
-restarted (at most RESTARTS_PER_MINUTE times a minute; a worker registers
-again by itself); past that, all are stopped. Ctrl-C or SIGTERM stops every
+Children get the resolved config as a file in the state directory (mode 0600),
+with the internal token (wicore.channels) in `internal-token` beside it, freshly
+generated unless one is configured. A TLS gateway is probed on its health-only
+Unix socket (no client certificate needed). A child that does not become ready
+is started again (START_ATTEMPTS in all, with backoff), and the launcher says
+what it printed last; one that dies later is restarted (at most
+RESTARTS_PER_MINUTE times a minute; a worker registers again by itself); past
+that, all are stopped. Ctrl-C or SIGTERM stops every
 child within 15 s (SIGTERM, then SIGKILL); children also get SIGTERM if this
 process dies abruptly (they ask for it themselves: see `spawn`).
 """
@@ -34,11 +37,17 @@ from typing import IO
 
 import yaml
 
+from wicore.channels import (
+    gateway_probe_address,
+    gateway_server_credentials,
+    with_internal_token,
+    write_private,
+)
 from wicore.child import PARENT_PID_ENV
 from wicore.config import Config, to_dict
+from wicore.model_files import resolve_model
 from wicore.redis_server import redis_answers, start_private_redis
 from wicore.server import wait_for_serving
-from wicore.model_files import resolve_model
 
 STOP_TIMEOUT_S = 12.0
 READY_TIMEOUT_S = 300.0
@@ -178,6 +187,8 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        gateway_server_credentials(config.gateway)  # bad TLS settings fail here, not in a child
+        config = with_internal_token(config, state)
         config, device_names = prepare(config, devices)
         if not redis_answers(config.redis.url):
             _say(f"no Redis answers at {config.redis.url}; starting a private one in {state}")
@@ -185,7 +196,7 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
             children.append(Child("redis", proc, None))
             config = dataclasses.replace(config, redis=dataclasses.replace(config.redis, url=url))
         config_path = state / "config.yaml"
-        config_path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        write_private(config_path, yaml.safe_dump(to_dict(config), sort_keys=False))
         base = ["--config", str(config_path)]
         plan: list[tuple[str, list[str], str]] = [
             ("tier", ["tier", *base], f"{config.tier.host}:{config.tier.port}"),
@@ -199,7 +210,7 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
             if threads:
                 args += ["--set", f"worker.num_threads={threads}"]
             plan.append((f"worker-{i}", args, f"{config.worker.host}:{port}"))
-        plan.append(("gateway", ["gateway", *base], f"{config.gateway.host}:{config.gateway.port}"))
+        plan.append(("gateway", ["gateway", *base], gateway_probe_address(config)))
         for name, args, address in plan:
             if stop_requested:
                 break

@@ -1,8 +1,11 @@
 """The gRPC server bootstrap every service shares.
 
 ServiceServer(name, host, port)
-  ├─ grpc.aio server with ErrorInterceptor (domain error -> status code)
-  ├─ grpc.health.v1 (NOT_SERVING until the service calls set_serving(True))
+  ├─ grpc.aio server with ErrorInterceptor (domain error -> status code),
+  │  behind InternalTokenInterceptor on the internal services (see wicore.channels)
+  ├─ TLS on its port when given server credentials (the gateway's public port)
+  ├─ grpc.health.v1 (NOT_SERVING until the service calls set_serving(True)),
+  │  also on a health-only Unix socket when asked (probes of a TLS port)
   ├─ reflection for every registered service
   └─ serve_until_signal(): SIGTERM/SIGINT -> NOT_SERVING, on_drain hooks,
      then stop(grace): in-flight calls get `grace` seconds to finish and
@@ -12,9 +15,11 @@ ServiceServer(name, host, port)
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,7 +37,18 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# Trailing metadata on every status a service chose to send: a caller tells a service's
+# answer (final) from a broken connection to it (the service died: worth retrying).
+ANSWERED_KEY = "wicore-answered"
+
+
+def answered(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the failure is a WiCore service's answer, not a lost connection."""
+    return any(key == ANSWERED_KEY for key, _ in exc.trailing_metadata() or ())
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    context.set_trailing_metadata(((ANSWERED_KEY, "1"),))
     if isinstance(exc, WicoreError):
         await context.abort(exc.code, str(exc))
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -105,16 +121,76 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-class ServiceServer:
-    """Owns one grpc.aio server, its health status and its shutdown."""
+INTERNAL_TOKEN_KEY = "wicore-internal-token"  # the metadata key internal callers send their token in
+HEALTH_PREFIX = "/grpc.health.v1.Health/"  # open to probes without a token
 
-    def __init__(self, name: str, host: str, port: int, grace_s: float = 10.0) -> None:
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that fails every call with UNAUTHENTICATED."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    args = (refuse, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(*args)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(*args)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(*args)
+    return grpc.stream_stream_rpc_method_handler(*args)
+
+
+class InternalTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses (UNAUTHENTICATED) every call without the internal token, but health checks."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
+            return handler
+        sent = dict(handler_call_details.invocation_metadata or ()).get(INTERNAL_TOKEN_KEY, "")
+        if hmac.compare_digest(sent.encode() if isinstance(sent, str) else sent, self._token):
+            return handler
+        return _refusal(handler, f"{handler_call_details.method}: internal service; missing or wrong token")
+
+
+class ServiceServer:
+    """Owns one grpc.aio server, its health status and its shutdown.
+
+    `credentials`: TLS on the port (None: plaintext). `internal_token`: callers must send it
+    (see wicore.channels; "": everyone is let in). `health_socket`: a Unix socket path that
+    serves grpc.health.v1 alone, in plaintext, for local probes of a TLS port."""
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        grace_s: float = 10.0,
+        *,
+        credentials: grpc.ServerCredentials | None = None,
+        internal_token: str = "",
+        health_socket: str = "",
+    ) -> None:
         self.name = name
         self.address = f"{host}:{port}"
         self.grace_s = grace_s
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+        self.credentials = credentials
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if internal_token:
+            interceptors.insert(0, InternalTokenInterceptor(internal_token))
+        self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health_socket = health_socket
+        self._probe: grpc.aio.Server | None = None
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         self._stopping = asyncio.Event()
 
@@ -124,11 +200,30 @@ class ServiceServer:
 
     async def start(self) -> None:
         reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.server)
-        if self.server.add_insecure_port(self.address) == 0:
+        if self.credentials is not None:
+            bound = self.server.add_secure_port(self.address, self.credentials)
+        else:
+            bound = self.server.add_insecure_port(self.address)
+        if bound == 0:
             raise OSError(f"{self.name}: cannot listen on {self.address}")
         await self.server.start()
         await self.set_serving(False)
-        log.info("%s listening on %s", self.name, self.address)
+        if self.health_socket:
+            await self._start_probe()
+        tls = " (TLS)" if self.credentials is not None else ""
+        log.info("%s listening on %s%s", self.name, self.address, tls)
+
+    async def _start_probe(self) -> None:
+        """grpc.health.v1 alone on the Unix socket, sharing this server's health status."""
+        path = Path(self.health_socket)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_socket():
+            path.unlink()  # left by a process that died
+        self._probe = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)
+        if self._probe.add_insecure_port(f"unix:{path}") == 0:
+            raise OSError(f"{self.name}: cannot listen on unix:{path}")
+        await self._probe.start()
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -154,14 +249,24 @@ class ServiceServer:
         await self.set_serving(False)
         if on_drain is not None:
             await on_drain()
+        if self._probe is not None:
+            await self._probe.stop(0)
+            Path(self.health_socket).unlink(missing_ok=True)
         await self.server.stop(self.grace_s)
         log.info("%s: stopped", self.name)
 
 
-async def wait_for_serving(address: str, timeout_s: float, service: str = "") -> bool:
-    """Polls grpc.health.v1 until SERVING or the timeout."""
+async def wait_for_serving(
+    address: str, timeout_s: float, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> bool:
+    """Polls grpc.health.v1 until SERVING or the timeout (over TLS when given `credentials`)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel = (
+        grpc.aio.secure_channel(address, credentials)
+        if credentials is not None
+        else grpc.aio.insecure_channel(address)
+    )
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

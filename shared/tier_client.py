@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from wicore.channels import InternalAuth, internal_channel
 from wicore.config import TierConfig
 from wicore.hashing import BlockHash
 from wicore.kvblock import KvPayload
-from wicore.server import CHANNEL_OPTIONS
 from wicore.tier_wire import BadStream, Observation, block_chunks, read_blocks
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
@@ -37,9 +37,10 @@ class TierClient:
         timeout_s: float = 5.0,
         retry_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        auth: InternalAuth | None = None,  # the internal token its calls carry
     ) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = internal_channel(address, auth or InternalAuth())
         self._stub = tier_pb2_grpc.TierStub(self._channel)
         self._timeout_s = timeout_s
         self._retry_after_s = retry_after_s

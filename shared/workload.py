@@ -15,10 +15,10 @@ class WorkloadType(enum.Enum):
     SIMPLE_QA = "simple_qa"
 
 
-def parse_workload_type(value: str) -> WorkloadType:
+def parse_workload_type(value: str, field: str = "workload_type") -> WorkloadType:
     """The workload type named `value` ("" means default); InvalidRequest naming the field."""
     try:
         return WorkloadType(value or WorkloadType.DEFAULT.value)
     except ValueError:
         known = ", ".join(w.value for w in WorkloadType)
-        raise InvalidRequest("workload_type", f"{value[:64]!r} is not one of {known} (or empty)") from None
+        raise InvalidRequest(field, f"{value[:64]!r} is not one of {known} (or empty)") from None

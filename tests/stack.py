@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
+from wicore.channels import TOKEN_FILE, InternalAuth, internal_channel
+from wicore.config import InternalConfig
 from wicore.server import wait_for_serving
 
 
@@ -106,6 +109,16 @@ class Stack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def auth(self) -> InternalAuth:
+        """The internal token `wicore up` generated for this run (the scheduler, workers and
+        tier refuse calls without it)."""
+        return InternalAuth.load(InternalConfig(token_file=str(self.state_dir / TOKEN_FILE)))
+
+    def internal_channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to one of this stack's internal services, carrying the token."""
+        return internal_channel(address, self.auth)
+
     def stop(self, timeout_s: float = 20.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -126,12 +139,13 @@ def start_stack(
     workers: int = 1,
     settings: dict[str, Any] | None = None,
     ready_timeout_s: float = 240.0,
+    gateway_credentials: grpc.ChannelCredentials | None = None,  # to probe a TLS gateway
 ) -> Stack:
     namespace = f"wicore-test-{uuid.uuid4().hex[:8]}"
     ports = {name: free_port() for name in ("gateway", "scheduler", "tier")}
     worker_base = free_port()
     config: dict[str, Any] = {
-        "gateway": {"port": ports["gateway"]},
+        "gateway": {"port": ports["gateway"], "http_port": 0},  # HTTP on: settings={"gateway.http_port": ...}
         "scheduler": {"port": ports["scheduler"], "heartbeat_interval_s": 0.2, "worker_timeout_s": 2.0},
         "tier": {"port": ports["tier"], "cpu_capacity_bytes": 64 << 20},
         "worker": {"port": worker_base, "model": model, "max_batch_size": 8, "kv_cache_bytes": 64 << 20},
@@ -164,7 +178,7 @@ def start_stack(
     )
     deadline = time.monotonic() + ready_timeout_s
     try:
-        while not asyncio.run(wait_for_serving(stack.gateway, timeout_s=1.0)):
+        while not asyncio.run(wait_for_serving(stack.gateway, 1.0, credentials=gateway_credentials)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"wicore up did not become ready:\n{stack.log()[-4000:]}")
         # The gateway is the last to start; its SERVING means everything is up, but
@@ -177,13 +191,12 @@ def start_stack(
 
 
 def _wait_registered(stack: Stack, workers: int, deadline: float) -> None:
-    import grpc
-
     from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc
 
     with grpc.insecure_channel(stack.scheduler) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        while len(stub.ListWorkers(scheduler_pb2.ListWorkersRequest()).workers) < workers:
+        request = scheduler_pb2.ListWorkersRequest()
+        while len(stub.ListWorkers(request, metadata=stack.auth.metadata).workers) < workers:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers did not register:\n{stack.log()[-4000:]}")
             time.sleep(0.05)

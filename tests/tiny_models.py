@@ -18,6 +18,11 @@ CORPUS = [
 ] * 20
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ChatML, as SmolLM2 and Qwen write it (without a default system message).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
@@ -32,9 +37,11 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def _common(tokenizer: PreTrainedTokenizerFast, max_context: int) -> dict[str, object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from wicore.channels import InternalAuth, internal_server
 from wicore.config import Config
 from wicore.scheduler.batcher import BatchOptimizer
 from wicore.scheduler.dispatcher import Dispatcher
@@ -14,7 +15,6 @@ from wicore.scheduler.registry import WorkerRegistry
 from wicore.scheduler.request_queue import RequestQueue
 from wicore.scheduler.router import make_router
 from wicore.scheduler.servicer import SchedulerServicer
-from wicore.server import ServiceServer
 from wicore.tier_client import TierClient
 from wicore.v1 import scheduler_pb2_grpc
 
@@ -30,14 +30,16 @@ def build_servicer(config: Config) -> SchedulerServicer:
     batcher = BatchOptimizer(sc, make_router(sc), hints, orphan_timeout_s=sc.worker_timeout_s)
     queue = RequestQueue(sc.max_queue_size, sc.aging_interval_s, registry.clock)
     prefixes = PrefixIndex(config.redis.url, config.redis.namespace, sc.redis_timeout_s)
-    tier = TierClient(f"{config.tier.host}:{config.tier.port}", timeout_s=2.0) if sc.prefetch else None
-    return SchedulerServicer(sc, registry, Dispatcher(registry, queue, batcher), prefixes, hints, tier)
+    auth = InternalAuth.load(config.internal)
+    tier_address = f"{config.tier.host}:{config.tier.port}"
+    tier = TierClient(tier_address, timeout_s=2.0, auth=auth) if sc.prefetch else None
+    return SchedulerServicer(sc, registry, Dispatcher(registry, queue, batcher), prefixes, hints, tier, auth)
 
 
 async def serve(config: Config) -> None:
     sc = config.scheduler
     servicer = build_servicer(config)
-    server = ServiceServer("scheduler", sc.host, sc.port, config.shutdown_grace_s)
+    server = internal_server("scheduler", sc.host, sc.port, config)
     server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, "wicore.v1.Scheduler")
     await server.start()
     await server.set_serving(True)

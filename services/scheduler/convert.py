@@ -80,7 +80,6 @@ def worker_from_proto(msg: scheduler_pb2.RegisterWorkerRequest) -> WorkerInfo:
         block_size=msg.block_size,
         max_batch_size=msg.max_batch_size,
         fingerprint=msg.fingerprint,
-        tokenizer_path=msg.tokenizer_path,
         default_max_tokens=msg.default_max_tokens or 256,
         load=load_from_proto(msg.load),
     )

@@ -1,26 +1,24 @@
 """Where a prompt's prefix blocks sit: the scheduler's only reads of Redis.
 
-The scheduler tokenizes the prompt with the model's own tokenizer (loaded once
-from the `tokenizer_path` a worker registers, in a thread) and hashes its full
-blocks exactly as the worker's engine does (`hashing.reusable_chain`), with the fingerprint and block size the
-worker registered. One pipelined round trip then asks, per live worker,
+The prompt arrives as token ids (the gateway tokenized it). The scheduler hashes
+its reusable blocks once, exactly as the worker's engine does
+(`hashing.reusable_chain`), with the fingerprint and block size the workers
+registered, and hands those hashes on to the worker it places the request on.
+One pipelined round trip then asks, per live worker,
 `SMISMEMBER {ns}:res:{worker} h_0 … h_k` (the blocks on its device, published by
 the worker each heartbeat) and, per block, `HGET {ns}:blk:{h} tier` (written by
 the tier service).
 
 Redis is advisory here: an error or a timeout (`redis_timeout_s`) means "no
 information" — routing falls back to load alone — and Redis is left alone for
-`retry_after_s` so a dead server costs no request its timeout. Without a
-tokenizer the prompt length is estimated from its UTF-8 bytes (4 per token).
+`retry_after_s` so a dead server costs no request its timeout.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from redis.exceptions import RedisError
 
@@ -31,18 +29,6 @@ from wicore.scheduler.registry import WorkerInfo
 from wicore.scheduler.state import PrefixInfo, Tier
 
 log = logging.getLogger(__name__)
-
-BYTES_PER_TOKEN_ESTIMATE = 4
-
-
-def estimate_tokens(prompt: str) -> int:
-    return max(1, -(-len(prompt.encode()) // BYTES_PER_TOKEN_ESTIMATE))
-
-
-def _load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 class PrefixIndex:
@@ -59,46 +45,22 @@ class PrefixIndex:
         self.clock = clock
         self._redis = fast_failing_client(redis_url, timeout_s)
         self._down_until = 0.0
-        self._tokenizers: dict[str, asyncio.Task[Any]] = {}
-        self._unloadable: set[str] = set()
 
     async def close(self) -> None:
         await self._redis.aclose()
 
-    def preload(self, path: str) -> asyncio.Task[Any]:
-        """Starts loading the tokenizer at `path` (once), so the first request need not wait."""
-        task = self._tokenizers.get(path)
-        if task is None:
-            task = self._tokenizers[path] = asyncio.create_task(asyncio.to_thread(_load_tokenizer, path))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # reported when awaited
-        return task
-
-    async def _tokenizer(self, path: str) -> Any:
-        task = self.preload(path)
-        try:
-            return await asyncio.shield(task)
-        except Exception as exc:  # a path this host cannot read: route without prefixes
-            if path not in self._unloadable:
-                self._unloadable.add(path)
-                log.warning("cannot load the tokenizer at %s (%s); routing ignores prefixes", path, exc)
-            return None
-
     async def describe(
-        self, prompt: str, cache_salt: str, workers: Sequence[WorkerInfo]
-    ) -> tuple[int, PrefixInfo]:
-        """The prompt's length in tokens and where its blocks sit on `workers` (one model)."""
+        self, token_ids: Sequence[int], cache_salt: str, workers: Sequence[WorkerInfo]
+    ) -> PrefixInfo:
+        """The prompt's reusable block hashes and where they sit on `workers` (one model)."""
         first = min(workers, key=lambda w: w.registered_at) if workers else None
-        if first is None or not first.tokenizer_path or first.block_size < 1:
-            return estimate_tokens(prompt), PrefixInfo()
-        tokenizer = await self._tokenizer(first.tokenizer_path)
-        if tokenizer is None:
-            return estimate_tokens(prompt), PrefixInfo()
-        ids: list[int] = await asyncio.to_thread(tokenizer.encode, prompt)
+        if first is None or first.block_size < 1:
+            return PrefixInfo()
         bs = first.block_size
-        hashes = tuple(reusable_chain(first.fingerprint, cache_salt, ids, bs))
+        hashes = tuple(reusable_chain(first.fingerprint, cache_salt, token_ids, bs))
         group = [w.worker_id for w in workers if (w.fingerprint, w.block_size) == (first.fingerprint, bs)]
         device, tier = await self.lookup(group, hashes)
-        return max(1, len(ids)), PrefixInfo(hashes, first.fingerprint, bs, device, tier)
+        return PrefixInfo(hashes, first.fingerprint, bs, device, tier)
 
     async def lookup(
         self, worker_ids: Sequence[str], hashes: Sequence[BlockHash]

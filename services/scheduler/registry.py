@@ -39,7 +39,6 @@ class WorkerInfo:
     block_size: int = 0
     max_batch_size: int = 0
     fingerprint: str = ""  # root of its block hashes
-    tokenizer_path: str = ""
     default_max_tokens: int = 256
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_seen: float = 0.0

@@ -6,7 +6,7 @@ the connection reset) or a worker dropped for missed heartbeats (its calls are
 cancelled) removes that worker from the registry at once. The request goes back
 to the queue, keeping its place, and is placed on another worker (at most
 `MAX_ATTEMPTS` workers in all). One that had streamed tokens continues there
-(Worker.Resume): the tokens the client already has are appended to its prompt,
+(`generated_token_ids`): the tokens the client already has are appended to its prompt,
 so the stream goes on where it stopped (greedy output is the same as if nothing
 had failed; a seeded sample continues with a fresh generator). After
 `MAX_ATTEMPTS` workers it fails with UNAVAILABLE naming the last one.
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from wicore.channels import InternalAuth, internal_channel
 from wicore.config import SchedulerConfig
-from wicore.errors import WorkerUnavailable
+from wicore.errors import InvalidRequest, WorkerUnavailable
 from wicore.hashing import BlockHash
 from wicore.scheduler import convert
 from wicore.scheduler.batcher import Assignment
@@ -32,26 +33,27 @@ from wicore.scheduler.hints import PlacementHints
 from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerInfo, WorkerRegistry
 from wicore.scheduler.router import batch_limit
-from wicore.scheduler.state import QueuedRequest
-from wicore.server import CHANNEL_OPTIONS
+from wicore.scheduler.state import PrefixInfo, QueuedRequest
 from wicore.tier_client import TierClient
 from wicore.v1 import inference_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+REGISTRATION_GRACE_HEARTBEATS = 3
 
 
 class Channels:
     """One gRPC channel per worker address, reused when a worker comes back."""
 
-    def __init__(self) -> None:
+    def __init__(self, auth: InternalAuth) -> None:
+        self._auth = auth
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = internal_channel(address, self._auth)
         return worker_pb2_grpc.WorkerStub(channel)
 
     async def close_all(self) -> None:
@@ -95,6 +97,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         prefixes: PrefixIndex,
         hints: PlacementHints,
         tier: TierClient | None = None,
+        auth: InternalAuth | None = None,  # the token its calls to workers carry
     ) -> None:
         self.config = config
         self.tier = tier  # for Prefetch; None: no prefetching
@@ -103,15 +106,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.dispatcher = dispatcher
         self.prefixes = prefixes
         self.hints = hints
-        self.channels = Channels()
+        self.channels = Channels(auth or InternalAuth())
         self.calls = _Calls()
+        self.started = registry.clock()
 
     async def RegisterWorker(
         self, request: scheduler_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.RegisterWorkerResponse:
         self.registry.register(convert.worker_from_proto(request))
-        if request.tokenizer_path:
-            self.prefixes.preload(request.tokenizer_path)
         log.info("worker %s registered (%s, model %s)", request.worker_id, request.device, request.model)
         self.dispatcher.kick()
         return scheduler_pb2.RegisterWorkerResponse(heartbeat_interval_s=self.config.heartbeat_interval_s)
@@ -175,15 +177,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             reply.models.add(id=model, max_context=min(w.max_context for w in workers), workers=len(workers))
         return reply
 
-    async def Tokenize(
-        self, request: inference_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
-    ) -> inference_pb2.TokenizeResponse:
-        worker = self.registry.pick(request.model)
-        request.model = worker.model
-        stub = self.channels.stub(worker.address)
-        reply: inference_pb2.TokenizeResponse = await stub.Tokenize(request, timeout=context.time_remaining())
-        return reply
-
     def _prefetch(self, hashes: list[BlockHash]) -> None:
         """Asks the tier, in the background, to promote these blocks from NVMe to CPU RAM."""
         if hashes and self.tier is not None:
@@ -192,33 +185,46 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             task.add_done_callback(self._prefetches.discard)
 
     async def _queued(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, tokenized: worker_pb2.TokenizedRequest, context: grpc.aio.ServicerContext
     ) -> QueuedRequest:
+        request = tokenized.request
+        if not tokenized.prompt_token_ids:
+            raise InvalidRequest("prompt_token_ids", "must not be empty")
+        await self._registrations_after_start()
         workers = self.registry.resolve(request.model)  # no worker / unknown model: fail now
         model = workers[0].model
-        prompt_tokens, prefix = await self.prefixes.describe(request.prompt, request.cache_salt, workers)
+        prefix = await self.prefixes.describe(tokenized.prompt_token_ids, request.cache_salt, workers)
         return convert.queued_request(
             request,
             model=model,
             seq=self.dispatcher.next_seq(),
             now=self.registry.clock(),
             time_remaining=context.time_remaining(),
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=len(tokenized.prompt_token_ids) + len(tokenized.generated_token_ids),
             prefix=prefix,
         )
 
+    async def _registrations_after_start(self) -> None:
+        """Just after a (re)start no worker has registered yet; they do within a heartbeat or
+        two. Requests arriving then (the gateway resends those a dead scheduler lost) wait
+        for them instead of failing."""
+        grace_end = self.started + REGISTRATION_GRACE_HEARTBEATS * self.config.heartbeat_interval_s + 1.0
+        while not self.registry.workers and self.registry.clock() < grace_end:
+            await asyncio.sleep(0.05)
+
     async def Generate(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, tokenized: worker_pb2.TokenizedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        request = tokenized.request
         request.request_id = request.request_id or uuid.uuid4().hex
-        queued = await self._queued(request, context)
+        queued = await self._queued(tokenized, context)
         self._prefetch(queued.prefix.to_prefetch())
         request.model = queued.model
-        generated: list[int] = []  # the tokens the client has received
+        generated = list(tokenized.generated_token_ids)  # the tokens the client has received
         for attempt in range(1, MAX_ATTEMPTS + 1):
             placed = await self.dispatcher.wait_for_worker(queued, requeue=attempt > 1)
             try:
-                async for msg in self._relay(request, placed, context, generated):
+                async for msg in self._relay(tokenized, queued.prefix, placed, context, generated):
                     generated += msg.token_ids
                     yield msg
                 return
@@ -241,7 +247,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def _relay(
         self,
-        request: inference_pb2.GenerateRequest,
+        tokenized: worker_pb2.TokenizedRequest,
+        prefix: PrefixInfo,
         placed: Assignment,
         context: grpc.aio.ServicerContext,
         generated: list[int],
@@ -250,11 +257,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         raises WorkerUnavailable (and is dropped)."""
         worker = placed.worker
         stub = self.channels.stub(worker.address)
-        if generated:
-            resume = worker_pb2.ResumeRequest(request=request, generated_token_ids=generated)
-            call = _Call(stub.Resume(resume, timeout=context.time_remaining()))
-        else:
-            call = _Call(stub.Generate(request, timeout=context.time_remaining()))
+        call = _Call(
+            stub.Generate(_for_worker(tokenized, prefix, worker, generated), timeout=context.time_remaining())
+        )
         self.calls.add(worker.worker_id, call)
         try:
             async for msg in call.call:
@@ -275,3 +280,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.calls.discard(worker.worker_id, call)
             call.call.cancel()
             self.dispatcher.finished(placed)
+
+
+def _for_worker(
+    tokenized: worker_pb2.TokenizedRequest, prefix: PrefixInfo, worker: WorkerInfo, generated: list[int]
+) -> worker_pb2.TokenizedRequest:
+    """What `worker` gets: the request, the prompt's block hashes when they were made for its
+    model and block size (so it does not hash them again), and the tokens already streamed."""
+    msg = worker_pb2.TokenizedRequest(
+        request=tokenized.request, prompt_token_ids=tokenized.prompt_token_ids, generated_token_ids=generated
+    )
+    if prefix.hashes and (prefix.fingerprint, prefix.block_size) == (worker.fingerprint, worker.block_size):
+        msg.block_hashes.extend(prefix.hashes)
+        msg.fingerprint, msg.block_size = prefix.fingerprint, prefix.block_size
+    return msg

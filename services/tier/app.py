@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+from wicore.channels import internal_server
 from wicore.config import Config, TierConfig
 from wicore.errors import ConfigError
 from wicore.kvblock import check_codec
 from wicore.redis_server import fast_failing_client
-from wicore.server import ServiceServer
 from wicore.tier.manager import TierManager
 from wicore.tier.metadata import BlockMetadata
 from wicore.tier.nvme import keep_freed_memory
@@ -81,7 +81,7 @@ async def serve(config: Config) -> None:
     manager = TierManager(
         tc, config.a2cr_config, metadata, nvme_root(config) if tc.nvme_capacity_bytes else None
     )
-    server = ServiceServer("tier", tc.host, tc.port, config.shutdown_grace_s)
+    server = internal_server("tier", tc.host, tc.port, config)
     server.add(tier_pb2_grpc.add_TierServicer_to_server, TierServicer(manager, tc), "wicore.v1.Tier")
     maintenance: asyncio.Task[None] | None = None
     try:

@@ -190,4 +190,5 @@ def stats_to_proto(stats: ManagerStats) -> tier_pb2.StatsResponse:
         blocks_promoted=stats.blocks_promoted,
         bytes_promoted=stats.bytes_promoted,
         corrupt_blocks=stats.corrupt_blocks,
+        nvme_write_errors=stats.nvme_write_errors,
     )

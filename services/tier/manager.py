@@ -87,6 +87,7 @@ class ManagerStats:
     bytes_promoted: int
     corrupt_blocks: int
     redis_ok: bool
+    nvme_write_errors: int = 0  # NVMe writes that failed (no space, I/O error): no NVMe copy kept
 
 
 class TierManager:
@@ -121,6 +122,7 @@ class TierManager:
         self._lock = asyncio.Lock()
         self._codec_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tier-codec")
         self.blocks_demoted = self.bytes_demoted = self.blocks_promoted = self.bytes_promoted = 0
+        self.nvme_write_errors = 0
 
     # --- lifecycle ---
 
@@ -346,6 +348,7 @@ class TierManager:
             bytes_promoted=self.bytes_promoted,
             corrupt_blocks=self.nvme.corrupt if self.nvme is not None else 0,
             redis_ok=self.metadata.redis_ok if self.metadata is not None else False,
+            nvme_write_errors=self.nvme_write_errors,
         )
 
     def check_integrity(self) -> None:
@@ -459,6 +462,7 @@ class TierManager:
         for (block_hash, block), result in zip(blocks.items(), results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("NVMe write of block %s failed: %s", block_hash, result)
+                self.nvme_write_errors += 1
                 continue
             entry = self._entries.get(block_hash)
             if entry is None:  # a put straight to NVMe (no CPU tier)

@@ -13,17 +13,17 @@ from typing import Any
 import grpc
 import torch
 
+from wicore.channels import InternalAuth, internal_channel, internal_server
 from wicore.codecs import DTYPES
 from wicore.config import Config, GiB
 from wicore.errors import ConfigError
 from wicore.kvblock import check_codec
-from wicore.server import CHANNEL_OPTIONS, ServiceServer
+from wicore.model_files import fingerprint, resolve_model
 from wicore.tier_client import TierClient
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.convert import ModelDefaults
 from wicore.worker.cpu_kernels import KERNELS, use_onednn_linears
-from wicore.model_files import fingerprint, resolve_model
 from wicore.worker.model_runner import check_supported, kv_layout
 from wicore.worker.offload import KvOffloader
 from wicore.worker.paged_attention import KVPool
@@ -40,7 +40,6 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     fingerprint: str
-    path: str  # the model directory (the scheduler loads the tokenizer from it)
 
 
 def load_model(config: Config) -> LoadedModel:
@@ -64,7 +63,7 @@ def load_model(config: Config) -> LoadedModel:
     if wc.cpu_kernels == "onednn" and wc.device == "cpu" and model.dtype == torch.float32:
         use_onednn_linears(model)
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
-    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, wc.dtype), str(source.path))
+    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, wc.dtype))
 
 
 def engine_config(config: Config, model: Any) -> EngineConfig:
@@ -99,9 +98,11 @@ class Registration:
 
     def __init__(self, config: Config, request: scheduler_pb2.RegisterWorkerRequest, engine: AsyncEngine):
         self.address = f"{config.scheduler.host}:{config.scheduler.port}"
+        self.auth = InternalAuth.load(config.internal)
         self.request = request
         self.engine = engine
         self.interval = config.scheduler.heartbeat_interval_s
+        self.timeout_s = config.scheduler.worker_timeout_s  # after this the scheduler drops us
         self.residency = ResidencyPublisher(
             config.redis.url,
             config.redis.namespace,
@@ -128,8 +129,13 @@ class Registration:
         return load
 
     async def _run(self) -> None:
+        """Registers, then heartbeats. A worker the scheduler dropped (it says it does not
+        know it, or has not heard from it for `worker_timeout_s`) has had its streams
+        resumed on other workers: its own copies are orphans, and are aborted."""
         registered = False
-        async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+        loop = asyncio.get_running_loop()
+        last_heard = loop.time()
+        async with internal_channel(self.address, self.auth) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             while True:
                 try:
@@ -144,10 +150,15 @@ class Registration:
                             worker_id=self.request.worker_id, load=self._load()
                         )
                         registered = (await stub.Heartbeat(beat, timeout=2.0)).known
+                        if not registered:
+                            self.engine.abort_all("the scheduler dropped this worker")
+                    last_heard = loop.time()
                 except grpc.aio.AioRpcError as exc:
                     if registered:
                         log.warning("scheduler unreachable (%s); will re-register", exc.code().name)
                     registered = False
+                    if loop.time() - last_heard > self.timeout_s:
+                        self.engine.abort_all(f"the scheduler has not answered for {self.timeout_s:.1f} s")
                 await asyncio.sleep(self.interval)
 
     async def _publish_loop(self) -> None:
@@ -166,7 +177,7 @@ class Registration:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.residency.clear()
         await self.residency.close()
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with internal_channel(self.address, self.auth) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             try:
                 await stub.DeregisterWorker(
@@ -188,13 +199,13 @@ def make_offloader(config: Config) -> KvOffloader | None:
         raise ConfigError(
             f"worker.max_pending_offload_blocks: must be >= 1, got {wc.max_pending_offload_blocks}"
         )
-    client = TierClient(f"{config.tier.host}:{config.tier.port}")
+    client = TierClient(f"{config.tier.host}:{config.tier.port}", auth=InternalAuth.load(config.internal))
     return KvOffloader(client, wc.offload_codec, wc.max_pending_offload_blocks)
 
 
 async def serve(config: Config) -> None:
     wc = config.worker
-    server = ServiceServer("worker", wc.host, wc.port, config.shutdown_grace_s)
+    server = internal_server("worker", wc.host, wc.port, config)
     loaded = await asyncio.to_thread(load_model, config)
     model_id, model, tokenizer = loaded.model_id, loaded.model, loaded.tokenizer
     defaults = ModelDefaults.from_model(model, wc.default_max_tokens)
@@ -210,15 +221,16 @@ async def serve(config: Config) -> None:
     if offloader is not None:
         offloader.start()
     engine.start()
-    servicer = WorkerServicer(engine, tokenizer, model_id, defaults)
+    servicer = WorkerServicer(engine, model_id, defaults, loaded.fingerprint, paged.pool.block_size)
     server.add(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, "wicore.v1.Worker")
     await server.start()
     stats = engine.stats()
+    address = wc.advertise_address or f"{wc.host}:{wc.port}"
     registration = Registration(
         config,
         scheduler_pb2.RegisterWorkerRequest(
-            worker_id=f"{wc.device}@{wc.host}:{wc.port}",
-            address=f"{wc.host}:{wc.port}",
+            worker_id=f"{wc.device}@{address}",
+            address=address,
             device=wc.device,
             model=model_id,
             max_context=defaults.max_context,
@@ -226,7 +238,6 @@ async def serve(config: Config) -> None:
             block_size=stats.block_size,
             max_batch_size=wc.max_batch_size,
             fingerprint=loaded.fingerprint,
-            tokenizer_path=loaded.path,
             default_max_tokens=defaults.default_max_tokens,
         ),
         engine,

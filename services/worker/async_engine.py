@@ -4,6 +4,7 @@
     ───────────────────────────         ─────────────────────────────
     generate() ── inbox: add ─────────▶ engine.add_request()
     (cancel)   ── inbox: abort ───────▶ engine.abort_request()
+    abort_all() ── inbox: abort_all ──▶ every request fails (orphans of a dropped worker)
     resident_hashes() ── inbox: snapshot ▶ engine.resident_hashes()   (heartbeats)
     queue.get() ◀─ call_soon_threadsafe ─ engine.step() -> TextStream.push()
 
@@ -27,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from wicore.errors import InvalidRequest, NotReady, WicoreError
+from wicore.errors import InvalidRequest, NotReady, WicoreError, WorkerUnavailable
 from wicore.hashing import BlockHash
 from wicore.worker.engine import Engine
 from wicore.worker.engine_types import EngineRequest, EngineStats
@@ -79,7 +80,7 @@ class AsyncEngine:
         """Yields deltas until the request finishes; aborts it if the caller goes away.
 
         `resumed`: the prompt's last tokens are output another worker already streamed
-        (see Worker.Resume): they count as completion tokens and their text is not sent again.
+        (a resumed request): they count as completion tokens and their text is not sent again.
         """
         if self._stopped:
             raise NotReady("worker is shutting down")
@@ -104,6 +105,10 @@ class AsyncEngine:
             if not finished:
                 self._send("abort", request.request_id)
 
+    def abort_all(self, reason: str) -> None:
+        """Fails every request in flight with UNAVAILABLE (their caller gave up on this worker)."""
+        self._send("abort_all", reason)
+
     async def resident_hashes(self) -> frozenset[BlockHash]:
         """A snapshot of the device prefix cache, taken on the engine thread between steps."""
         loop = asyncio.get_running_loop()
@@ -115,7 +120,7 @@ class AsyncEngine:
         """Loads the prefix blocks after the device's from the tiers; never fails the request."""
         assert self.offloader is not None
         try:
-            chain = self.engine.prefix_chain(list(request.prompt_token_ids), request.cache_salt)
+            chain = self.engine.prefix_chain(request)
             start = self.engine.device_prefix(chain)
             if start < len(chain):
                 kv = await self.offloader.load(chain[start:])
@@ -176,6 +181,10 @@ class AsyncEngine:
                 self._active[request.request_id] = active
             elif kind == "abort" and self._active.pop(payload, None) is not None:
                 self.engine.abort_request(payload)
+            elif kind == "abort_all":
+                if self._active:
+                    log.warning("aborting %d orphaned requests: %s", len(self._active), payload)
+                self._fail_all(WorkerUnavailable(payload))
             elif kind == "install":
                 chain, start, kv = payload
                 try:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from wicore.errors import InvalidRequest, Overloaded
-from wicore.v1 import inference_pb2
+from wicore.hashing import BlockHash, validate_block_hash
+from wicore.v1 import inference_pb2, worker_pb2
 from wicore.worker.engine_types import EngineRequest, FinishReason, SamplingParams
 from wicore.worker.model_runner import text_config
 from wicore.worker.output import Delta
@@ -67,7 +68,10 @@ def sampling_from_proto(msg: inference_pb2.SamplingParams, defaults: SamplingPar
 
 
 def engine_request(
-    request: inference_pb2.GenerateRequest, prompt_ids: list[int], defaults: ModelDefaults
+    request: inference_pb2.GenerateRequest,
+    prompt_ids: list[int],
+    defaults: ModelDefaults,
+    block_hashes: list[BlockHash] | None = None,
 ) -> EngineRequest:
     room = defaults.max_context - len(prompt_ids)
     if request.HasField("max_tokens"):
@@ -95,7 +99,41 @@ def engine_request(
         stop_token_ids=stop_ids,
         logprobs=request.logprobs if request.HasField("logprobs") else None,
         cache_salt=request.cache_salt,
+        block_hashes=block_hashes or [],
     )
+
+
+def from_tokenized(
+    msg: worker_pb2.TokenizedRequest, defaults: ModelDefaults, fingerprint: str, block_size: int
+) -> tuple[EngineRequest, int]:
+    """The engine request for `msg`, and how many of its prompt's last tokens are output the
+    client already has (a resumed request; 0 otherwise)."""
+    prompt_ids = list(msg.prompt_token_ids)
+    if not prompt_ids:
+        raise InvalidRequest("prompt_token_ids", "must not be empty")
+    _check_ids(prompt_ids, "prompt_token_ids", defaults)
+    hashes = _usable_hashes(msg, len(prompt_ids), fingerprint, block_size)
+    generated = list(msg.generated_token_ids)
+    if not generated:
+        return engine_request(msg.request, prompt_ids, defaults, hashes), 0
+    return resumed_request(msg.request, prompt_ids, generated, defaults, hashes), len(generated)
+
+
+def _check_ids(ids: list[int], field: str, defaults: ModelDefaults) -> None:
+    if defaults.vocab_size and max(ids) >= defaults.vocab_size:
+        raise InvalidRequest(field, f"ids must be below the vocabulary size {defaults.vocab_size}")
+
+
+def _usable_hashes(
+    msg: worker_pb2.TokenizedRequest, num_tokens: int, fingerprint: str, block_size: int
+) -> list[BlockHash]:
+    """The scheduler's hashes of the prompt's blocks, if they were made for this model and
+    block size (else none: the engine hashes the prompt itself)."""
+    if not msg.block_hashes or (msg.fingerprint, msg.block_size) != (fingerprint, block_size):
+        return []
+    if len(msg.block_hashes) > num_tokens // block_size:
+        raise InvalidRequest("block_hashes", f"has more hashes than the prompt has blocks of {block_size}")
+    return [validate_block_hash(h, f"block_hashes[{i}]") for i, h in enumerate(msg.block_hashes)]
 
 
 def resumed_request(
@@ -103,12 +141,11 @@ def resumed_request(
     prompt_ids: list[int],
     generated: list[int],
     defaults: ModelDefaults,
+    block_hashes: list[BlockHash] | None = None,
 ) -> EngineRequest:
     """The engine request that continues `request` after `generated` tokens were streamed."""
-    if defaults.vocab_size and any(t >= defaults.vocab_size for t in generated):
-        vocab = defaults.vocab_size
-        raise InvalidRequest("generated_token_ids", f"ids must be below the vocabulary size {vocab}")
-    base = engine_request(request, prompt_ids, defaults)
+    _check_ids(generated, "generated_token_ids", defaults)
+    base = engine_request(request, prompt_ids, defaults, block_hashes)
     remaining = base.max_new_tokens - len(generated)
     if remaining < 1:
         raise InvalidRequest(

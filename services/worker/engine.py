@@ -41,8 +41,9 @@ class Engine(Protocol):
         (a hint: the engine thread may reclaim them right after)."""
         ...
 
-    def prefix_chain(self, token_ids: list[int], cache_salt: str) -> list[BlockHash]:
-        """The block hashes an admission of these tokens could reuse (thread-safe: pure)."""
+    def prefix_chain(self, request: EngineRequest) -> list[BlockHash]:
+        """The block hashes an admission of `request` could reuse, kept in
+        `request.block_hashes` (call before the request is added)."""
         ...
 
     def enable_offload(

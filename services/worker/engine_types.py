@@ -6,6 +6,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from wicore.hashing import BlockHash
+
 
 class FinishReason(enum.Enum):
     STOP = "stop"  # end-of-sequence, a stop token id or a stop string
@@ -50,6 +52,9 @@ class EngineRequest:
     stop_token_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # None: no logprobs; n: the sampled token's and the top n
     cache_salt: str = ""  # requests share cached prefixes only under the same salt
+    # Hashes of the prompt's first full blocks when the caller has them (the scheduler
+    # does); the engine hashes only the blocks after them, once.
+    block_hashes: list[BlockHash] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

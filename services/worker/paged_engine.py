@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from wicore.errors import Overloaded
-from wicore.hashing import BlockHash, chain_hashes, reusable_chain, root_hash
+from wicore.hashing import BlockHash, extend_chain, reusable_blocks, root_hash
 from wicore.tier_wire import Observation
 from wicore.worker.batch_scheduler import BatchScheduler, ScheduledSeq
 from wicore.worker.block_pool import BlockPool, Reclaimed
@@ -170,16 +170,26 @@ class PagedEngine:
     def _root(self, seq: Sequence) -> bytes:
         return root_hash(self.fingerprint, seq.request.cache_salt)
 
+    def _hashes(self, seq: Sequence, blocks: int) -> list[BlockHash]:
+        """The hashes of seq's first `blocks` full blocks, hashing only those not hashed yet."""
+        extend_chain(seq.chain, self._root(seq), seq.token_ids, self.config.block_size, blocks)
+        return seq.chain[:blocks]
+
     def _prefix_hashes(self, seq: Sequence) -> list[BlockHash]:
-        return self.prefix_chain(seq.token_ids, seq.request.cache_salt)
+        return self._hashes(seq, reusable_blocks(len(seq.token_ids), self.config.block_size))
 
     def device_prefix(self, chain: list[BlockHash]) -> int:
         # Only dict membership tests, atomic under the GIL: safe beside the engine thread.
         return next((i for i, h in enumerate(chain) if not self.pool.contains(h)), len(chain))
 
-    def prefix_chain(self, token_ids: list[int], cache_salt: str) -> list[BlockHash]:
-        """The block hashes a new admission may take from the cache (`reusable_chain`)."""
-        return reusable_chain(self.fingerprint, cache_salt, token_ids, self.config.block_size)
+    def prefix_chain(self, request: EngineRequest) -> list[BlockHash]:
+        """The block hashes an admission of `request` may take from the cache; the hashes are
+        kept in `request.block_hashes`, so its sequence never hashes them again."""
+        bs = self.config.block_size
+        root = root_hash(self.fingerprint, request.cache_salt)
+        blocks = reusable_blocks(len(request.prompt_token_ids), bs)
+        extend_chain(request.block_hashes, root, request.prompt_token_ids, bs, blocks)
+        return request.block_hashes[:blocks]
 
     # --- offload to the memory tiers (wicore.worker.offload) ---
 
@@ -228,13 +238,11 @@ class PagedEngine:
             self.pool.release(held)
 
     def _register_full_blocks(self, seq: Sequence) -> None:
-        bs = self.config.block_size
-        full = seq.num_computed // bs
+        full = seq.num_computed // self.config.block_size
         done = len(seq.block_hashes)
         if full <= done:
             return
-        prev = bytes.fromhex(seq.block_hashes[-1]) if done else self._root(seq)
-        new = chain_hashes(prev, seq.token_ids[done * bs : full * bs], bs)
+        new = self._hashes(seq, full)[done:]
         for position, (block_id, h) in enumerate(zip(seq.block_ids[done:full], new, strict=True), done):
             self.pool.register(block_id, h, position)
         seq.block_hashes += new

@@ -5,6 +5,7 @@
     cached:     [ from prefix cache ]                   cached_tokens (at first admission)
     blocks:     [ b3 | b9 | b1 | b4 ]  block_ids, block_size tokens each, last one may be partial
     hashes:     [ h0 | h1 | h2 ]       block_hashes: one per full, computed block
+    chain:      [ h0 | h1 | h2 | h3 ]  every full block's hash known so far, each hashed once
 
 After preemption (recompute) the KV is dropped (num_computed = 0, no blocks) and
 the sequence waits again; its full blocks stay in the prefix cache, so resuming
@@ -36,6 +37,7 @@ class Sequence:
     num_computed: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)
+    chain: list[BlockHash] = field(default_factory=list)  # kept across preemption: tokens only grow
     cached_tokens: int = 0
     admitted_once: bool = False
     status: SeqStatus = SeqStatus.WAITING
@@ -44,6 +46,8 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.request.prompt_token_ids)
+        if not self.chain:
+            self.chain = list(self.request.block_hashes)
 
     @property
     def request_id(self) -> str:

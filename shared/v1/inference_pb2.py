@@ -24,41 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19wicore/v1/inference.proto\x12\twicore.v1\"\xe8\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penalty\"\xc9\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.wicore.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12%\n\x08priority\x18\x07 \x01(\x0e\x32\x13.wicore.v1.Priority\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x12\x12\n\ncache_salt\x18\x0b \x01(\t\x12\x15\n\rworkload_type\x18\x0c \x01(\tB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.wicore.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.wicore.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.wicore.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.wicore.v1.TokenLogprob\"\xd8\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.wicore.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.wicore.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.wicore.v1.TokenLogprob\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"D\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x01(\r\"Q\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.wicore.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*s\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x13\n\x0fPRIORITY_URGENT\x10\x04\x32\xb3\x02\n\tInference\x12\x43\n\x08Generate\x12\x1a.wicore.v1.GenerateRequest\x1a\x1b.wicore.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.wicore.v1.GenerateRequest\x1a!.wicore.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.wicore.v1.TokenizeRequest\x1a\x1b.wicore.v1.TokenizeResponse\x12I\n\nListModels\x12\x1c.wicore.v1.ListModelsRequest\x1a\x1d.wicore.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19wicore/v1/inference.proto\x12\twicore.v1\"\xe8\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x15\n\x13_repetition_penalty\"\xc9\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.wicore.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12%\n\x08priority\x18\x07 \x01(\x0e\x32\x13.wicore.v1.Priority\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\rH\x01\x88\x01\x01\x12\x12\n\ncache_salt\x18\x0b \x01(\t\x12\x15\n\rworkload_type\x18\x0c \x01(\tB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"d\n\x0b\x43hatRequest\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.wicore.v1.ChatMessage\x12+\n\x07options\x18\x02 \x01(\x0b\x32\x1a.wicore.v1.GenerateRequest\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.wicore.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.wicore.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.wicore.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.wicore.v1.TokenLogprob\"\xd8\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.wicore.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.wicore.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12)\n\x08logprobs\x18\x07 \x03(\x0b\x32\x17.wicore.v1.TokenLogprob\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"D\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x0f\n\x07workers\x18\x03 \x01(\r\"Q\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.wicore.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*s\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x13\n\x0fPRIORITY_URGENT\x10\x04\x32\xbb\x03\n\tInference\x12\x43\n\x08Generate\x12\x1a.wicore.v1.GenerateRequest\x1a\x1b.wicore.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.wicore.v1.GenerateRequest\x1a!.wicore.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.wicore.v1.TokenizeRequest\x1a\x1b.wicore.v1.TokenizeResponse\x12I\n\nListModels\x12\x1c.wicore.v1.ListModelsRequest\x1a\x1d.wicore.v1.ListModelsResponse\x12;\n\x04\x43hat\x12\x16.wicore.v1.ChatRequest\x1a\x1b.wicore.v1.GenerateResponse\x12I\n\nChatStream\x12\x16.wicore.v1.ChatRequest\x1a!.wicore.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wicore.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1570
-  _globals['_FINISHREASON']._serialized_end=1665
-  _globals['_PRIORITY']._serialized_start=1667
-  _globals['_PRIORITY']._serialized_end=1782
+  _globals['_FINISHREASON']._serialized_start=1718
+  _globals['_FINISHREASON']._serialized_end=1813
+  _globals['_PRIORITY']._serialized_start=1815
+  _globals['_PRIORITY']._serialized_end=1930
   _globals['_SAMPLINGPARAMS']._serialized_start=41
   _globals['_SAMPLINGPARAMS']._serialized_end=273
   _globals['_GENERATEREQUEST']._serialized_start=276
   _globals['_GENERATEREQUEST']._serialized_end=605
-  _globals['_TOPLOGPROB']._serialized_start=607
-  _globals['_TOPLOGPROB']._serialized_end=654
-  _globals['_TOKENLOGPROB']._serialized_start=656
-  _globals['_TOKENLOGPROB']._serialized_end=741
-  _globals['_USAGE']._serialized_start=743
-  _globals['_USAGE']._serialized_end=823
-  _globals['_GENERATERESPONSE']._serialized_start=826
-  _globals['_GENERATERESPONSE']._serialized_end=1036
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1039
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1255
-  _globals['_TOKENIZEREQUEST']._serialized_start=1257
-  _globals['_TOKENIZEREQUEST']._serialized_end=1331
-  _globals['_TOKENIZERESPONSE']._serialized_start=1333
-  _globals['_TOKENIZERESPONSE']._serialized_end=1401
-  _globals['_LISTMODELSREQUEST']._serialized_start=1403
-  _globals['_LISTMODELSREQUEST']._serialized_end=1422
-  _globals['_MODELINFO']._serialized_start=1424
-  _globals['_MODELINFO']._serialized_end=1485
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1487
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1568
-  _globals['_INFERENCE']._serialized_start=1785
-  _globals['_INFERENCE']._serialized_end=2092
+  _globals['_CHATMESSAGE']._serialized_start=607
+  _globals['_CHATMESSAGE']._serialized_end=651
+  _globals['_CHATREQUEST']._serialized_start=653
+  _globals['_CHATREQUEST']._serialized_end=753
+  _globals['_TOPLOGPROB']._serialized_start=755
+  _globals['_TOPLOGPROB']._serialized_end=802
+  _globals['_TOKENLOGPROB']._serialized_start=804
+  _globals['_TOKENLOGPROB']._serialized_end=889
+  _globals['_USAGE']._serialized_start=891
+  _globals['_USAGE']._serialized_end=971
+  _globals['_GENERATERESPONSE']._serialized_start=974
+  _globals['_GENERATERESPONSE']._serialized_end=1184
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1187
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1403
+  _globals['_TOKENIZEREQUEST']._serialized_start=1405
+  _globals['_TOKENIZEREQUEST']._serialized_end=1479
+  _globals['_TOKENIZERESPONSE']._serialized_start=1481
+  _globals['_TOKENIZERESPONSE']._serialized_end=1549
+  _globals['_LISTMODELSREQUEST']._serialized_start=1551
+  _globals['_LISTMODELSREQUEST']._serialized_end=1570
+  _globals['_MODELINFO']._serialized_start=1572
+  _globals['_MODELINFO']._serialized_end=1633
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1635
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1716
+  _globals['_INFERENCE']._serialized_start=1933
+  _globals['_INFERENCE']._serialized_end=2376
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,16 @@ class InferenceStub:
                 request_serializer=wicore_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=wicore_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_unary(
+                '/wicore.v1.Inference/Chat',
+                request_serializer=wicore_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/wicore.v1.Inference/ChatStream',
+                request_serializer=wicore_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -88,6 +98,21 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """Answers a conversation: the model's own chat template turns `messages` into the
+        prompt (with the assistant's turn opened), then it runs as Generate does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """Chat, streamed as GenerateStream streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +135,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=wicore_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=wicore_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=wicore_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=wicore_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=wicore_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +255,60 @@ class Inference:
             '/wicore.v1.Inference/ListModels',
             wicore_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             wicore_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wicore.v1.Inference/Chat',
+            wicore_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            wicore_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/wicore.v1.Inference/ChatStream',
+            wicore_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
 from wicore.v1 import inference_pb2 as _inference_pb2
+from wicore.v1 import worker_pb2 as _worker_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -31,7 +32,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., loaded_blocks: _Optional[_Mapping[str, int]] = ..., spilled_blocks: _Optional[int] = ..., spill_failed_blocks: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "device", "model", "max_context", "total_blocks", "block_size", "max_batch_size", "load", "fingerprint", "tokenizer_path", "default_max_tokens")
+    __slots__ = ("worker_id", "address", "device", "model", "max_context", "total_blocks", "block_size", "max_batch_size", "load", "fingerprint", "default_max_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -42,7 +43,6 @@ class RegisterWorkerRequest(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
-    TOKENIZER_PATH_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
@@ -54,9 +54,8 @@ class RegisterWorkerRequest(_message.Message):
     max_batch_size: int
     load: WorkerLoad
     fingerprint: str
-    tokenizer_path: str
     default_max_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., max_context: _Optional[int] = ..., total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., fingerprint: _Optional[str] = ..., tokenizer_path: _Optional[str] = ..., default_max_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., max_context: _Optional[int] = ..., total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., fingerprint: _Optional[str] = ..., default_max_tokens: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s",)

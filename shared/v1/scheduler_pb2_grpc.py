@@ -5,6 +5,7 @@ import warnings
 
 from wicore.v1 import inference_pb2 as wicore_dot_v1_dot_inference__pb2
 from wicore.v1 import scheduler_pb2 as wicore_dot_v1_dot_scheduler__pb2
+from wicore.v1 import worker_pb2 as wicore_dot_v1_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -37,13 +38,8 @@ class SchedulerStub:
         """
         self.Generate = channel.unary_stream(
                 '/wicore.v1.Scheduler/Generate',
-                request_serializer=wicore_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                request_serializer=wicore_dot_v1_dot_worker__pb2.TokenizedRequest.SerializeToString,
                 response_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
-                _registered_method=True)
-        self.Tokenize = channel.unary_unary(
-                '/wicore.v1.Scheduler/Tokenize',
-                request_serializer=wicore_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=wicore_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/wicore.v1.Scheduler/ListModels',
@@ -78,12 +74,6 @@ class SchedulerServicer:
     def Generate(self, request, context):
         """Places a request on a live worker and relays its stream.
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Tokenize(self, request, context):
-        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -124,13 +114,8 @@ def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    request_deserializer=wicore_dot_v1_dot_worker__pb2.TokenizedRequest.FromString,
                     response_serializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
-            ),
-            'Tokenize': grpc.unary_unary_rpc_method_handler(
-                    servicer.Tokenize,
-                    request_deserializer=wicore_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
-                    response_serializer=wicore_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -183,35 +168,8 @@ class Scheduler:
             request,
             target,
             '/wicore.v1.Scheduler/Generate',
-            wicore_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            wicore_dot_v1_dot_worker__pb2.TokenizedRequest.SerializeToString,
             wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Tokenize(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/wicore.v1.Scheduler/Tokenize',
-            wicore_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
-            wicore_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

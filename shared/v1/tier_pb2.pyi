@@ -184,7 +184,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[StorageTier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., evictions: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., pressure: _Optional[float] = ..., eviction_threshold: _Optional[float] = ..., time_decay_factor: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "redis_ok", "policy", "blocks_demoted", "bytes_demoted", "blocks_promoted", "bytes_promoted", "corrupt_blocks")
+    __slots__ = ("tiers", "redis_ok", "policy", "blocks_demoted", "bytes_demoted", "blocks_promoted", "bytes_promoted", "corrupt_blocks", "nvme_write_errors")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     REDIS_OK_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class StatsResponse(_message.Message):
     BLOCKS_PROMOTED_FIELD_NUMBER: _ClassVar[int]
     BYTES_PROMOTED_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NVME_WRITE_ERRORS_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     redis_ok: bool
     policy: str
@@ -201,4 +202,5 @@ class StatsResponse(_message.Message):
     blocks_promoted: int
     bytes_promoted: int
     corrupt_blocks: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., redis_ok: _Optional[bool] = ..., policy: _Optional[str] = ..., blocks_demoted: _Optional[int] = ..., bytes_demoted: _Optional[int] = ..., blocks_promoted: _Optional[int] = ..., bytes_promoted: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ...) -> None: ...
+    nvme_write_errors: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., redis_ok: _Optional[bool] = ..., policy: _Optional[str] = ..., blocks_demoted: _Optional[int] = ..., bytes_demoted: _Optional[int] = ..., blocks_promoted: _Optional[int] = ..., bytes_promoted: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., nvme_write_errors: _Optional[int] = ...) -> None: ...

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from wicore.v1 import inference_pb2 as wicore_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16wicore/v1/worker.proto\x12\twicore.v1\x1a\x19wicore/v1/inference.proto\"Y\n\rResumeRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.wicore.v1.GenerateRequest\x12\x1b\n\x13generated_token_ids\x18\x02 \x03(\r2\xe3\x01\n\x06Worker\x12K\n\x08Generate\x12\x1a.wicore.v1.GenerateRequest\x1a!.wicore.v1.GenerateStreamResponse0\x01\x12G\n\x06Resume\x12\x18.wicore.v1.ResumeRequest\x1a!.wicore.v1.GenerateStreamResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.wicore.v1.TokenizeRequest\x1a\x1b.wicore.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16wicore/v1/worker.proto\x12\twicore.v1\x1a\x19wicore/v1/inference.proto\"\xb5\x01\n\x10TokenizedRequest\x12+\n\x07request\x18\x01 \x01(\x0b\x32\x1a.wicore.v1.GenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x1b\n\x13generated_token_ids\x18\x06 \x03(\r2V\n\x06Worker\x12L\n\x08Generate\x12\x1b.wicore.v1.TokenizedRequest\x1a!.wicore.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wicore.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESUMEREQUEST']._serialized_start=64
-  _globals['_RESUMEREQUEST']._serialized_end=153
-  _globals['_WORKER']._serialized_start=156
-  _globals['_WORKER']._serialized_end=383
+  _globals['_TOKENIZEDREQUEST']._serialized_start=65
+  _globals['_TOKENIZEDREQUEST']._serialized_end=246
+  _globals['_WORKER']._serialized_start=248
+  _globals['_WORKER']._serialized_end=334
 # @@protoc_insertion_point(module_scope)

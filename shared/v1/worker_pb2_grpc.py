@@ -37,18 +37,8 @@ class WorkerStub:
         """
         self.Generate = channel.unary_stream(
                 '/wicore.v1.Worker/Generate',
-                request_serializer=wicore_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                request_serializer=wicore_dot_v1_dot_worker__pb2.TokenizedRequest.SerializeToString,
                 response_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
-                _registered_method=True)
-        self.Resume = channel.unary_stream(
-                '/wicore.v1.Worker/Resume',
-                request_serializer=wicore_dot_v1_dot_worker__pb2.ResumeRequest.SerializeToString,
-                response_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
-                _registered_method=True)
-        self.Tokenize = channel.unary_unary(
-                '/wicore.v1.Worker/Tokenize',
-                request_serializer=wicore_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=wicore_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
 
 
@@ -56,23 +46,11 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Runs one request. request_id and model are filled in by the caller.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Resume(self, request, context):
-        """Continues a request whose worker failed mid-stream: the tokens it had streamed
-        are appended to the prompt, and the stream goes on from there (text, usage and
+        """Runs one request. When `generated_token_ids` is set, it continues a request
+        whose worker failed mid-stream: those tokens (what the client has received) are
+        appended to the prompt, and the stream goes on from there (text, usage and
         max_tokens as if it had never stopped).
         """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Tokenize(self, request, context):
-        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -82,18 +60,8 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=wicore_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    request_deserializer=wicore_dot_v1_dot_worker__pb2.TokenizedRequest.FromString,
                     response_serializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
-            ),
-            'Resume': grpc.unary_stream_rpc_method_handler(
-                    servicer.Resume,
-                    request_deserializer=wicore_dot_v1_dot_worker__pb2.ResumeRequest.FromString,
-                    response_serializer=wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
-            ),
-            'Tokenize': grpc.unary_unary_rpc_method_handler(
-                    servicer.Tokenize,
-                    request_deserializer=wicore_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
-                    response_serializer=wicore_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -121,62 +89,8 @@ class Worker:
             request,
             target,
             '/wicore.v1.Worker/Generate',
-            wicore_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            wicore_dot_v1_dot_worker__pb2.TokenizedRequest.SerializeToString,
             wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Resume(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/wicore.v1.Worker/Resume',
-            wicore_dot_v1_dot_worker__pb2.ResumeRequest.SerializeToString,
-            wicore_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Tokenize(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/wicore.v1.Worker/Tokenize',
-            wicore_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
-            wicore_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from wicore.config import load_config
-from wicore.hashing import BlockHash
+from wicore.hashing import BlockHash, chain_hashes
 from wicore.tier_wire import Observation
 from wicore.worker.app import load_model
 from wicore.worker.engine_types import EngineRequest, StepOutput
@@ -51,7 +51,7 @@ def test_reclaimed_blocks_come_back_exactly_and_are_reused(tiny_llama_dir: Path)
     engine.enable_offload(lambda blocks: spilled.update({b.block_hash: b for b in blocks}))
 
     first = run(engine, EngineRequest("a", ids, 8))
-    chain = engine.prefix_chain(ids, "")
+    chain = engine.prefix_chain(EngineRequest("c", ids, 1))
     assert len(chain) >= 5 and all(engine.pool.contains(h) for h in chain)
     kv_on_device = read_blocks(engine.runner.pool, [engine.pool._by_hash[h] for h in chain])
     other = [(t + 1) % len(tokenizer) for t in ids]  # as long as a's prompt, other tokens
@@ -74,7 +74,7 @@ def test_install_stops_when_the_pool_is_full(tiny_llama_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     ids = list(tokenizer(LONG).input_ids)
     engine = make_engine(tiny_llama_dir, num_blocks=3)
-    chain = engine.prefix_chain(ids, "")
+    chain = engine.prefix_chain(EngineRequest("c", ids, 1))
     shape = (len(engine.runner.pool.keys), 2, 4, *engine.runner.pool.keys[0].shape[1:])
     kv = [torch.zeros(shape) for _ in chain]
     assert engine.install_blocks(chain, 0, kv) == 3
@@ -92,7 +92,9 @@ def test_sampled_steps_report_each_hashed_blocks_share_of_attention(tiny_llama_d
     engine.enable_offload(lambda blocks: None, seen.append)
     outputs = run(engine, EngineRequest("a", ids, 6))
     assert len(seen) == engine.num_steps // 2 > 0  # one batch of observations per sampled step
-    chain = set(engine.prefix_chain(ids + generated(outputs) + [0], ""))  # every full block
+    chain = set(
+        engine.prefix_chain(EngineRequest("c", ids + generated(outputs) + [0], 1))
+    )  # every full block
     for step in seen:
         assert {o.block_hash for o in step} <= chain  # only hashed (full) blocks
         assert all(0.0 <= o.mass <= 1.0 for o in step) and sum(o.mass for o in step) <= 1.0 + 1e-5
@@ -105,7 +107,9 @@ def test_sampled_steps_report_each_hashed_blocks_share_of_attention(tiny_llama_d
 
 def test_install_never_reclaims_the_device_blocks_it_extends(tiny_llama_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    chain = make_engine(tiny_llama_dir, num_blocks=1).prefix_chain(list(tokenizer(LONG).input_ids), "")
+    chain = make_engine(tiny_llama_dir, num_blocks=1).prefix_chain(
+        EngineRequest("c", list(tokenizer(LONG).input_ids), 1)
+    )
     engine = make_engine(tiny_llama_dir, num_blocks=4)
     shape = (len(engine.runner.pool.keys), 2, 4, *engine.runner.pool.keys[0].shape[1:])
     kv = [torch.full(shape, float(i)) for i in range(len(chain))]
@@ -116,3 +120,21 @@ def test_install_never_reclaims_the_device_blocks_it_extends(tiny_llama_dir: Pat
     ids = [engine.pool._by_hash[h] for h in chain[:4]]
     assert [float(t[0, 0, 0, 0, 0]) for t in read_blocks(engine.runner.pool, ids)] == [0.0, 1.0, 2.0, 3.0]
     engine.pool.check_integrity()
+
+
+def test_a_prompt_is_hashed_once_and_given_hashes_are_used_as_they_are(tiny_llama_dir: Path) -> None:
+    """The scheduler's hashes of the prompt (EngineRequest.block_hashes) key the request's blocks
+    as given: deliberately different ones show up in the pool, so nothing re-hashed them; the
+    blocks after them are hashed by the engine, continuing the given chain."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = list(tokenizer(LONG).input_ids)
+    engine = make_engine(tiny_llama_dir, num_blocks=64)
+    true_chain = engine.prefix_chain(EngineRequest("t", ids, 1))
+    assert len(true_chain) >= 3
+    given = [BlockHash(f"{i:032x}") for i in range(2)]  # not the true hashes of blocks 0 and 1
+    request = EngineRequest("a", ids, 4, block_hashes=list(given))
+    run(engine, request)
+    assert all(engine.pool.contains(h) for h in given)
+    assert not engine.pool.contains(true_chain[0])
+    expected_next = chain_hashes(bytes.fromhex(given[-1]), ids[8:12], 4)[0]  # block 2 (block_size 4)
+    assert engine.pool.contains(expected_next)

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wicore.config import Config, load_config
+from wicore.model_files import ensure_smollm2
 from wicore.worker.app import load_model
 from wicore.worker.engine_types import EngineRequest
-from wicore.model_files import ensure_smollm2
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wicore.config import Config
+from wicore.model_files import SMOLLM2_ID, ensure_smollm2
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc
-from wicore.model_files import SMOLLM2_ID, ensure_smollm2
 
 from stack import start_stack
 

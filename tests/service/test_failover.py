@@ -22,15 +22,15 @@ from stack import free_port
 
 class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
     """`ok`: 3 tokens; `die_first`: UNAVAILABLE before any token; `die_after`: after one;
-    `hang`: never answers (a stuck process). Resume continues up to token 3."""
+    `hang`: never answers (a stuck process). A resumed request continues up to token 3."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.calls = 0
         self.resumed: list[list[int]] = []
 
-    async def Resume(
-        self, request: worker_pb2.ResumeRequest, context: grpc.aio.ServicerContext
+    async def _resume(
+        self, request: worker_pb2.TokenizedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         self.resumed.append(list(request.generated_token_ids))
         rid = request.request.request_id
@@ -41,8 +41,13 @@ class ScriptedWorker(worker_pb2_grpc.WorkerServicer):
         yield pb.GenerateStreamResponse(request_id=rid, finish_reason=pb.FINISH_REASON_LENGTH)
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, tokenized: worker_pb2.TokenizedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        if tokenized.generated_token_ids:
+            async for msg in self._resume(tokenized, context):
+                yield msg
+            return
+        request = tokenized.request
         self.calls += 1
         if self.mode == "die_first":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted crash")
@@ -117,7 +122,10 @@ class Scene:
 
     async def generate(self) -> list[int]:
         ids: list[int] = []
-        async for msg in self.stub.Generate(pb.GenerateRequest(prompt="hi", max_tokens=3), timeout=10):
+        request = worker_pb2.TokenizedRequest(
+            request=pb.GenerateRequest(max_tokens=3), prompt_token_ids=[5, 6]
+        )
+        async for msg in self.stub.Generate(request, timeout=10):
             ids += msg.token_ids
         return ids
 

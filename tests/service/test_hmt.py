@@ -20,10 +20,10 @@ import redis
 from transformers import AutoTokenizer
 
 from wicore.hashing import reusable_chain
+from wicore.model_files import fingerprint, resolve_model
 from wicore.redis_server import start_private_redis
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc
-from wicore.model_files import fingerprint, resolve_model
 
 from stack import Stack, pid_listening_on, start_stack, until
 
@@ -78,7 +78,7 @@ async def client(stack: Stack) -> AsyncIterator[inference_pb2_grpc.InferenceStub
 
 @pytest.fixture()
 async def tier(stack: Stack) -> AsyncIterator[tier_pb2_grpc.TierStub]:
-    async with grpc.aio.insecure_channel(stack.tier) as channel:
+    async with stack.internal_channel(stack.tier) as channel:
         yield tier_pb2_grpc.TierStub(channel)
 
 
@@ -116,7 +116,7 @@ async def test_a_pushed_out_prefix_comes_back_from_the_tier(
     assert again.text == first.text and list(again.token_ids) == list(first.token_ids)
 
     async def reported() -> bool:  # the worker's heartbeat carries its offload counters
-        async with grpc.aio.insecure_channel(stack.scheduler) as channel:
+        async with stack.internal_channel(stack.scheduler) as channel:
             reply = await scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(
                 scheduler_pb2.ListWorkersRequest()
             )
@@ -234,7 +234,7 @@ async def test_redis_stopped_and_restarted_offload_goes_on(
     try:
         async with (
             grpc.aio.insecure_channel(stack.gateway) as gateway,
-            grpc.aio.insecure_channel(stack.tier) as tier_channel,
+            stack.internal_channel(stack.tier) as tier_channel,
         ):
             client = inference_pb2_grpc.InferenceStub(gateway)
             tier = tier_pb2_grpc.TierStub(tier_channel)

@@ -54,7 +54,7 @@ async def test_killed_worker_is_dropped_then_restarted_and_rejoins(
 ) -> None:
     stack = await asyncio.to_thread(start_stack, tmp_path, str(tiny_llama_dir), redis_url)
     try:
-        async with grpc.aio.insecure_channel(stack.scheduler) as channel:
+        async with stack.internal_channel(stack.scheduler) as channel:
             sched = scheduler_pb2_grpc.SchedulerStub(channel)
 
             async def worker_ids() -> list[str]:

@@ -18,7 +18,7 @@ from wicore.hashing import reusable_chain
 from wicore.scheduler.app import build_servicer
 from wicore.server import ServiceServer
 from wicore.v1 import inference_pb2 as pb
-from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc, worker_pb2_grpc
+from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 from stack import free_port, until
 from tier_process import BLOCK_BYTES, block_chunks, delete_namespace, raw_of, start_tier, stop, wait_up
@@ -28,11 +28,17 @@ PROMPT = "Paged attention keeps the KV cache in blocks; the tier keeps them on N
 
 
 class OneTokenWorker(worker_pb2_grpc.WorkerServicer):
+    def __init__(self) -> None:
+        self.received: list[worker_pb2.TokenizedRequest] = []
+
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: worker_pb2.TokenizedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        yield pb.GenerateStreamResponse(request_id=request.request_id, token_ids=[1], text="a")
-        yield pb.GenerateStreamResponse(request_id=request.request_id, finish_reason=pb.FINISH_REASON_LENGTH)
+        self.received.append(request)
+        yield pb.GenerateStreamResponse(request_id=request.request.request_id, token_ids=[1], text="a")
+        yield pb.GenerateStreamResponse(
+            request_id=request.request.request_id, finish_reason=pb.FINISH_REASON_LENGTH
+        )
 
 
 async def test_a_queued_requests_nvme_prefix_is_promoted_by_the_scheduler(
@@ -68,7 +74,8 @@ async def test_a_queued_requests_nvme_prefix_is_promoted_by_the_scheduler(
             scheduler.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, "wicore.v1.Scheduler")
             worker_port = free_port()
             worker = ServiceServer("worker", "127.0.0.1", worker_port)
-            worker.add(worker_pb2_grpc.add_WorkerServicer_to_server, OneTokenWorker(), "wicore.v1.Worker")
+            scripted = OneTokenWorker()
+            worker.add(worker_pb2_grpc.add_WorkerServicer_to_server, scripted, "wicore.v1.Worker")
             for server in (scheduler, worker):
                 await server.start()
                 servers.append(server)
@@ -77,11 +84,17 @@ async def test_a_queued_requests_nvme_prefix_is_promoted_by_the_scheduler(
                 await stub.RegisterWorker(scheduler_pb2.RegisterWorkerRequest(
                     worker_id="w", address=f"127.0.0.1:{worker_port}", device="cpu", model="m",
                     max_context=4096, total_blocks=1000, block_size=16, max_batch_size=4,
-                    fingerprint=FINGERPRINT, tokenizer_path=str(tiny_llama_dir),
+                    fingerprint=FINGERPRINT,
                 ))  # fmt: skip
-                tokens = [t async for m in stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_tokens=1),
-                                                        timeout=30) for t in m.token_ids]  # fmt: skip
+                request = worker_pb2.TokenizedRequest(
+                    request=pb.GenerateRequest(max_tokens=1), prompt_token_ids=ids
+                )
+                tokens = [t async for m in stub.Generate(request, timeout=30) for t in m.token_ids]
                 assert tokens == [1]
+            # The scheduler hashed the prompt once and handed the hashes on: the worker hashes none.
+            (received,) = scripted.received
+            assert list(received.block_hashes) == chain
+            assert (received.fingerprint, received.block_size) == (FINGERPRINT, 16)
 
             async def promoted() -> bool:  # the prefetch runs in the background of the request
                 lookup = await tier_stub.Lookup(tier_pb2.LookupRequest(block_hashes=chain), timeout=10)

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from transformers import AutoTokenizer
 
 from wicore.hashing import BlockHash, chain_hashes, root_hash
-from wicore.scheduler.prefix_index import PrefixIndex, estimate_tokens
+from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerInfo
 from wicore.scheduler.state import Tier
 from wicore.worker.residency import ResidencyPublisher
@@ -67,27 +67,18 @@ async def test_lookup_counts_each_workers_resident_prefix_and_reads_tiers(redis_
 
 async def test_describe_hashes_prompts_as_the_worker_does(tiny_llama_dir: Path, redis_url: str) -> None:
     index = PrefixIndex(redis_url, f"wicore-test-{uuid.uuid4().hex[:8]}", timeout_s=0.5)
-    w = WorkerInfo(
-        "w", "w:1", "cpu", "m", 4096, 100, 16, 8, fingerprint="fp", tokenizer_path=str(tiny_llama_dir)
+    w = WorkerInfo("w", "w:1", "cpu", "m", 4096, 100, 16, 8, fingerprint="fp")
+    ids = AutoTokenizer.from_pretrained(tiny_llama_dir).encode(
+        "Paged attention keeps the KV cache in fixed-size blocks. " * 4
     )
-    prompt = "Paged attention keeps the KV cache in fixed-size blocks. " * 4
     try:
-        n, prefix = await index.describe(prompt, "salt", [w])
+        prefix = await index.describe(ids, "salt", [w])
     finally:
         await index.close()
-    ids = AutoTokenizer.from_pretrained(tiny_llama_dir).encode(prompt)
     usable = (len(ids) - 1) // 16
-    assert n == len(ids) and usable >= 2
+    assert usable >= 2
     assert prefix.hashes == tuple(chain_hashes(root_hash("fp", "salt"), ids[: usable * 16], 16))
     assert (prefix.fingerprint, prefix.block_size, dict(prefix.device)) == ("fp", 16, {"w": 0})
-    # Without a loadable tokenizer: an estimate from the bytes, and no prefix.
-    index = PrefixIndex(redis_url, "x", timeout_s=0.5)
-    w.tokenizer_path = str(tiny_llama_dir / "missing")
-    try:
-        n, prefix = await index.describe("twelve bytes", "", [w])
-    finally:
-        await index.close()
-    assert (n, prefix.hashes) == (estimate_tokens("twelve bytes"), ()) == (3, ())
 
 
 async def test_redis_down_means_no_information_fast_and_no_error() -> None:

@@ -39,7 +39,7 @@ async def client(routed: Stack) -> AsyncIterator[inference_pb2_grpc.InferenceStu
 
 
 async def list_workers(stack: Stack) -> scheduler_pb2.ListWorkersResponse:
-    async with grpc.aio.insecure_channel(stack.scheduler) as channel:
+    async with stack.internal_channel(stack.scheduler) as channel:
         reply: scheduler_pb2.ListWorkersResponse = await scheduler_pb2_grpc.SchedulerStub(
             channel
         ).ListWorkers(scheduler_pb2.ListWorkersRequest())

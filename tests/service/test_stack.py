@@ -175,7 +175,7 @@ async def test_bad_input_gets_its_code(
 
 
 async def worker_running(stack: Stack) -> int:
-    async with grpc.aio.insecure_channel(stack.scheduler) as channel:
+    async with stack.internal_channel(stack.scheduler) as channel:
         reply = await scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(
             scheduler_pb2.ListWorkersRequest()
         )
@@ -243,18 +243,23 @@ async def test_logprobs_come_with_each_token(client: inference_pb2_grpc.Inferenc
 
 
 async def test_worker_resume_continues_a_stream_where_it_stopped(stack: Stack, hf: tuple) -> None:
-    """Worker.Resume (what the scheduler calls when a worker dies mid-stream): the tokens already
-    streamed join the prompt, the rest comes out as in one uninterrupted run."""
+    """A resumed request (what the scheduler sends when a worker dies mid-stream): the tokens
+    already streamed join the prompt, the rest comes out as in one uninterrupted run."""
     prompt, n, k = "The quick brown fox", 24, 9
     want = reference(hf, prompt, n)
-    full = greedy(prompt, max_tokens=n, request_id="whole")
-    async with grpc.aio.insecure_channel(stack.workers[0]) as channel:
-        worker = worker_pb2_grpc.WorkerStub(channel)
-        whole = [m async for m in worker.Generate(full)]
-        resume = worker_pb2.ResumeRequest(
-            request=greedy(prompt, max_tokens=n, request_id="r"), generated_token_ids=want[:k]
+    ids = hf[1].encode(prompt)
+
+    def tokenized(request_id: str, generated: list[int]) -> worker_pb2.TokenizedRequest:
+        options = greedy("", max_tokens=n, request_id=request_id)
+        return worker_pb2.TokenizedRequest(
+            request=options, prompt_token_ids=ids, generated_token_ids=generated
         )
-        rest = [m async for m in worker.Resume(resume)]
+
+    async with stack.internal_channel(stack.workers[0]) as channel:
+        worker = worker_pb2_grpc.WorkerStub(channel)
+        whole = [m async for m in worker.Generate(tokenized("whole", []))]
+        rest = [m async for m in worker.Generate(tokenized("r", want[:k]))]
+        assert [t for m in whole for t in m.token_ids] == want
         assert [t for m in rest for t in m.token_ids] == want[k:]
         assert rest[-1].usage.prompt_tokens == whole[-1].usage.prompt_tokens
         assert rest[-1].usage.completion_tokens == n
@@ -268,11 +273,96 @@ async def test_worker_resume_continues_a_stream_where_it_stopped(stack: Stack, h
             m.text for m in whole
         )  # nothing twice, nothing lost
 
-        for generated, field in (([10**6], "generated_token_ids"), (want, "generated_token_ids")):
-            bad = worker_pb2.ResumeRequest(
-                request=greedy(prompt, max_tokens=n), generated_token_ids=generated
-            )
+        for bad, field in (
+            (tokenized("b1", [10**6]), "generated_token_ids"),
+            (tokenized("b2", want), "generated_token_ids"),
+            (
+                worker_pb2.TokenizedRequest(request=greedy("", 4), prompt_token_ids=[10**6]),
+                "prompt_token_ids",
+            ),
+            (worker_pb2.TokenizedRequest(request=greedy("", 4)), "prompt_token_ids"),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                [m async for m in worker.Resume(bad)]
+                [m async for m in worker.Generate(bad)]
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert (err.value.details() or "").startswith(f"{field}:")
+
+
+def chat(*turns: tuple[str, str], max_tokens: int = 12, **kw: object) -> pb.ChatRequest:
+    options = pb.GenerateRequest(max_tokens=max_tokens, sampling=pb.SamplingParams(temperature=0.0), **kw)
+    return pb.ChatRequest(messages=[pb.ChatMessage(role=r, content=c) for r, c in turns], options=options)
+
+
+def reference_ids(hf: tuple, ids: list[int], max_new: int) -> list[int]:
+    model = hf[0]
+    t = torch.tensor([ids])
+    out = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=max_new, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+async def test_chat_applies_the_models_template_once(
+    client: inference_pb2_grpc.InferenceStub, hf: tuple
+) -> None:
+    turns = [("system", "Be brief."), ("user", "What is the capital of France?")]
+    reply = await client.Chat(chat(*turns, ignore_eos=True))
+    rendered = hf[1].apply_chat_template(
+        [{"role": r, "content": c} for r, c in turns],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    text = hf[1].decode(rendered)
+    assert text.endswith("<|im_start|>assistant\n") and text.count("<|im_start|>") == 3
+    assert list(reply.token_ids) == reference_ids(hf, rendered, 12)
+    assert reply.usage.prompt_tokens == len(rendered)
+    streamed = [m async for m in client.ChatStream(chat(*turns, ignore_eos=True))]
+    assert "".join(m.text for m in streamed) == reply.text
+    assert [t for m in streamed for t in m.token_ids] == list(reply.token_ids)
+
+
+async def test_a_conversation_resent_with_one_more_turn_reuses_its_history(
+    client: inference_pb2_grpc.InferenceStub, hf: tuple
+) -> None:
+    history = [
+        ("system", "You answer questions about paged attention. " * 3),
+        ("user", "What is a KV block?"),
+    ]
+    first = await client.Chat(chat(*history, cache_salt="conversation"))
+    rendered = hf[1].apply_chat_template(
+        [{"role": r, "content": c} for r, c in history],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    second = await client.Chat(
+        chat(*history, ("assistant", first.text), ("user", "And a block hash?"), cache_salt="conversation")
+    )
+    assert first.usage.cached_tokens == 0
+    assert second.usage.cached_tokens >= (len(rendered) - 1) // 16 * 16 > 0
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.ChatRequest(), "messages"),
+        (chat(("robot", "hi")), "messages[0].role"),
+        (chat(("user", "hi"), prompt="text"), "options.prompt"),
+        (
+            pb.ChatRequest(
+                messages=[pb.ChatMessage(role="user", content="hi")],
+                options=pb.GenerateRequest(sampling=pb.SamplingParams(top_p=2.0)),
+            ),
+            "options.sampling.top_p",
+        ),
+        (chat(("user", "hi"), max_tokens=0), "options.max_tokens"),
+        (chat(("user", "hi"), model="other"), "model"),
+    ],
+)
+async def test_chat_names_the_bad_field(
+    client: inference_pb2_grpc.InferenceStub, request_: pb.ChatRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.Chat(request_)
+    expected = grpc.StatusCode.NOT_FOUND if field == "model" else grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.code() == expected
+    assert (err.value.details() or "").startswith(f"{field}:")

@@ -8,6 +8,7 @@ counted in blocks.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -376,3 +377,33 @@ async def test_cleanup_rescores_redis_without_rewriting_blocks(
     await manager.flush()
     await manager.cleanup()
     assert redis_client.zscore(f"{ns}:a2cr:cpu", h(0)) is None  # XX: a dropped block is not re-added
+
+
+async def test_failed_nvme_writes_are_counted_and_lose_only_their_blocks(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full NVMe filesystem (ENOSPC on write): the demoted block leaves every tier, is reported
+    lost, `nvme_write_errors` counts it, no temp file stays, and writes resume once there is room."""
+    manager = make(tmp_path, clock)
+    assert manager.nvme is not None
+    real_write = manager.nvme._write
+
+    def full(path: Path, header: bytes, payload: bytes) -> None:
+        tmp = path.with_name(f"{path.name}.tmp-full")
+        tmp.write_bytes(header)  # the temp file exists when the disk runs out
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        finally:
+            tmp.unlink()
+
+    await put(manager, clock, 0, 1, 2, 3)
+    monkeypatch.setattr(manager.nvme, "_write", full)
+    assert await put(manager, clock, 4) == [h(0)]  # 0 was demoted, its write failed: lost
+    assert tiers(manager, 0, 1, 2, 3, 4) == [None, CPU, CPU, CPU, CPU]
+    assert manager.stats().nvme_write_errors == 1 and manager.stats().blocks_demoted == 0
+    assert manager.nvme.free_bytes == manager.nvme.capacity_bytes  # the failed write's reservation is back
+    assert not list((tmp_path / "nvme").rglob("*.tmp-*"))
+    monkeypatch.setattr(manager.nvme, "_write", real_write)
+    assert await put(manager, clock, 5) == []  # 1 demoted, written
+    assert tiers(manager, 1) == [NVME] and manager.stats().nvme_write_errors == 1
+    manager.check_integrity()
