@@ -88,7 +88,7 @@ def start_up(model_dir: Path, state: Path, port: int, settings: dict[str, Any], 
 
     cmd = [sys.executable, "-m", "wicore", "up", "--model", str(model_dir), "--port", str(port)]
     cmd += ["--state-dir", str(state), *flags]
-    for key, value in settings.items():
+    for key, value in {"gateway.http_port": 0, **settings}.items():  # gRPC only: no clash on 8000
         cmd += ["--set", f"{key}={value}"]
     with open(state / "up.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)

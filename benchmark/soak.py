@@ -125,7 +125,7 @@ async def send(client: inference_pb2_grpc.InferenceStub, kind: str, rng: random.
             request = pb.GenerateRequest(prompt=words(rng, 20), max_tokens=500, ignore_eos=True)
             call = client.GenerateStream(request, timeout=timeout)
             for _ in range(rng.randint(1, 3)):
-                await call.read()  # type: ignore[attr-defined]
+                await call.read()
             call.cancel()
             return "cancelled"
         await client.Generate(invalid(rng), timeout=timeout)
@@ -208,7 +208,7 @@ class Sampler:
         self.started = time.monotonic()
 
     def take(self) -> dict[str, Any]:
-        row = {"t": round(time.monotonic() - self.started, 3)}
+        row: dict[str, Any] = {"t": round(time.monotonic() - self.started, 3)}
         row |= {name: sample(pid) for name, pid in self.pids.items()}
         self.samples.append(row)
         return row

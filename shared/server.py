@@ -35,6 +35,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# gRPC binds with SO_REUSEPORT by default: a second service started on a taken port
+# would share it silently. Without it, the bind fails and the service says so.
+SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 # Trailing metadata on every status a service chose to send: a caller tells a service's
@@ -186,7 +189,7 @@ class ServiceServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
         if internal_token:
             interceptors.insert(0, InternalTokenInterceptor(internal_token))
-        self.server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health_socket = health_socket
@@ -200,12 +203,15 @@ class ServiceServer:
 
     async def start(self) -> None:
         reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.server)
-        if self.credentials is not None:
-            bound = self.server.add_secure_port(self.address, self.credentials)
-        else:
-            bound = self.server.add_insecure_port(self.address)
+        try:
+            if self.credentials is not None:
+                bound = self.server.add_secure_port(self.address, self.credentials)
+            else:
+                bound = self.server.add_insecure_port(self.address)
+        except RuntimeError:  # grpcio's word for a failed bind
+            bound = 0
         if bound == 0:
-            raise OSError(f"{self.name}: cannot listen on {self.address}")
+            raise OSError(f"{self.name}: cannot listen on {self.address} (is the port taken?)")
         await self.server.start()
         await self.set_serving(False)
         if self.health_socket:

@@ -5,7 +5,9 @@ up to one interval after a request with a new prefix is placed, Redis does not
 know where that prefix lives, and a burst of requests sharing it would scatter
 over every worker (each computing the prefix again). The scheduler therefore
 remembers, for `ttl_s`, which worker it sent each block hash to and counts those
-blocks as resident there. Bounded: the oldest entries go first past `max_entries`.
+blocks as resident there. Bounded: entries past `ttl_s` are dropped as new ones come
+(they are kept in the order recorded, the oldest first), and the oldest go first past
+`max_entries`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,14 @@ class PlacementHints:
             key = (worker_id, h)
             self._placed[key] = now
             self._placed.move_to_end(key)
-        while len(self._placed) > self.max_entries:
+        cutoff = now - self.ttl_s
+        while self._placed and (
+            len(self._placed) > self.max_entries or next(iter(self._placed.values())) < cutoff
+        ):
             self._placed.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._placed)
 
     def prefix_len(self, worker_id: str, hashes: Sequence[BlockHash], now: float) -> int:
         """How many of `hashes`, from the first, were sent to `worker_id` within ttl_s."""

@@ -62,7 +62,7 @@ async def read_all(call: grpc.aio.UnaryStreamCall) -> StreamResult:
     result = StreamResult("OK", [], "", 0)
     text: list[str] = []
     try:
-        while (msg := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        while (msg := await call.read()) is not grpc.aio.EOF:
             result.token_ids += msg.token_ids
             text.append(msg.text)
             result.messages += 1

@@ -65,7 +65,7 @@ async def _prime(calls: list[grpc.aio.UnaryStreamCall]) -> tuple[list[int], floa
         if n == PRIMED // 2:
             started = time.monotonic()
         for i, call in enumerate(calls):
-            msg = await call.read()  # type: ignore[attr-defined]
+            msg = await call.read()
             assert msg is not grpc.aio.EOF and msg.token_ids, f"stream {i} ended early"
             received[i] += len(msg.token_ids)
     rate = (PRIMED - PRIMED // 2) / max(1e-3, time.monotonic() - started)

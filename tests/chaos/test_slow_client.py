@@ -8,7 +8,11 @@ into its own buffers without waiting for the application or the peer's HTTP/2 wi
   stream into its own process (its transport reads it all);
 - a client that never reads its socket at all (raw HTTP/2 here: the default 64 KiB window,
   never a WINDOW_UPDATE) makes the *gateway* hold the rest of the stream, at most one
-  stream's output per such request: `max_tokens` (capped by the context) messages.
+  stream's output per such request: `max_tokens` (capped by the context) messages. Its
+  request keeps its gateway slot meanwhile, so `gateway.max_concurrent_requests` bounds
+  how many such streams the gateway holds. (Observed, not asserted: about 20 s after the
+  call started, gRPC's transport gives up on such a connection, the gateway's writes fail,
+  logged by grpc's own Cython layer as ExecuteBatchError tracebacks, and the slots free.)
 
 Either way the scheduler and the worker never see back-pressure: the worker decodes the
 request to its `max_tokens` at full speed (its per-request asyncio.Queue drains as fast as

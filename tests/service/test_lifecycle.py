@@ -87,7 +87,9 @@ async def test_no_worker_means_unavailable(tmp_path: Path, redis_url: str) -> No
     config = tmp_path / "c.yaml"
     gateway_port, scheduler_port = free_port(), free_port()
     gateway, scheduler = f"127.0.0.1:{gateway_port}", f"127.0.0.1:{scheduler_port}"
-    config.write_text(f"gateway: {{port: {gateway_port}}}\nscheduler: {{port: {scheduler_port}}}\n")
+    config.write_text(
+        f"gateway: {{port: {gateway_port}, http_port: 0}}\nscheduler: {{port: {scheduler_port}}}\n"
+    )
     procs = [
         subprocess.Popen([sys.executable, "-m", f"wicore.{name}", "--config", str(config)])
         for name in ("scheduler", "gateway")

@@ -157,3 +157,18 @@ def test_priorities_and_aging_decide_who_gets_the_last_slot() -> None:
     s.add(request("low-old", priority=Priority.LOW, arrival=75.0))  # 2.5 levels by now
     s.add(request("high", priority=Priority.HIGH))
     assert s.placed() == [("low-old", "w")]
+
+
+def test_expired_hints_are_dropped_as_new_ones_come() -> None:
+    """Hints past their ttl are never used again: they must not pile up (one per block
+    placed, until max_entries) in a scheduler that runs for long."""
+    hints = PlacementHints(ttl_s=3.0)
+    hints.record("a", hashes(24, "x"), 100.0)
+    hints.record("a", hashes(8, "y"), 102.0)
+    assert len(hints) == 32
+    hints.record("b", hashes(4, "z"), 104.0)  # x's hints are 4 s old now: gone
+    assert len(hints) == 12
+    assert hints.prefix_len("a", hashes(8, "y"), 104.0) == 8
+    hints.record("a", hashes(8, "y"), 104.5)  # recorded again: kept, and moved to the back
+    hints.record("b", hashes(1, "w"), 107.2)  # z's (104.0) are past 3 s; y's (104.5) are not
+    assert len(hints) == 9 and hints.prefix_len("a", hashes(8, "y"), 107.2) == 8
