@@ -50,7 +50,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from wicore.v1 import inference_pb2 as pb
-from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc
 
 from stack import Stack, pid_listening_on, start_stack
 
@@ -182,6 +182,7 @@ class Report:
     restarted: list[str]
     idle_at_end: bool
     wall_s: float
+    tier_blocks: dict[str, dict[str, int]]  # "warmup" / "end" -> level ("cpu", "nvme") -> blocks held
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -255,6 +256,15 @@ async def idle(stack: Stack, since: float, timeout_s: float = 30.0) -> bool:
     return False
 
 
+async def tier_blocks(stack: Stack) -> dict[str, int]:
+    """The blocks the tier holds, per level: its memory follows them (one index entry each)."""
+    async with stack.internal_channel(stack.tier) as channel:
+        stats = await tier_pb2_grpc.TierStub(channel).Stats(tier_pb2.StatsRequest(), timeout=10)
+    return {
+        tier_pb2.StorageTier.Name(t.tier).removeprefix("STORAGE_TIER_").lower(): t.blocks for t in stats.tiers
+    }
+
+
 async def soak(
     stack: Stack, requests: int, concurrency: int, warmup: int, interval_s: float = 0.5, seed: int = 0
 ) -> Report:
@@ -268,6 +278,7 @@ async def soak(
     next_index = 0
     done = 0
     started = time.monotonic()
+    blocks: dict[str, dict[str, int]] = {}
 
     async def client(worker: int) -> None:
         nonlocal next_index, done
@@ -283,12 +294,14 @@ async def soak(
                 done += 1
                 if done == warmup:
                     sampler.mark_warmup()
+                    blocks["warmup"] = await tier_blocks(stack)
 
     try:
         await asyncio.gather(*(client(i) for i in range(concurrency)))
         wall_s = time.monotonic() - started
         settled = await idle(stack, time.monotonic())
         sampler.take()  # the end value
+        blocks["end"] = await tier_blocks(stack)
     finally:
         sampling.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -307,6 +320,7 @@ async def soak(
         restarted=sorted(set(sampler.gone()) | _restarted(stack, sampler.pids)),
         idle_at_end=settled,
         wall_s=round(wall_s, 2),
+        tier_blocks=blocks,
         samples=sampler.samples,
     )
 
@@ -338,6 +352,9 @@ def table(report: Report) -> str:
             label = "rss" if measure == "rss_kib" else measure
             lines.append(f"{name:<11}{label:<12}{unit(s.warmup):>10}{unit(s.end):>10}{unit(s.max):>10}"
                          f"{unit(s.growth):>10}")  # fmt: skip
+    held = "; ".join(f"{when}: " + ", ".join(f"{n} {level}" for level, n in levels.items())
+                     for when, levels in report.tier_blocks.items())  # fmt: skip
+    lines += ["", f"tier blocks held: {held}"]
     lines += ["", f"unexpected outcomes: {report.unexpected}; restarted: {report.restarted or 'none'}; "
                   f"idle at the end: {report.idle_at_end}"]  # fmt: skip
     return "\n".join(lines)

@@ -7,7 +7,7 @@ heartbeats and the scheduler show nothing held (no request in flight or running,
 reservation, every KV block free); and after warm-up (WARMUP requests) no service grows:
 each one's open descriptors stay within FD_SLACK and its threads within THREAD_SLACK of
 their warm-up values, at every sample and at the end, and its resident memory grows by
-less than RSS_GROWTH_BYTES.
+less than its RSS_GROWTH_BYTES.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ WARMUP = 100
 # (tier.io_depth). A per-request leak would exceed them many times over (200+ requests).
 FD_SLACK = 8
 THREAD_SLACK = 8
-RSS_GROWTH_BYTES = 64 << 20  # measured: at most ~35 MiB (the worker's allocator), others < 13 MiB
+# Resident memory after warm-up. The worker's swings by up to ~130 MiB between samples (torch's
+# freed activations kept by glibc's arenas; measured growth over this test: 19-50 MiB); the tier's
+# CPU level fills up to tier.cpu_capacity_bytes (measured: 12-15 MiB); the others measured < 2 MiB.
+RSS_GROWTH_BYTES = {"worker-0": 128 << 20, "tier": 48 << 20, "gateway": 32 << 20, "scheduler": 32 << 20}
 SETTINGS = {
     "worker.kv_cache_bytes": 8 << 20,  # KV offload busy: prefixes spill to the tier
     "tier.cpu_capacity_bytes": 16 << 20,  # a cache fills up to its capacity: keep that small
@@ -70,4 +73,4 @@ async def test_a_few_hundred_mixed_requests_leak_nothing(
         assert fds.max <= fds.warmup + FD_SLACK and fds.end <= fds.warmup + FD_SLACK, (service, fds)
         assert threads.max <= threads.warmup + THREAD_SLACK, (service, threads)
         assert threads.end <= threads.warmup + THREAD_SLACK, (service, threads)
-        assert rss.growth * 1024 < RSS_GROWTH_BYTES, (service, rss)
+        assert rss.growth * 1024 < RSS_GROWTH_BYTES[service], (service, rss)
