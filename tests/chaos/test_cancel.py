@@ -13,27 +13,12 @@ import grpc
 import pytest
 
 from wicore.v1 import inference_pb2 as pb
-from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from wicore.v1 import inference_pb2_grpc
 
+from chaos_util import idle, idle_since, worker_status
 from stack import Stack, start_stack, until
 
 LONG_PROMPT = "Paged attention keeps the KV cache in fixed-size blocks. " * 120  # chunked prefill
-
-
-async def workers(stack: Stack) -> list[scheduler_pb2.WorkerStatus]:
-    async with stack.internal_channel(stack.scheduler) as channel:
-        reply = await scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(
-            scheduler_pb2.ListWorkersRequest()
-        )
-    return list(reply.workers)
-
-
-def idle(status: list[scheduler_pb2.WorkerStatus]) -> bool:
-    return all(
-        w.load.free_blocks == w.total_blocks and w.reserved_blocks == 0 and w.inflight == 0
-        and w.load.running == 0 and w.load.waiting == 0
-        for w in status
-    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -44,7 +29,7 @@ async def test_cancelled_streams_return_every_block(
         start_stack, tmp_path, str(tiny_llama_dir), redis_url, 1, {"worker.max_batch_size": 4}
     )
     try:
-        before = await workers(stack)
+        before = await worker_status(stack)
         assert idle(before) and before[0].total_blocks > 0
         async with grpc.aio.insecure_channel(stack.gateway) as channel:
             client = inference_pb2_grpc.InferenceStub(channel)
@@ -72,9 +57,9 @@ async def test_cancelled_streams_return_every_block(
         # Far sooner than the streams could have run to their ends (thousands of tokens each),
         # as the worker's first heartbeats after the cancel say.
         await until(
-            lambda: _idle_since(stack, cancelled_at), "blocks, reservations and counts back at idle", 2.0
+            lambda: idle_since(stack, cancelled_at), "blocks, reservations and counts back at idle", 2.0
         )
-        after = await workers(stack)
+        after = await worker_status(stack)
         assert [w.load.free_blocks for w in after] == [w.total_blocks for w in before]
         assert "Traceback" not in stack.log()
     finally:
@@ -82,11 +67,4 @@ async def test_cancelled_streams_return_every_block(
 
 
 async def _running(stack: Stack) -> bool:
-    return any(w.load.running > 0 for w in await workers(stack))
-
-
-async def _idle_since(stack: Stack, moment: float) -> bool:
-    """Idle, by heartbeats sent at least 0.3 s after `moment` (heartbeats every 0.2 s)."""
-    status = await workers(stack)
-    fresh = all(time.monotonic() - w.seconds_since_heartbeat > moment + 0.3 for w in status)
-    return fresh and idle(status)
+    return any(w.load.running > 0 for w in await worker_status(stack))

@@ -17,8 +17,9 @@ import grpc
 import pytest
 
 from wicore.v1 import inference_pb2 as pb
-from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from wicore.v1 import inference_pb2_grpc
 
+from chaos_util import read_all, worker_status
 from stack import Stack, free_port, start_stack, until
 
 STREAMS = 4
@@ -63,26 +64,6 @@ class FreezableProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def list_workers(stack: Stack) -> list[scheduler_pb2.WorkerStatus]:
-    async with stack.internal_channel(stack.scheduler) as channel:
-        reply = await scheduler_pb2_grpc.SchedulerStub(channel).ListWorkers(
-            scheduler_pb2.ListWorkersRequest()
-        )
-    return list(reply.workers)
-
-
-async def read_all(call: grpc.aio.UnaryStreamCall) -> tuple[str, list[int], str]:
-    tokens: list[int] = []
-    text: list[str] = []
-    try:
-        while (msg := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-            tokens += msg.token_ids
-            text.append(msg.text)
-    except grpc.aio.AioRpcError as exc:
-        return exc.code().name, tokens, "".join(text)
-    return "OK", tokens, "".join(text)
-
-
 def greedy(i: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         prompt=f"partition {i}",
@@ -122,13 +103,13 @@ async def test_a_worker_cut_off_from_the_scheduler_loses_no_stream(
             client = inference_pb2_grpc.InferenceStub(channel)
             calls = [client.GenerateStream(greedy(i)) for i in range(STREAMS)]
             firsts = [await call.read() for call in calls]  # type: ignore[attr-defined]
-            status = {w.worker_id: w for w in await list_workers(stack)}
+            status = {w.worker_id: w for w in await worker_status(stack)}
             assert status[cut_off_id].inflight > 0  # round robin put some streams there
             to_worker.flowing.clear()
             to_scheduler.flowing.clear()
             results = await asyncio.wait_for(asyncio.gather(*(read_all(c) for c in calls)), timeout=120)
-            assert [code for code, _, _ in results] == ["OK"] * STREAMS, results
-            assert cut_off_id not in {w.worker_id for w in await list_workers(stack)}  # dropped
+            assert [r.code for r in results] == ["OK"] * STREAMS, results
+            assert cut_off_id not in {w.worker_id for w in await worker_status(stack)}  # dropped
             await until(
                 lambda: "orphaned requests" in log_path.read_text(errors="replace"),
                 "the cut-off worker to abort its orphaned requests", 30.0,
@@ -137,11 +118,9 @@ async def test_a_worker_cut_off_from_the_scheduler_loses_no_stream(
             to_scheduler.flowing.set()
             await until(lambda: _registered(stack, 2), "the healed worker to register again", 30.0)
             undisturbed = await asyncio.gather(*(client.Generate(greedy(i)) for i in range(STREAMS)))
-            for i, (first, (_, tokens, text), reply) in enumerate(
-                zip(firsts, results, undisturbed, strict=True)
-            ):
-                assert list(first.token_ids) + tokens == list(reply.token_ids), f"stream {i}"
-                assert first.text + text == reply.text, f"stream {i}: text twice or lost"
+            for i, (first, result, reply) in enumerate(zip(firsts, results, undisturbed, strict=True)):
+                assert list(first.token_ids) + result.token_ids == list(reply.token_ids), f"stream {i}"
+                assert first.text + result.text == reply.text, f"stream {i}: text twice or lost"
     finally:
         cut_off.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -154,4 +133,4 @@ async def test_a_worker_cut_off_from_the_scheduler_loses_no_stream(
 
 
 async def _registered(stack: Stack, n: int) -> bool:
-    return len(await list_workers(stack)) == n
+    return len(await worker_status(stack)) == n

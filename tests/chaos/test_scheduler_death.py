@@ -16,25 +16,11 @@ import pytest
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc
 
+from chaos_util import read_all
 from stack import pid_listening_on, start_stack
 
 STREAMS = 8
 TOKENS = 200
-
-
-async def read_all(call: grpc.aio.UnaryStreamCall) -> tuple[str, list[int], str, int]:
-    """(status code name, token ids, text, messages) of one stream, however it ends."""
-    tokens: list[int] = []
-    text: list[str] = []
-    messages = 0
-    try:
-        while (msg := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-            tokens += msg.token_ids
-            text.append(msg.text)
-            messages += 1
-    except grpc.aio.AioRpcError as exc:
-        return exc.code().name, tokens, "".join(text), messages
-    return "OK", tokens, "".join(text), messages
 
 
 def greedy(i: int) -> pb.GenerateRequest:
@@ -58,9 +44,9 @@ async def test_scheduler_killed_mid_stream_loses_no_request(
             scheduler_port = int(stack.scheduler.rsplit(":", 1)[1])
             os.kill(pid_listening_on(stack.proc.pid, scheduler_port), signal.SIGKILL)
             results = await asyncio.wait_for(asyncio.gather(*(read_all(c) for c in calls)), timeout=120)
-            assert [code for code, *_ in results] == ["OK"] * STREAMS, results
-            received = [list(first.token_ids) + results[0][1]] + [ids for _, ids, _, _ in results[1:]]
-            texts = [first.text + results[0][2]] + [text for _, _, text, _ in results[1:]]
+            assert [r.code for r in results] == ["OK"] * STREAMS, results
+            received = [list(first.token_ids) + results[0].token_ids] + [r.token_ids for r in results[1:]]
+            texts = [first.text + results[0].text] + [r.text for r in results[1:]]
             assert "scheduler exited with -9; restarting it" in stack.log()
             assert "sending it again after" in stack.log()
             for i in range(STREAMS):  # the same requests, undisturbed
