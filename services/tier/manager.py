@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -441,6 +442,18 @@ class TierManager:
                 lost.append(block_hash)
         return lost
 
+    @staticmethod
+    def _nvme_disk_full(nvme: NvmeTier) -> None:
+        """The filesystem filled before `nvme_capacity_bytes`: what the tier holds is then its real
+        capacity, so the next demotions evict the lowest scores to make room instead of failing
+        one by one. (Until a restart; a disk full of other files leaves an empty tier as it is.)"""
+        if 0 < nvme.used_bytes < nvme.capacity_bytes:
+            log.warning(
+                "the NVMe directory is full at %d bytes (capacity was %d); using that as its capacity",
+                nvme.used_bytes, nvme.capacity_bytes,
+            )  # fmt: skip
+            nvme.capacity_bytes = nvme.used_bytes
+
     async def _write_nvme(self, blocks: dict[BlockHash, KvPayload], created: float | None) -> list[BlockHash]:
         """Writes blocks to NVMe concurrently after making room; marks their entries.
 
@@ -463,6 +476,8 @@ class TierManager:
             if isinstance(result, BaseException):
                 log.warning("NVMe write of block %s failed: %s", block_hash, result)
                 self.nvme_write_errors += 1
+                if isinstance(result, OSError) and result.errno == errno.ENOSPC:
+                    self._nvme_disk_full(nvme)
                 continue
             entry = self._entries.get(block_hash)
             if entry is None:  # a put straight to NVMe (no CPU tier)

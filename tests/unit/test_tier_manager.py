@@ -407,3 +407,28 @@ async def test_failed_nvme_writes_are_counted_and_lose_only_their_blocks(
     assert await put(manager, clock, 5) == []  # 1 demoted, written
     assert tiers(manager, 1) == [NVME] and manager.stats().nvme_write_errors == 1
     manager.check_integrity()
+
+
+async def test_a_full_nvme_disk_becomes_the_nvme_capacity_so_demotions_go_on(
+    tmp_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC with blocks on NVMe: the bytes held become the tier's capacity, so the next
+    demotion evicts NVMe blocks to make room and is written, instead of failing forever."""
+    manager = make(tmp_path, clock)
+    assert manager.nvme is not None
+    real_write = manager.nvme._write
+
+    def full(path: Path, header: bytes, payload: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    await put(manager, clock, 0, 1, 2, 3, 4, 5)  # 0 and 1 demoted to NVMe
+    assert tiers(manager, 0, 1) == [NVME, NVME]
+    held = manager.nvme.used_bytes
+    monkeypatch.setattr(manager.nvme, "_write", full)
+    assert await put(manager, clock, 6) == [h(2)]  # 2 demoted, refused by the disk: lost
+    assert manager.nvme.capacity_bytes == held and manager.stats().nvme_write_errors == 1
+    monkeypatch.setattr(manager.nvme, "_write", real_write)  # the disk stays as full as it was
+    await put(manager, clock, 7)  # 3 demoted: NVMe makes room within what it holds
+    assert tiers(manager, 0, 1, 3) == [None, NVME, NVME]  # the lowest score (oldest) made room
+    assert manager.nvme.used_bytes <= held and manager.stats().nvme_write_errors == 1
+    manager.check_integrity()
