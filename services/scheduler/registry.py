@@ -5,8 +5,7 @@ A worker is live from RegisterWorker until it deregisters, stays silent for
 `inflight` and `reserved_blocks` count the requests this scheduler placed on it
 and the KV blocks they may take (`place` / `release`); they are exact at every
 moment, unlike the heartbeat's `load`, which lags by up to one interval.
-`pick` (for Tokenize) chooses the live worker with the fewest requests in
-flight; request placement is the batcher's and the router's job.
+Request placement is the batcher's and the router's job.
 """
 
 from __future__ import annotations
@@ -140,10 +139,3 @@ class WorkerRegistry:
             served = sorted({w.model for w in self.workers.values()})
             raise ModelNotFound(f"model: {model!r} is not served here (served: {served})")
         return candidates
-
-    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> WorkerInfo:
-        """The live worker with the fewest requests in flight (for Tokenize)."""
-        candidates = self.resolve(model, exclude)
-        chosen = min(candidates, key=lambda w: (w.inflight, w.load.running + w.load.waiting, w.last_picked))
-        chosen.last_picked = self.clock()
-        return chosen

@@ -17,11 +17,11 @@ def worker(worker_id: str, model: str = "m") -> WorkerInfo:
 def test_no_worker_is_unavailable_and_unknown_model_is_not_found() -> None:
     reg = WorkerRegistry(timeout_s=5, clock=ManualClock())
     with pytest.raises(WorkerUnavailable, match="no worker is registered"):
-        reg.pick("")
+        reg.resolve("")
     reg.register(worker("a", "m"))
     with pytest.raises(ModelNotFound, match="'other' is not served"):
-        reg.pick("other")
-    assert reg.pick("").worker_id == "a"
+        reg.resolve("other")
+    assert [w.worker_id for w in reg.resolve("")] == ["a"]
 
 
 def test_silent_workers_are_dropped_and_heartbeats_keep_them() -> None:
@@ -36,25 +36,11 @@ def test_silent_workers_are_dropped_and_heartbeats_keep_them() -> None:
     assert list(reg.workers) == ["a"]
     assert not reg.heartbeat("b", WorkerLoad())  # forgotten: must register again
     with pytest.raises(WorkerUnavailable):
-        reg.pick("m", exclude=frozenset({"a"}))
+        reg.resolve("m", exclude=frozenset({"a"}))
     clock.now += 6
     assert [w.worker_id for w in reg.expire()] == ["a"]
     with pytest.raises(WorkerUnavailable):
-        reg.pick("m")
-
-
-def test_pick_prefers_fewest_in_flight_then_takes_turns() -> None:
-    clock = ManualClock()
-    reg = WorkerRegistry(timeout_s=5, clock=clock)
-    for wid in ("a", "b", "c"):
-        reg.register(worker(wid))
-    reg.workers["a"].inflight = 2
-    picks = []
-    for _ in range(4):
-        clock.now += 1
-        picks.append(reg.pick("m").worker_id)
-    assert picks == ["b", "c", "b", "c"]
-    assert reg.pick("m", exclude=frozenset({"b", "c"})).worker_id == "a"
+        reg.resolve("m")
 
 
 def test_default_model_is_the_first_registered() -> None:
@@ -64,5 +50,5 @@ def test_default_model_is_the_first_registered() -> None:
     clock.now += 1
     reg.register(worker("b", "second"))
     assert reg.default_model() == "first"
-    assert reg.pick("").model == "first"
-    assert reg.pick("second").worker_id == "b"
+    assert [w.model for w in reg.resolve("")] == ["first"]
+    assert [w.worker_id for w in reg.resolve("second")] == ["b"]
