@@ -1,7 +1,7 @@
 """The `wicore` command: run one service, all of them (`up`), or a client.
 
 wicore up [--model PATH] [--port 50051] [--workers N] ...   everything, locally
-wicore gateway|scheduler|worker|tier [--config F] [--set section.key=value]...
+wicore gateway|scheduler|worker|tier [--config F] [--set section.key=value]...   (python -m wicore.NAME)
 wicore generate "prompt" [--addr 127.0.0.1:50051] [--max-tokens N] [--raw] [--tls-ca FILE]
 wicore keygen [--tenant NAME]                                 a new API key and its digest
 """
@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import yaml
 
+from wicore.api_keys import key_digest, new_key
 from wicore.child import die_with_parent
 from wicore.config import Config, config_from_environ
 from wicore.errors import ConfigError
 from wicore.logs import setup_logging
 
-SERVICES = ("gateway", "scheduler", "worker", "tier")
+# Each service runs from its own entry point (its package's `__main__`, which hands its
+# `serve` to `run_service`): shared code names the services here but never imports one.
+SERVICES = {
+    "gateway": "wicore.gateway",
+    "scheduler": "wicore.scheduler",
+    "worker": "wicore.worker",
+    "tier": "wicore.tier",
+}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +46,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--state-dir", help="where runtime state lives (default ~/.wicore)")
     parser.add_argument("--redis-url", help="Redis URL, e.g. redis://127.0.0.1:6379/0 or unix:///path.sock")
+
+
+def _service_flags(parser: argparse.ArgumentParser, name: str) -> None:
+    _common(parser)
+    parser.add_argument("--port", type=int, help=f"port of the {name} service")
+    if name == "worker":
+        parser.add_argument("--model", help="'smollm2' (default) or a local Hugging Face model directory")
+        parser.add_argument("--device", help="cpu or gpu:N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     for name in SERVICES:
-        svc = sub.add_parser(name, help=f"run the {name} service")
-        _common(svc)
-        svc.add_argument("--port", type=int, help=f"port of the {name} service")
-        if name == "worker":
-            svc.add_argument("--model", help="'smollm2' (default) or a local Hugging Face model directory")
-            svc.add_argument("--device", help="cpu or gpu:N")
+        _service_flags(sub.add_parser(name, help=f"run the {name} service"), name)
 
     gen = sub.add_parser("generate", help="stream a completion from a running gateway")
     gen.add_argument("prompt")
@@ -92,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def keygen(tenant: str) -> str:
     """A new key, its digest and the `gateway.api_keys` entry (digest only) to paste."""
-    from wicore.gateway.auth import key_digest, new_key
-
     key = new_key()
     digest = key_digest(key)
     return (
@@ -130,11 +139,41 @@ def load(args: argparse.Namespace) -> Config:
     return config_from_environ(args.config, overrides_from_args(args))
 
 
-def main(prefix: Sequence[str] = ()) -> None:
-    die_with_parent()  # a child of `wicore up` ends with it
-    argv = [*prefix, *sys.argv[1:]]
-    args = build_parser().parse_args(argv)
+@contextlib.contextmanager
+def _exit_status() -> Iterator[None]:
+    """A configuration error exits with 2, saying what is wrong; Ctrl-C exits with 130."""
     try:
+        yield
+    except ConfigError as exc:
+        print(f"wicore: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run_service(name: str, serve: Callable[[Config], Coroutine[Any, Any, None]]) -> None:
+    """A service's entry point (`python -m wicore.NAME`): its flags, logging, then `serve(config)`.
+    The service passes its own `serve`: shared code never imports a service."""
+    die_with_parent()  # a child of `wicore up` ends with it
+    parser = argparse.ArgumentParser(prog=f"wicore {name}", description=f"run the {name} service")
+    _service_flags(parser, name)
+    parser.set_defaults(command=name)
+    args = parser.parse_args()
+    with _exit_status():
+        config = load(args)
+        setup_logging(name, config.log_level)
+        asyncio.run(serve(config))
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in SERVICES:
+        # This process becomes the service's own entry point (same pid, so a caller
+        # that signals or waits on it still reaches the service).
+        os.execv(sys.executable, [sys.executable, "-m", SERVICES[argv[0]], *argv[1:]])
+    die_with_parent()  # a child of `wicore up` ends with it
+    args = build_parser().parse_args(argv)
+    with _exit_status():
         if args.command == "keygen":
             sys.stdout.write(keygen(args.tenant))
             return
@@ -147,16 +186,3 @@ def main(prefix: Sequence[str] = ()) -> None:
             from wicore.launcher import run_up
 
             sys.exit(run_up(config, workers=args.workers, devices=args.device))
-        setup_logging(args.command, config.log_level)
-        if args.command == "worker":
-            # Before torch loads OpenMP: idle OpenMP threads yield instead of spinning, so
-            # the worker's gRPC thread and the other services get the cores between GEMMs
-            # (measured: the stack's tok/s rose ~20% on 2 cores). An explicit setting wins.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        app = importlib.import_module(f"wicore.{args.command}.app")
-        asyncio.run(app.serve(config))
-    except ConfigError as exc:
-        print(f"wicore: configuration error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)

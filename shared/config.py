@@ -6,12 +6,14 @@ and command-line flags. `load_config` is called once, in each process's entry
 point, and the result is passed down; nothing below reads the environment.
 
 The section names `gpu_config`, `gpu_pool_config` and `a2cr_config` are those of
-the performance guide (DESIGN.md §1).
+the performance guide (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import os
 import types
 import typing
@@ -24,6 +26,7 @@ from typing import Any
 import yaml
 
 from wicore.errors import ConfigError
+from wicore.kv.block import Codec
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -31,22 +34,106 @@ HEX_DIGITS = frozenset("0123456789abcdef")
 T = typing.TypeVar("T")
 
 
+class RoutingPolicy(enum.StrEnum):
+    """`scheduler.routing_policy`."""
+
+    MOR = "mor"  # the cost model
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
+
+
+class TierPolicy(enum.StrEnum):
+    """`tier.policy`: the tiers' eviction order."""
+
+    A2CR = "a2cr"  # attention, frequency and recency (a2cr_config)
+    LRU = "lru"  # least recently used first
+    LFU = "lfu"  # least often used first
+
+
+class WorkerDtype(enum.StrEnum):
+    """`worker.dtype`: the model's weights and KV. `auto`: float32 on CPU; on a GPU
+    `gpu_config.cuda_optimization.mixed_precision`."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class CpuKernels(enum.StrEnum):
+    """`worker.cpu_kernels`: `onednn` (faster; not bit-identical to generate()) or `default`."""
+
+    ONEDNN = "onednn"
+    DEFAULT = "default"
+
+
+class MixedPrecision(enum.StrEnum):
+    """`gpu_config.cuda_optimization.mixed_precision`: the weights' and KV's dtype on a GPU
+    worker whose worker.dtype is auto (fp32: float32, fp16: float16, bf16: bfloat16)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class LogLevel(enum.StrEnum):
+    """`log_level`; the names are accepted in any case, and WARN and FATAL too, as the logging
+    module does."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+    @classmethod
+    def _missing_(cls, value: object) -> LogLevel | None:
+        if not isinstance(value, str):
+            return None
+        name = value.upper()
+        return cls.__members__.get({"WARN": "WARNING", "FATAL": "CRITICAL"}.get(name, name))
+
+
+DEVICES_HELP = "'cpu', 'gpu:N', or (for wicore up) a comma-separated list of them or 'auto'"
+
+
+def is_device(name: str) -> bool:
+    """One worker's device: `cpu` or `gpu:N`."""
+    return name == "cpu" or (name.startswith("gpu:") and name[4:].isascii() and name[4:].isdigit())
+
+
+def is_device_spec(spec: str) -> bool:
+    """A device, a comma-separated list of devices, or `auto` (every GPU plus one CPU worker)."""
+    names = [d.strip() for d in spec.split(",") if d.strip()]
+    return spec.strip() == "auto" or (bool(names) and all(is_device(d) for d in names))
+
+
 @dataclass(frozen=True, slots=True)
 class CudaOptimization:
-    mixed_precision: str = "fp32"  # fp32 | fp16 | bf16
+    """A GPU worker's CUDA switches; a CPU worker ignores them."""
+
+    enable_cudnn: bool = True  # torch.backends.cudnn.enabled
+    enable_tensor_cores: bool = False  # true: float32 matmuls and convolutions may use TF32
+    mixed_precision: MixedPrecision = MixedPrecision.FP32  # the dtype when worker.dtype is auto
 
 
 @dataclass(frozen=True, slots=True)
 class GpuConfig:
-    target_devices: tuple[str, ...] = ("cpu",)
+    target_devices: tuple[str, ...] = ("cpu",)  # `wicore up`'s devices if not --device or worker.device
     memory_limit_per_gpu: float = 16.0  # GiB of KV pool per device
-    enable_p2p: bool = False
+    enable_p2p: bool = False  # accepted, no effect: KV moves between workers through the tier service
     cuda_optimization: CudaOptimization = field(default_factory=CudaOptimization)
-    enable_tensor_cores: bool = True
+
+    def __post_init__(self) -> None:
+        if not is_device_spec(",".join(self.target_devices)):
+            raise ConfigError(f"target_devices: expected {DEVICES_HELP}, got {list(self.target_devices)!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class GpuPoolConfig:
+    """Accepted for the performance guide's sake, with no effect (a worker warns when one is set):
+    each worker preallocates its KV pool once, in blocks of worker.block_size tokens."""
+
     initial_size: int = 0
     max_size: int = 0
     block_size: int = 4096  # byte alignment of pool allocations
@@ -61,6 +148,7 @@ class A2crConfig:
     recency_weight: float = 0.3
     eviction_threshold: float = 0.2
     cleanup_interval: float = 60.0
+    adaptive: bool = True  # scale threshold and decay with tier pressure at each cleanup (tier/policy.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +216,7 @@ class SchedulerConfig:
     port: int = 50052
     heartbeat_interval_s: float = 1.0
     worker_timeout_s: float = 5.0  # a worker silent this long is dropped
-    routing_policy: str = "mor"  # "mor" (cost model), "round_robin" or "least_loaded"
+    routing_policy: RoutingPolicy = RoutingPolicy.MOR
     max_queue_size: int = 1024  # requests waiting in the scheduler; more get RESOURCE_EXHAUSTED
     max_batch_size: int = 0  # requests in flight per worker; 0: the worker's own max_batch_size
     max_wait_time_s: float = 0.0  # hold a partial batch for an idle worker this long (0: never)
@@ -151,19 +239,23 @@ class WorkerConfig:
     advertise_address: str = ""  # host:port the scheduler calls (e.g. a pod's name); default host:port
     model: str = "smollm2"  # "smollm2" (the bundled default) or a local HF model directory
     model_id: str = ""  # the name clients use; default: derived from the model
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "cpu"  # "cpu" or "gpu:N"; `wicore up` also takes a comma-separated list or "auto"
+    dtype: WorkerDtype = WorkerDtype.AUTO
     max_batch_size: int = 64  # sequences running at once
     default_max_tokens: int = 256
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int = 1 * GiB  # KV pool on CPU; on a GPU gpu_config.memory_limit_per_gpu
     max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
-    cpu_kernels: str = "onednn"  # "onednn" (faster; not bit-identical to generate()) or "default"
+    cpu_kernels: CpuKernels = CpuKernels.ONEDNN
     num_threads: int = 0  # torch threads on CPU; 0: torch's default (`wicore up` splits the cores)
     kv_offload: bool = True  # spill reclaimed prefix blocks to the tier service and load them back
-    offload_codec: str = "raw"  # how blocks travel to the tier (it stores them in its tiers' codecs)
+    offload_codec: Codec = Codec.RAW  # how blocks travel to the tier (it stores them in its tiers' codecs)
     max_pending_offload_blocks: int = 256  # host copies waiting for the tier; past this, spills are dropped
     attention_sample_every: int = 8  # measure block attention for A²CR every n-th engine step (0: never)
+
+    def __post_init__(self) -> None:
+        if not is_device_spec(self.device):
+            raise ConfigError(f"device: expected {DEVICES_HELP}, got {self.device!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,14 +263,14 @@ class TierConfig:
     host: str = "127.0.0.1"
     port: int = 50053
     cpu_capacity_bytes: int = 2 * GiB  # 0: no CPU tier (blocks go straight to NVMe)
-    cpu_codec: str = "q8"  # "raw" (lossless), "fp16", "bf16", "q8" or "q4"
+    cpu_codec: Codec = Codec.Q8  # raw (lossless), fp16, bf16, q8 or q4
     nvme_capacity_bytes: int = 16 * GiB  # 0: no NVMe tier
-    nvme_codec: str = "q4"
+    nvme_codec: Codec = Codec.Q4
     nvme_dir: str = ""  # default: {state_dir}/nvme
     io_depth: int = 8  # NVMe reads and writes in flight
     use_o_direct: bool = False  # bypass the page cache where the filesystem allows it
     use_lz4: bool = True  # lz4 frames, kept only when they save 1/64 or more
-    policy: str = "a2cr"  # eviction order: "a2cr", "lru" or "lfu"
+    policy: TierPolicy = TierPolicy.A2CR  # eviction order
     high_watermark: float = 0.9  # a tier this full (used / capacity) frees bytes ...
     low_watermark: float = 0.8  # ... down to this
     chunk_bytes: int = 1 * MiB  # well under gRPC's 4 MiB message limit
@@ -214,7 +306,7 @@ class Config:
     a2cr_config: A2crConfig = field(default_factory=A2crConfig)
     state_dir: str = "~/.wicore"
     cache_dir: str = "~/.cache/wicore"
-    log_level: str = "INFO"
+    log_level: LogLevel = LogLevel.INFO
     shutdown_grace_s: float = 10.0
 
     @property
@@ -227,6 +319,8 @@ class Config:
 
 
 ENV_PREFIX = "WICORE_"
+# Keys that live elsewhere now (where the performance guide puts them).
+MOVED = {"gpu_config.enable_tensor_cores": "gpu_config.cuda_optimization.enable_tensor_cores"}
 
 
 def load_config(
@@ -267,6 +361,8 @@ def to_dict(config: Config) -> dict[str, Any]:
             return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, tuple):
             return [plain(v) for v in value]
+        if isinstance(value, enum.Enum):
+            return value.value
         if isinstance(value, Mapping):
             return {k: plain(v) for k, v in value.items()}
         return value
@@ -299,9 +395,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"{where + '.' if where else ''}{unknown[0]}: unknown setting (known: {sorted(names)})"
-        )
+        dotted = f"{where + '.' if where else ''}{unknown[0]}"
+        if dotted in MOVED:
+            raise ConfigError(f"{dotted}: moved to {MOVED[dotted]}")
+        raise ConfigError(f"{dotted}: unknown setting (known: {sorted(names)})")
     kwargs = {
         name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
         for name, value in data.items()
@@ -330,6 +427,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return MappingProxyType(
             {_coerce(key_hint, k, where): _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
         )
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        with contextlib.suppress(ValueError, TypeError):
+            return hint(value)  # a member's value, or what the enum's _missing_ accepts
+        allowed = ", ".join(repr(m.value) for m in hint)
+        raise ConfigError(f"{where}: expected one of {allowed}, got {value!r}")
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: unsupported union type")
     if hint is bool:

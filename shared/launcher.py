@@ -44,6 +44,7 @@ from wicore.channels import (
     write_private,
 )
 from wicore.child import PARENT_PID_ENV
+from wicore.cli import SERVICES
 from wicore.config import Config, to_dict
 from wicore.model_files import resolve_model
 from wicore.redis_server import redis_answers, start_private_redis
@@ -105,13 +106,13 @@ class Child:
 
     @classmethod
     def launch(cls, name: str, args: list[str], address: str) -> Child:
-        """Starts `python -m wicore ARGS` as a child."""
-        proc, output = spawn([sys.executable, "-m", "wicore", *args])
+        """Starts the service args[0] with the flags after it as a child: `python -m wicore.NAME ...`."""
+        proc, output = spawn(_service_argv(args))
         return cls(name, proc, address, args, output=output)
 
     def start(self) -> None:
         """Starts it again, with the same arguments."""
-        self.proc, self.output = spawn([sys.executable, "-m", "wicore", *self.args])
+        self.proc, self.output = spawn(_service_argv(self.args))
 
     def last_output(self) -> str:
         return self.output.text() if self.output is not None else ""
@@ -120,6 +121,12 @@ class Child:
         """At most RESTARTS_PER_MINUTE restarts in any minute; Redis is never restarted."""
         self.restarts = [t for t in self.restarts if now - t < 60]
         return bool(self.args) and len(self.restarts) < RESTARTS_PER_MINUTE
+
+
+def _service_argv(args: list[str]) -> list[str]:
+    """The service's own entry point, in the child itself (no `wicore` CLI hop)."""
+    service, *flags = args
+    return [sys.executable, "-m", SERVICES[service], *flags]
 
 
 def _say(message: str) -> None:
@@ -162,11 +169,21 @@ def plan_workers(devices: list[str], workers: int, cpus: int, num_threads: int) 
     return [(d, threads if d == "cpu" else num_threads) for d in chosen]
 
 
+def device_spec(config: Config, devices: str | None) -> str:
+    """`--device`; without it worker.device unless that is the default `cpu`, else the
+    performance guide's gpu_config.target_devices (default: cpu too)."""
+    if devices:
+        return devices
+    if config.worker.device != "cpu":
+        return config.worker.device
+    return ",".join(config.gpu_config.target_devices)
+
+
 def prepare(config: Config, devices: str | None) -> tuple[Config, list[str]]:
     """Resolves the model (converting the default once) and the device list."""
     source = resolve_model(config.worker.model, config.cache_path, config.worker.model_id)
     worker = dataclasses.replace(config.worker, model=str(source.path), model_id=source.model_id)
-    spec = devices or config.worker.device
+    spec = device_spec(config, devices)
     gpus = _gpu_count() if spec.strip() == "auto" else 0
     return dataclasses.replace(config, worker=worker), device_list(spec, gpus)
 

@@ -45,7 +45,7 @@ def resolve_model(spec: str, cache_dir: Path, model_id: str = "") -> ModelSource
 
 def fingerprint(source: ModelSource, dtype: str) -> str:
     """Identifies the model's KV: id, config, dtype, and the weight files (names,
-    sizes and their first MiB). Part of every block hash's root (DESIGN.md §3)."""
+    sizes and their first MiB). Part of every block hash's root (wicore.kv.hashing)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{source.model_id}\0{dtype}\0".encode())
     h.update((source.path / "config.json").read_bytes())

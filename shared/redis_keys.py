@@ -1,8 +1,9 @@
-"""The Redis key layout shared by the services (DESIGN.md §5); `ns` is `redis.namespace`.
+"""The Redis key layout shared by the services (docs/architecture.md, "Redis"); `ns` is `redis.namespace`.
 
 {ns}:blk:{hash}        the tier service's record of a block (field `tier`: cpu | nvme)
 {ns}:a2cr:{tier}       the tier's A²CR scores, one sorted set per tier
 {ns}:res:{worker_id}   the block hashes on a worker's device (for routing)
+{ns}:tier:epoch        the tier's sentinel: gone means Redis lost the tier's keys (flushed, restarted)
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ def block_pattern(namespace: str) -> str:
 
 def score_key(namespace: str, tier: str) -> str:
     return f"{namespace}:a2cr:{tier}"
+
+
+def tier_sentinel_key(namespace: str) -> str:
+    return f"{namespace}:tier:epoch"
 
 
 def residency_key(namespace: str, worker_id: str) -> str:

@@ -1,4 +1,4 @@
-"""The performance guide's MoR workload types (DESIGN.md §1): the public `workload_type` field,
+"""The performance guide's MoR workload types: the public `workload_type` field,
 checked at the gateway and routed on by the scheduler."""
 
 from __future__ import annotations

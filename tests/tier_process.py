@@ -13,11 +13,12 @@ import redis
 import torch
 import yaml
 
-from wicore.hashing import BlockHash
-from wicore.kvblock import KvPayload, decode_kv, encode_kv
+from wicore.kv.block import Codec, EncodedBlock
+from wicore.kv.codecs import decode, encode
+from wicore.kv.hashing import BlockHash
+from wicore.kv.wire import TIER_TO_PROTO, ChunkAssembler
+from wicore.kv.wire import block_chunks as wire_chunks
 from wicore.server import wait_for_serving
-from wicore.tier_wire import block_chunks as wire_chunks
-from wicore.tier_wire import read_blocks
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
 from stack import free_port
@@ -44,8 +45,8 @@ def kv_of(block_hash: str, layers: int = BLOCK_SHAPE[0]) -> torch.Tensor:
     return torch.randn((layers, *BLOCK_SHAPE[1:]), generator=generator)
 
 
-def raw_of(block_hash: str, layers: int = BLOCK_SHAPE[0]) -> KvPayload:
-    return encode_kv(kv_of(block_hash, layers), "raw")
+def raw_of(block_hash: str, layers: int = BLOCK_SHAPE[0]) -> EncodedBlock:
+    return encode(kv_of(block_hash, layers), Codec.RAW)
 
 
 @dataclass
@@ -102,10 +103,10 @@ def delete_namespace(client: redis.Redis, namespace: str) -> None:
 
 
 def block_chunks(
-    block_hash: str, block: KvPayload, chunk: int = CHUNK, checksum: str | None = None
+    block_hash: str, block: EncodedBlock, chunk: int = CHUNK, checksum: str | None = None
 ) -> list[tier_pb2.BlockChunk]:
     """The block's PutBlocks chunks; `checksum` replaces the header's (to send a wrong one)."""
-    chunks = list(wire_chunks(block_hash, block, chunk))
+    chunks = list(wire_chunks(BlockHash(block_hash), block, chunk))
     if checksum is not None:
         chunks[0].header.checksum = checksum
     return chunks
@@ -116,15 +117,23 @@ async def put(stub: tier_pb2_grpc.TierStub, *hashes: str) -> tier_pb2.PutBlocksR
     return await stub.PutBlocks(iter(chunks), timeout=30)
 
 
-async def get(stub: tier_pb2_grpc.TierStub, hashes: list[str]) -> dict[str, tuple[KvPayload, int]]:
-    """The streamed blocks, reassembled and checked (chunk protocol, checksums): hash -> (block, tier)."""
-    stream = stub.GetBlocks(tier_pb2.GetBlocksRequest(block_hashes=hashes), timeout=30)
-    return {block_hash: (block, tier) async for block_hash, block, tier in read_blocks(stream)}
+async def get(stub: tier_pb2_grpc.TierStub, hashes: list[str]) -> dict[str, tuple[EncodedBlock, int]]:
+    """The streamed blocks, reassembled and checked (chunk protocol, checksums):
+    hash -> (block, the proto tier it came from)."""
+    assembler = ChunkAssembler(1 << 30)
+    found: dict[str, tuple[EncodedBlock, int]] = {}
+    async for chunk in stub.GetBlocks(tier_pb2.GetBlocksRequest(block_hashes=hashes), timeout=30):
+        received = assembler.feed(chunk)
+        if received is not None:
+            assert received.source_tier is not None, "GetBlocks must say where each block came from"
+            found[received.block_hash] = (received.block, TIER_TO_PROTO[received.source_tier])
+    assembler.finish()
+    return found
 
 
-def assert_q4_close(block: KvPayload, want: torch.Tensor) -> None:
+def assert_q4_close(block: EncodedBlock, want: torch.Tensor) -> None:
     """q4 bound, loosely: a 16th of each (layer, k/v, head) range; exactness is the codec tests' job."""
-    assert block.codec == "q4"
-    got = decode_kv(block)
+    assert block.header.codec is Codec.Q4
+    got = decode(block)
     span = want.amax(dim=(2, 4), keepdim=True) - want.amin(dim=(2, 4), keepdim=True)
     assert bool(((got - want).abs() <= span / 16).all())

@@ -1,3 +1,4 @@
-from wicore.cli import main
+from wicore.cli import run_service
+from wicore.gateway.app import serve
 
-main(["gateway"])
+run_service("gateway", serve)

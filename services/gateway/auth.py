@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +26,13 @@ from pathlib import Path
 
 import yaml
 
+from wicore.api_keys import key_digest as key_digest  # re-exported: keys are the gateway's
+from wicore.api_keys import new_key as new_key
 from wicore.config import ApiKeys, GatewayConfig, TenantLimits, build
 from wicore.errors import ConfigError, Unauthenticated
 
 log = logging.getLogger(__name__)
 
-KEY_PREFIX = "wc-"
 RECHECK_S = 1.0  # the keys file's mtime is looked at no more often than this
 
 
@@ -60,16 +60,6 @@ def fold_cache_salt(tenant: Tenant, client_salt: str) -> str:
 def bearer_token(authorization: str | None) -> str:
     value = authorization or ""
     return value[7:].strip() if value[:7].lower() == "bearer " else value.strip()
-
-
-def new_key() -> str:
-    """A fresh API key: `wc-` and 32 random bytes, URL-safe base64."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def key_digest(key: str) -> str:
-    """What a config file holds for `key`: its SHA-256, 64 hex digits."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

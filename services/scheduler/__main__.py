@@ -1,3 +1,4 @@
-from wicore.cli import main
+from wicore.cli import run_service
+from wicore.scheduler.app import serve
 
-main(["scheduler"])
+run_service("scheduler", serve)

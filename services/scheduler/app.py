@@ -7,6 +7,7 @@ import contextlib
 
 from wicore.channels import InternalAuth, internal_server
 from wicore.config import Config
+from wicore.kv.client import TierClient
 from wicore.scheduler.batcher import BatchOptimizer
 from wicore.scheduler.dispatcher import Dispatcher
 from wicore.scheduler.hints import PlacementHints
@@ -15,7 +16,6 @@ from wicore.scheduler.registry import WorkerRegistry
 from wicore.scheduler.request_queue import RequestQueue
 from wicore.scheduler.router import make_router
 from wicore.scheduler.servicer import SchedulerServicer
-from wicore.tier_client import TierClient
 from wicore.v1 import scheduler_pb2_grpc
 
 # Placement hints live until the worker's own residency report has surely landed in Redis.

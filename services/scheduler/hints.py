@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
-from wicore.hashing import BlockHash
+from wicore.kv.hashing import BlockHash
 
 
 class PlacementHints:

@@ -22,11 +22,12 @@ from collections.abc import Callable, Sequence
 
 from redis.exceptions import RedisError
 
-from wicore.hashing import BlockHash, reusable_chain
+from wicore.kv.block import StorageTier
+from wicore.kv.hashing import BlockHash, reusable_chain
 from wicore.redis_keys import block_key, residency_key
 from wicore.redis_server import fast_failing_client
 from wicore.scheduler.registry import WorkerInfo
-from wicore.scheduler.state import PrefixInfo, Tier
+from wicore.scheduler.state import PrefixInfo
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class PrefixIndex:
 
     async def lookup(
         self, worker_ids: Sequence[str], hashes: Sequence[BlockHash]
-    ) -> tuple[dict[str, int], tuple[Tier | None, ...]]:
+    ) -> tuple[dict[str, int], tuple[StorageTier | None, ...]]:
         """Per worker, how many of `hashes` (from the first) it holds; per hash, its tier."""
         if not hashes or self.clock() < self._down_until:
             return {}, ()
@@ -90,8 +91,8 @@ class PrefixIndex:
         return device, tiers
 
 
-def _tier(value: bytes | None) -> Tier | None:
+def _tier(value: bytes | None) -> StorageTier | None:
     try:
-        return Tier(value.decode()) if value is not None else None
+        return StorageTier(value.decode()) if value is not None else None
     except ValueError:
         return None

@@ -4,7 +4,7 @@ The batcher hands a policy only candidates with a free batch slot and room for
 the request's KV; the policy picks one. Three policies, by name
 (`scheduler.routing_policy`): `mor`, `round_robin`, `least_loaded`.
 
-MoR ("Mixture of Routers", DESIGN.md §1) prices every candidate w and takes
+MoR ("Mixture of Routers", from the performance guide) prices every candidate w and takes
 the cheapest:
 
     cost(w) = device(w) + prefix_weight · prefill(w) + queue_weight · queue(w)
@@ -36,10 +36,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from wicore.config import SchedulerConfig
-from wicore.errors import ConfigError
+from wicore.config import RoutingPolicy, SchedulerConfig
+from wicore.kv.block import StorageTier
 from wicore.scheduler.registry import WorkerInfo
-from wicore.scheduler.state import WORKLOAD_THRESHOLDS, QueuedRequest, Tier
+from wicore.scheduler.state import WORKLOAD_THRESHOLDS, QueuedRequest
 
 
 def batch_limit(worker: WorkerInfo, config: SchedulerConfig) -> int:
@@ -95,7 +95,7 @@ class MoRRouter:
             if tier is None:
                 break
             loaded += 1
-            price += self.config.tier_cpu_cost if tier is Tier.CPU else self.config.tier_nvme_cost
+            price += self.config.tier_cpu_cost if tier is StorageTier.CPU else self.config.tier_nvme_cost
         return max(0.0, request.prompt_tokens - bs * (resident + loaded) + bs * price)
 
     def cost(self, request: QueuedRequest, worker: WorkerInfo, resident: int) -> Cost:
@@ -152,17 +152,13 @@ class LeastLoadedRouter:
         )
 
 
-ROUTERS: Mapping[str, type[MoRRouter] | type[RoundRobinRouter] | type[LeastLoadedRouter]] = {
-    "mor": MoRRouter,
-    "round_robin": RoundRobinRouter,
-    "least_loaded": LeastLoadedRouter,
+ROUTERS: Mapping[RoutingPolicy, type[MoRRouter] | type[RoundRobinRouter] | type[LeastLoadedRouter]] = {
+    RoutingPolicy.MOR: MoRRouter,
+    RoutingPolicy.ROUND_ROBIN: RoundRobinRouter,
+    RoutingPolicy.LEAST_LOADED: LeastLoadedRouter,
 }
 
 
 def make_router(config: SchedulerConfig) -> Router:
-    cls = ROUTERS.get(config.routing_policy)
-    if cls is None:
-        raise ConfigError(
-            f"scheduler.routing_policy: {config.routing_policy!r} is not one of {sorted(ROUTERS)}"
-        )
-    return cls(config)
+    """The router `config.routing_policy` names (checked when the config was loaded)."""
+    return ROUTERS[RoutingPolicy(config.routing_policy)](config)

@@ -25,7 +25,8 @@ import grpc
 from wicore.channels import InternalAuth, internal_channel
 from wicore.config import SchedulerConfig
 from wicore.errors import InvalidRequest, WorkerUnavailable
-from wicore.hashing import BlockHash
+from wicore.kv.client import TierClient
+from wicore.kv.hashing import BlockHash
 from wicore.scheduler import convert
 from wicore.scheduler.batcher import Assignment
 from wicore.scheduler.dispatcher import Dispatcher
@@ -34,7 +35,6 @@ from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerInfo, WorkerRegistry
 from wicore.scheduler.router import batch_limit
 from wicore.scheduler.state import PrefixInfo, QueuedRequest
-from wicore.tier_client import TierClient
 from wicore.v1 import inference_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)

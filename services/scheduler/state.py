@@ -11,7 +11,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from wicore.hashing import BlockHash
+from wicore.kv.block import StorageTier
+from wicore.kv.hashing import BlockHash
 from wicore.workload import WorkloadType
 
 
@@ -32,13 +33,6 @@ WORKLOAD_THRESHOLDS: Mapping[WorkloadType, float] = {
 }
 
 
-class Tier(enum.Enum):
-    """Where the tier service keeps a spilled block (the `tier` field of `{ns}:blk:{hash}`)."""
-
-    CPU = "cpu"
-    NVME = "nvme"
-
-
 @dataclass(frozen=True, slots=True)
 class PrefixInfo:
     """Where a prompt's reusable blocks sit, as far as Redis said at arrival.
@@ -56,7 +50,7 @@ class PrefixInfo:
     fingerprint: str = ""  # the model fingerprint the hashes were rooted in
     block_size: int = 0
     device: Mapping[str, int] = field(default_factory=dict)
-    tier: tuple[Tier | None, ...] = ()
+    tier: tuple[StorageTier | None, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tier and len(self.tier) != len(self.hashes):
@@ -78,7 +72,7 @@ class PrefixInfo:
             tier = self.tier[i] if i < len(self.tier) else None
             if i >= on_device and tier is None:
                 break
-            if i >= on_device and tier is Tier.NVME:
+            if i >= on_device and tier is StorageTier.NVME:
                 wanted.append(block_hash)
         return wanted
 

@@ -1,3 +1,4 @@
-from wicore.cli import main
+from wicore.cli import run_service
+from wicore.tier.app import serve
 
-main(["tier"])
+run_service("tier", serve)

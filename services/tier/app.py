@@ -14,12 +14,10 @@ import torch
 from wicore.channels import internal_server
 from wicore.config import Config, TierConfig
 from wicore.errors import ConfigError
-from wicore.kvblock import check_codec
 from wicore.redis_server import fast_failing_client
 from wicore.tier.manager import TierManager
 from wicore.tier.metadata import BlockMetadata
 from wicore.tier.nvme import keep_freed_memory
-from wicore.tier.policy import POLICIES
 from wicore.tier.servicer import TierServicer
 from wicore.v1 import tier_pb2_grpc
 
@@ -31,11 +29,6 @@ MAX_TICK_S = 1.0  # how often the loop retries Redis and flushes, at most this f
 
 def check_tier_config(tc: TierConfig) -> None:
     """Raises ConfigError naming the first invalid tier setting."""
-    for name in ("cpu_codec", "nvme_codec"):
-        try:
-            check_codec(getattr(tc, name), f"tier.{name}")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
     if tc.cpu_capacity_bytes < 0 or tc.nvme_capacity_bytes < 0:
         raise ConfigError("tier.cpu_capacity_bytes / nvme_capacity_bytes: must be >= 0")
     if tc.cpu_capacity_bytes == 0 and tc.nvme_capacity_bytes == 0:
@@ -47,8 +40,6 @@ def check_tier_config(tc: TierConfig) -> None:
         )
     if tc.io_depth < 1:
         raise ConfigError(f"tier.io_depth: must be >= 1, got {tc.io_depth}")
-    if tc.policy not in POLICIES:
-        raise ConfigError(f"tier.policy: unknown {tc.policy!r} (supported: {', '.join(POLICIES)})")
 
 
 def nvme_root(config: Config) -> Path:
@@ -85,8 +76,8 @@ async def serve(config: Config) -> None:
     server.add(tier_pb2_grpc.add_TierServicer_to_server, TierServicer(manager, tc), "wicore.v1.Tier")
     maintenance: asyncio.Task[None] | None = None
     try:
+        recovered = await manager.recover()  # before serving: no write may race the index rebuild
         await server.start()
-        recovered = await manager.recover()
         log.info("tier ready: %d blocks recovered from NVMe, redis_ok=%s", recovered, metadata.redis_ok)
         maintenance = asyncio.create_task(run_maintenance(manager, config.a2cr_config.cleanup_interval))
         await server.set_serving(True)

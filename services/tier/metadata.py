@@ -1,6 +1,6 @@
 """Block metadata mirrored to Redis, so schedulers, workers and operators see what the tiers hold.
 
-Keys (DESIGN.md §5), `ns` being `config.redis.namespace`:
+Keys (see also docs/architecture.md), `ns` being `config.redis.namespace`:
 
     {ns}:blk:{hash}    hash: tier ("cpu" | "nvme", the faster copy), nvme_copy (0|1), bytes,
                        codec, created, last_access, hits, attention, observations
@@ -34,9 +34,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from wicore.hashing import BlockHash
-from wicore.redis_keys import block_key, block_pattern, score_key
-from wicore.tier.store import StorageTier
+from wicore.kv.block import Codec, StorageTier
+from wicore.kv.hashing import BlockHash
+from wicore.redis_keys import block_key, block_pattern, score_key, tier_sentinel_key
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ Scores = Mapping[StorageTier, Mapping[BlockHash, float]]  # per tier: block -> p
 # Unreachable (ConnectionError, TimeoutError) or refusing (OOM, READONLY...): serve on regardless.
 REDIS_DOWN = (RedisError, OSError)
 BATCH = 1000  # keys per command or pipeline when many blocks are written, read or deleted
+SCORED_TIERS = (StorageTier.CPU, StorageTier.NVME)  # the tiers with a score set
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,7 @@ class BlockRecord:
     tier: StorageTier
     nvme_copy: bool
     size_bytes: int
-    codec: str
+    codec: Codec
     created: float
     last_access: float
     hits: int
@@ -96,7 +97,7 @@ class BlockMetadata:
 
     @property
     def sentinel_key(self) -> str:
-        return f"{self._ns}:tier:epoch"
+        return tier_sentinel_key(self._ns)
 
     async def write(self, present: Sequence[BlockRecord], gone: Sequence[BlockHash]) -> None:
         """Writes these records and deletes the keys of `gone`, in one transaction."""
@@ -168,7 +169,7 @@ class BlockMetadata:
             if k not in keep
         ]
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(*(self.score_key(t) for t in StorageTier))
+            pipe.delete(*(self.score_key(t) for t in SCORED_TIERS))
             for start in range(0, len(stale), BATCH):
                 pipe.delete(*stale[start : start + BATCH])
             for record in records:
@@ -185,12 +186,12 @@ class BlockMetadata:
         for start in range(0, len(gone), BATCH):
             batch = gone[start : start + BATCH]
             pipe.delete(*(self.block_key(h) for h in batch))
-            for tier in StorageTier:
+            for tier in SCORED_TIERS:
                 pipe.zrem(self.score_key(tier), *batch)
 
     def _queue_record(self, pipe: Any, record: BlockRecord) -> None:
         pipe.hset(self.block_key(record.block_hash), mapping=_fields(record))
-        for tier in StorageTier:
+        for tier in SCORED_TIERS:
             score = record.scores.get(tier)
             if score is None:
                 pipe.zrem(self.score_key(tier), record.block_hash)
@@ -220,10 +221,32 @@ def _fields(record: BlockRecord) -> dict[FieldT, EncodableT]:
         "tier": record.tier.value,
         "nvme_copy": int(record.nvme_copy),
         "bytes": record.size_bytes,
-        "codec": record.codec,
+        "codec": record.codec.value,
         "created": record.created,
         "last_access": record.last_access,
         "hits": record.hits,
         "attention": record.attention,
         "observations": record.observations,
     }
+
+
+class NoMetadata:
+    """The mirror of a tier service run without Redis (tests, benchmarks): writes nothing."""
+
+    needs_resync = False
+    redis_ok = False
+
+    async def write(self, present: Sequence[BlockRecord], gone: Sequence[BlockHash]) -> None:
+        return None
+
+    async def write_scores(self, scores: Callable[[], Scores]) -> None:
+        return None
+
+    async def resync(self, records: Sequence[BlockRecord]) -> None:
+        return None
+
+    async def load(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, dict[str, str]]:
+        return {}
+
+    async def ping(self) -> bool:
+        return False

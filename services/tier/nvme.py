@@ -1,4 +1,4 @@
-"""The NVMe tier's durable block store: one file per block, written atomically.
+"""The NVMe tier: durable block files, one per block, written atomically (a `BlockStore`).
 
     root/
       00/ .. ff/                            shards, all made up front by the constructor
@@ -6,7 +6,8 @@
         ab3f...e1.blk                       header | payload
         ab3f...e1.blk.tmp-9c2e41d0          a write in flight, or an orphan of a crash
 
-A block file is a fixed header then the payload (little-endian throughout):
+A block file is a fixed header then the payload (little-endian throughout); bytes 24-118
+are the block's `BlockHeader` (wicore.kv.block), the same fields as on the wire:
 
     offset size  field
     ------ ----  -------------------------------------------------------------
@@ -31,7 +32,8 @@ the final name; so a final name only ever holds a complete file, and a crash lea
 worst an orphan temp file that `recover` removes. The shard folder is not fsynced after
 each rename (that would double a put's fsyncs): after a power loss, a block stored just
 before it may be missing, never corrupt, which a cache tolerates.
-Pure mechanism: no gRPC, no Redis, no eviction policy (the caller names victims).
+Pure mechanism: no gRPC, no Redis, no eviction policy (the manager names victims). When
+the filesystem fills before `capacity_bytes`, what the tier holds becomes its capacity.
 """
 
 from __future__ import annotations
@@ -43,19 +45,19 @@ import functools
 import logging
 import mmap
 import os
-import re
 import secrets
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 from wicore.errors import InvalidRequest, Overloaded
-from wicore.hashing import BlockHash, payload_checksum, validate_block_hash
+from wicore.kv.block import BlockHeader, Codec, EncodedBlock, StorageTier
+from wicore.kv.hashing import BlockHash, is_digest_hex, payload_checksum, validate_block_hash
+from wicore.tier.store import Recovered, TierStats
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,6 @@ HEADER_SIZE = _BODY.size + 16
 ALIGN = 4096  # O_DIRECT buffers, offsets and lengths are multiples of this
 SUFFIX = ".blk"
 TMP_MARK = ".tmp-"
-_U32_MAX = 0xFFFFFFFF
-_HASH_RE = re.compile(r"[0-9a-f]{32}")
 _T = TypeVar("_T")
 MIN_RUN = 16  # blocks read per I/O thread hop, at least (see aget_many)
 
@@ -79,71 +79,24 @@ class _Corrupt(Exception):
     """A file that must never be served: bad header, wrong size or wrong payload checksum."""
 
 
-@dataclass(frozen=True, slots=True)
-class NvmeBlockMeta:
-    """What a block file's header records; `checksum` is the payload's `payload_checksum` (hex)."""
-
-    block_hash: BlockHash
-    codec: str  # a codec's name, e.g. "q4"
-    dtype: str  # the dtype the block had before encoding, e.g. "bfloat16"
-    shape: tuple[int, ...]
-    payload_len: int
-    checksum: str
-    sink_tokens: int = 0
-    lz4: bool = False
-    created: float = 0.0  # 0: stamped by the tier's clock on put
-
-    def __post_init__(self) -> None:
-        validate_block_hash(self.block_hash, "block_hash")
-        validate_block_hash(self.checksum, "checksum")  # the same 32-hex-char form
-        for field, name in (("codec", self.codec), ("dtype", self.dtype)):
-            if not (0 < len(name) <= NAME_BYTES and name.isascii() and name.isprintable()):
-                raise InvalidRequest(field, f"expected 1-{NAME_BYTES} ASCII chars, got {name!r:.20}")
-        if len(self.shape) > MAX_DIMS or not all(0 <= d <= _U32_MAX for d in self.shape):
-            raise InvalidRequest("shape", f"expected at most {MAX_DIMS} u32 dims, got {self.shape}")
-        if not 0 <= self.sink_tokens <= _U32_MAX:
-            raise InvalidRequest("sink_tokens", f"expected a u32, got {self.sink_tokens}")
-
-    @classmethod
-    def describe(cls, block_hash: str, payload: bytes, codec: str, dtype: str, shape: Sequence[int],
-                 sink_tokens: int = 0) -> NvmeBlockMeta:  # fmt: skip
-        """The metadata of `payload`, its length and checksum computed here."""
-        checksum = payload_checksum(payload)
-        return cls(BlockHash(block_hash), codec, dtype, tuple(shape), len(payload), checksum, sink_tokens)
-
-    @property
-    def file_bytes(self) -> int:
-        return HEADER_SIZE + self.payload_len
-
-
-@dataclass(frozen=True, slots=True)
-class NvmeStats:
-    blocks: int
-    used_bytes: int
-    capacity_bytes: int
-    hits: int
-    misses: int
-    bytes_in: int
-    bytes_out: int
-    corrupt: int
-    evictions: int
-
-
 def _digest(data: bytes) -> bytes:
     return bytes.fromhex(payload_checksum(data))
 
 
-def pack_header(meta: NvmeBlockMeta) -> bytes:
-    shape = list(meta.shape) + [0] * (MAX_DIMS - len(meta.shape))
-    flags = FLAG_LZ4 if meta.lz4 else 0
-    body = _BODY.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, bytes.fromhex(meta.block_hash), meta.codec.encode(),
-                      flags, len(meta.shape), meta.dtype.encode(), *shape, meta.sink_tokens, meta.payload_len,
-                      bytes.fromhex(meta.checksum), meta.created)  # fmt: skip
+def pack_header(block_hash: BlockHash, header: BlockHeader, created: float) -> bytes:
+    shape = list(header.shape) + [0] * (MAX_DIMS - len(header.shape))
+    flags = FLAG_LZ4 if header.lz4 else 0
+    body = _BODY.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, bytes.fromhex(block_hash),
+                      header.codec.value.encode(), flags, len(header.shape), header.dtype.encode(), *shape,
+                      header.sink_tokens, header.payload_bytes, bytes.fromhex(header.checksum),
+                      created)  # fmt: skip
     return body + _digest(body)
 
 
-def _verify(block_hash: BlockHash, header: bytes, size: int, payload: bytes | None) -> NvmeBlockMeta:
-    """The header's metadata, or _Corrupt; checks the payload too unless it is None."""
+def _verify(
+    block_hash: BlockHash, header: bytes, size: int, payload: bytes | None
+) -> tuple[BlockHeader, float]:
+    """The block's header and creation time, or _Corrupt; checks the payload too unless it is None."""
     body = header[: _BODY.size]
     if len(header) < HEADER_SIZE or header[:4] != MAGIC or _digest(body) != header[_BODY.size :]:
         raise _Corrupt("truncated header, bad magic or header checksum mismatch")
@@ -154,16 +107,16 @@ def _verify(block_hash: BlockHash, header: bytes, size: int, payload: bytes | No
     if raw_hash.hex() != block_hash:
         raise _Corrupt(f"header names block {raw_hash.hex()}")
     try:
-        meta = NvmeBlockMeta(block_hash, codec.rstrip(b"\0").decode(), dtype.rstrip(b"\0").decode(),
-                             tuple(shape[:ndim]), payload_len, checksum.hex(), sink_tokens,
-                             bool(flags & FLAG_LZ4), created)  # fmt: skip
-    except (InvalidRequest, UnicodeDecodeError) as exc:
+        block = BlockHeader(Codec(codec.rstrip(b"\0").decode()), bool(flags & FLAG_LZ4),
+                            dtype.rstrip(b"\0").decode(), tuple(shape[:ndim]), sink_tokens, payload_len,
+                            checksum.hex())  # fmt: skip
+    except (InvalidRequest, ValueError) as exc:  # ValueError: an unknown codec, or not UTF-8
         raise _Corrupt(str(exc)) from None
-    if size != meta.file_bytes:
-        raise _Corrupt(f"file is {size} bytes, header says {meta.file_bytes}")
-    if payload is not None and (len(payload) != payload_len or payload_checksum(payload) != meta.checksum):
+    if size != HEADER_SIZE + payload_len:
+        raise _Corrupt(f"file is {size} bytes, header says {HEADER_SIZE + payload_len}")
+    if payload is not None and (len(payload) != payload_len or payload_checksum(payload) != block.checksum):
         raise _Corrupt("payload checksum mismatch")
-    return meta
+    return block, created
 
 
 def _fsync_dir(path: Path) -> None:
@@ -183,13 +136,18 @@ class NvmeTier:
     misses them) but their bytes are reserved, so `used_bytes + _reserved <=
     capacity_bytes` unless capacity shrank across a restart. The tier never evicts
     on its own: the caller's policy names the victims. Call `recover()` before
-    serving a root that may already hold files.
+    serving a root that may already hold files. The synchronous methods run on any
+    thread; the `BlockStore` ones (async) run them on the tier's I/O threads.
     """
+
+    kind = StorageTier.NVME
+    durable = True
 
     def __init__(
         self,
         root: Path,
         capacity_bytes: int,
+        codec: Codec = Codec.Q4,
         io_depth: int = 32,
         use_o_direct: bool = False,
         clock: Callable[[], float] = time.time,
@@ -202,6 +160,7 @@ class NvmeTier:
             (self.root / shard).mkdir()  # made once here, so no put pays a second folder fsync
         _fsync_dir(self.root)
         self.capacity_bytes = capacity_bytes
+        self.codec = codec
         self.use_o_direct = use_o_direct
         self._clock = clock
         self._lock = threading.Lock()
@@ -222,42 +181,55 @@ class NvmeTier:
     def free_bytes(self) -> int:
         return max(0, self.capacity_bytes - self.used_bytes - self._reserved)
 
-    def sizes_of(self, block_hash: BlockHash) -> int:
-        """The block's file size; 0 if it is not stored."""
+    def footprint(self, block: EncodedBlock) -> int:
+        return HEADER_SIZE + block.nbytes
+
+    def size_of(self, block_hash: BlockHash) -> int:
         return self._sizes.get(block_hash, 0)
 
     def sizes(self) -> dict[BlockHash, int]:
-        """Each stored block's file size (a copy)."""
         with self._lock:
             return dict(self._sizes)
 
     def contains(self, block_hash: str) -> bool:
         return validate_block_hash(block_hash, "block_hash") in self._sizes
 
-    def put(self, meta: NvmeBlockMeta, payload: bytes, victims: Iterable[str] = ()) -> list[BlockHash]:
-        """Stores a block durably; returns the victims deleted to make room for it.
+    def codec_of(self, block_hash: BlockHash) -> Codec:
+        return self.codec
 
-        Victims go in the order given, only as many as needed; if the block does not
-        fit even then, Overloaded is raised and nothing is deleted. A hash already
-        stored is left as it is (a hash names its content). `meta.checksum` is
-        trusted, not recomputed (that would double put's CPU cost): a wrong one
-        only makes `get` find the block corrupt and drop it.
+    # --- synchronous operations ---
+
+    def write_block(self, block_hash: str, block: EncodedBlock, created: float = 0.0) -> None:
+        """Stores a block durably (`created` 0: now). Overloaded if it does not fit the free
+        bytes; OSError if the write fails (ENOSPC also shrinks the capacity to what is held).
+
+        A hash already stored is left as it is (a hash names its content). The header's
+        checksum is trusted, not recomputed (that would double a put's CPU cost): a wrong
+        one only makes `read_block` find the block corrupt and drop it.
         """
-        if meta.payload_len != len(payload):
-            raise InvalidRequest("payload", f"{len(payload)} bytes, its metadata says {meta.payload_len}")
-        meta = meta if meta.created else replace(meta, created=self._clock())
-        h, size = meta.block_hash, meta.file_bytes
-        candidates = [validate_block_hash(v, "victims") for v in victims]
+        h = validate_block_hash(block_hash, "block_hash")
+        size = self.footprint(block)
         with self._lock:
             if h in self._sizes or h in self._writing:
-                return []
-            evicted = self._make_room(h, size, candidates)
+                return
+            if size > self.free_bytes:
+                free, capacity = self.free_bytes, self.capacity_bytes
+                raise Overloaded(
+                    f"block {h}: {size} bytes do not fit the NVMe tier ({free} of {capacity} free)"
+                )
             self._writing.add(h)
             self._reserved += size
         written = False
         try:
-            self._write(self.path_of(h), pack_header(meta), payload)
+            self._write(
+                self.path_of(h), pack_header(h, block.header, created or self._clock()), block.payload
+            )
             written = True
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                with self._lock:
+                    self._disk_full()
+            raise
         finally:
             with self._lock:
                 self._writing.discard(h)
@@ -265,20 +237,16 @@ class NvmeTier:
                 if written:
                     self._sizes[h] = size
                     self.used_bytes += size
-                    self.bytes_in += len(payload)
-        return evicted
+                    self.bytes_in += block.nbytes
 
-    def _get_run(self, hashes: list[str], count: bool) -> list[tuple[NvmeBlockMeta, bytes] | None]:
-        return [self.get(h, count) for h in hashes]
-
-    def get(self, block_hash: str, count: bool = True) -> tuple[NvmeBlockMeta, bytes] | None:
+    def read_block(self, block_hash: str, count: bool = True) -> EncodedBlock | None:
         """The block with both checksums verified, or None; a bad file is deleted, never served."""
         h = validate_block_hash(block_hash, "block_hash")
         try:
             if h not in self._sizes:
                 raise FileNotFoundError(h)
             header, size, payload = self._read(f"{self._root_str}/{h[:2]}/{h}{SUFFIX}")  # h is validated
-            meta = _verify(h, header, size, payload)
+            block_header, _ = _verify(h, header, size, payload)
         except (_Corrupt, FileNotFoundError) as exc:
             with self._lock:
                 self.misses += count
@@ -290,86 +258,91 @@ class NvmeTier:
         with self._lock:
             self.hits += count
             self.bytes_out += len(payload) if count else 0
-        return meta, payload
+        return EncodedBlock(block_header, payload)
 
-    def delete(self, block_hash: str) -> bool:
-        """Removes a block (not counted as an eviction); False if it was not stored."""
-        h = validate_block_hash(block_hash, "block_hash")
+    def remove_blocks(self, hashes: Iterable[str], evicted: bool = False) -> list[BlockHash]:
+        """Removes blocks; returns those that were stored. `evicted`: the caller's policy chose them."""
+        checked = [validate_block_hash(h, "block_hashes") for h in hashes]
         with self._lock:
-            return self._remove(h)
+            removed = [h for h in checked if self._remove(h)]
+            if evicted:
+                self.evictions += len(removed)
+        return removed
 
-    def evict(self, hashes: Iterable[str]) -> list[BlockHash]:
-        """Removes the blocks the caller's policy chose; returns those that were stored."""
-        checked = [validate_block_hash(h, "hashes") for h in hashes]
-        with self._lock:
-            evicted = [h for h in checked if self._remove(h)]
-            self.evictions += len(evicted)
-        return evicted
-
-    def recover(self, verify_payloads: bool = False) -> list[NvmeBlockMeta]:
-        """Rebuilds the index from the files on disk; returns every valid block's metadata.
+    def recover_sync(self, verify_payloads: bool = False) -> list[Recovered]:
+        """Rebuilds the index from the files on disk; returns every valid block.
 
         Removes orphan temp files and deletes files whose header is invalid or whose
-        size disagrees with it. Payloads are checked lazily, on `get`, by default: a
+        size disagrees with it. Payloads are checked lazily, on read, by default: a
         crash cannot leave a partial file under a final name (files are renamed into
         place after fsync), so only outside damage corrupts a payload, and reading
-        every payload would make start-up cost a full read of the tier; `get` still
+        every payload would make start-up cost a full read of the tier; a read still
         never serves a bad payload. `verify_payloads=True` reads them all now.
         Must not overlap puts. Files not named like blocks are left alone.
         """
-        metas: list[NvmeBlockMeta] = []
+        found: list[Recovered] = []
         orphans = corrupt = 0
         for path in sorted(self.root.glob("[0-9a-f][0-9a-f]/*")):
             h = path.name.removesuffix(SUFFIX)
             if TMP_MARK in path.name:
                 path.unlink(missing_ok=True)
                 orphans += 1
-            elif path.name.endswith(SUFFIX) and _HASH_RE.fullmatch(h) and h[:2] == path.parent.name:
+            elif path.name.endswith(SUFFIX) and is_digest_hex(h) and h[:2] == path.parent.name:
                 try:
-                    metas.append(self._recover_one(BlockHash(h), path, verify_payloads))
+                    header, created = self._recover_one(BlockHash(h), path, verify_payloads)
                 except _Corrupt as exc:
                     log.warning("NVMe block %s is invalid (%s): deleted", h, exc)
                     path.unlink(missing_ok=True)
                     corrupt += 1
+                else:
+                    found.append(Recovered(BlockHash(h), HEADER_SIZE + header.payload_bytes, created))
         with self._lock:
-            self._sizes = {m.block_hash: m.file_bytes for m in metas}
+            self._sizes = {r.block_hash: r.size_bytes for r in found}
             self.used_bytes = sum(self._sizes.values())
             self.corrupt += corrupt
         log.info("NVMe tier: %d blocks, %d of %d bytes; removed %d temp files, %d invalid files",
-                 len(metas), self.used_bytes, self.capacity_bytes, orphans, corrupt)  # fmt: skip
-        return metas
+                 len(found), self.used_bytes, self.capacity_bytes, orphans, corrupt)  # fmt: skip
+        return found
 
-    async def aput(self, meta: NvmeBlockMeta, payload: bytes, victims: Iterable[str] = ()) -> list[BlockHash]:
-        return await self._run(self.put, meta, payload, list(victims))
+    # --- BlockStore ---
 
-    async def aget(self, block_hash: str) -> tuple[NvmeBlockMeta, bytes] | None:
-        return await self._run(self.get, block_hash)
+    async def put(self, block_hash: BlockHash, block: EncodedBlock, created: float) -> None:
+        await self._run(self.write_block, block_hash, block, created)
 
-    async def aget_many(
-        self, hashes: Sequence[str], count: bool = True
-    ) -> list[tuple[NvmeBlockMeta, bytes] | None]:
-        """`get` of each hash, in order: a few I/O threads each read a run of blocks.
+    async def get_many(self, hashes: Sequence[BlockHash], count: bool = True) -> list[EncodedBlock | None]:
+        """`read_block` of each hash, in order: a few I/O threads each read a run of blocks.
 
         One thread hop costs more than reading a cached block, so blocks go in runs of
         at least `MIN_RUN`, in at most `io_depth` runs at once.
         """
-        runs = max(1, min(self._io_depth, len(hashes) // MIN_RUN))
-        size = -(-len(hashes) // runs)
-        parts = [list(hashes[i : i + size]) for i in range(0, len(hashes), size)]
-        results = await asyncio.gather(*(self._run(self._get_run, part, count) for part in parts))
-        return [r for part in results for r in part]
+        stored = [h for h in hashes if h in self._sizes]  # the others miss without a thread hop
+        if count and len(stored) < len(hashes):
+            with self._lock:
+                self.misses += len(hashes) - len(stored)
+        if not stored:
+            return [None] * len(hashes)
+        runs = max(1, min(self._io_depth, len(stored) // MIN_RUN))
+        size = -(-len(stored) // runs)
+        parts = [stored[i : i + size] for i in range(0, len(stored), size)]
+        results = await asyncio.gather(*(self._run(self._read_run, part, count) for part in parts))
+        read = dict(zip(stored, (r for part in results for r in part), strict=True))
+        return [read.get(h) for h in hashes]
 
-    async def arecover(self, verify_payloads: bool = False) -> list[NvmeBlockMeta]:
-        return await self._run(self.recover, verify_payloads)
+    async def remove(self, hashes: Sequence[BlockHash], evicted: bool) -> list[BlockHash]:
+        return await self._run(self.remove_blocks, hashes, evicted)
+
+    async def recover(self, verify_payloads: bool = False) -> list[Recovered]:
+        return await self._run(self.recover_sync, verify_payloads)
 
     def close(self) -> None:
         """Waits for the I/O in flight, then stops the I/O threads."""
         self._pool.shutdown(wait=True)
 
-    def stats(self) -> NvmeStats:
+    def stats(self) -> TierStats:
         with self._lock:
-            return NvmeStats(len(self._sizes), self.used_bytes, self.capacity_bytes, self.hits, self.misses,
-                             self.bytes_in, self.bytes_out, self.corrupt, self.evictions)  # fmt: skip
+            return TierStats(self.kind, self.codec, self.capacity_bytes, self.used_bytes, len(self._sizes),
+                             self.hits, self.misses, self.bytes_in, self.bytes_out, self.evictions,
+                             self.corrupt)  # fmt: skip
 
     def check_integrity(self) -> None:
         """Raises AssertionError unless the index, the byte count and the files agree."""
@@ -378,30 +351,30 @@ class NvmeTier:
             if sizes != self._sizes or self.used_bytes != sum(sizes.values()):
                 raise AssertionError(f"index {self._sizes} != files {sizes} or used_bytes {self.used_bytes}")
 
+    # --- mechanics ---
+
+    def _read_run(self, hashes: list[BlockHash], count: bool) -> list[EncodedBlock | None]:
+        return [self.read_block(h, count) for h in hashes]
+
     async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
-    def _recover_one(self, h: BlockHash, path: Path, verify_payload: bool) -> NvmeBlockMeta:
+    def _recover_one(self, h: BlockHash, path: Path, verify_payload: bool) -> tuple[BlockHeader, float]:
         if verify_payload:
             return _verify(h, *self._read(path))
         with open(path, "rb") as f:
             return _verify(h, f.read(HEADER_SIZE), os.fstat(f.fileno()).st_size, None)
 
-    def _make_room(self, h: BlockHash, size: int, candidates: list[BlockHash]) -> list[BlockHash]:
-        """Deletes the first victims that make `size` bytes fit, or raises Overloaded (lock held)."""
-        need = size - self.free_bytes
-        chosen: list[BlockHash] = []
-        for victim in dict.fromkeys(candidates):
-            if need > 0 and victim != h and victim in self._sizes:
-                chosen.append(victim)
-                need -= self._sizes[victim]
-        if need > 0:
-            free, capacity = self.free_bytes, self.capacity_bytes
-            raise Overloaded(f"block {h}: {size} bytes do not fit the NVMe tier ({free} of {capacity} free)")
-        for victim in chosen:
-            self._remove(victim)
-        self.evictions += len(chosen)
-        return chosen
+    def _disk_full(self) -> None:
+        """The filesystem filled before `capacity_bytes` (lock held): what the tier holds is then
+        its real capacity, so the next demotions evict the lowest scores to make room instead of
+        failing one by one. (Until a restart; a disk full of other files leaves an empty tier as it is.)"""
+        if 0 < self.used_bytes < self.capacity_bytes:
+            log.warning(
+                "the NVMe directory is full at %d bytes (capacity was %d); using that as its capacity",
+                self.used_bytes, self.capacity_bytes,
+            )  # fmt: skip
+            self.capacity_bytes = self.used_bytes
 
     def _remove(self, h: BlockHash) -> bool:
         size = self._sizes.pop(h, None)

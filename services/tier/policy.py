@@ -1,4 +1,4 @@
-"""Eviction policies of the memory tiers: A²CR (DESIGN.md §4) and LRU / LFU baselines.
+"""Eviction policies of the memory tiers: A²CR (docs/architecture.md) and LRU / LFU baselines.
 
 Pure Python over `BlockStats`, with the clock injected: no Redis, no sockets, no
 tensors. A policy only *scores* blocks (higher = worth keeping); the selection
@@ -25,24 +25,13 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from wicore.config import A2crConfig
+from wicore.config import A2crConfig, TierPolicy
 from wicore.errors import ConfigError
-from wicore.hashing import BlockHash
+from wicore.kv.attention import UNIFORM_ATTENTION, attention_alpha, fold_attention
+from wicore.kv.hashing import BlockHash
 
 Clock = Callable[[], float]
 
-# A block never observed is assumed to get uniform attention: the neutral middle
-# of A's range, so that it is neither protected nor sacrificed for lack of data.
-UNIFORM_ATTENTION = 0.5
-# A is a confidence-weighted mean: the prior counts as this many observations, so
-# the n-th observation has weight 1 / (n + 2). One noisy observation moves A a third
-# of the way (a block read once by a short request is not ranked on a single sample),
-# twenty move it most of the way. A fixed EMA weight of 0.5 let one sample decide, and
-# blocks read once (one-off prompts) outranked chat history that was certain to be reread.
-ATTENTION_PRIOR_WEIGHT = 2.0
-# Floor of an observation's weight: past 8 observations A is an EMA over about the last
-# ten, so it still follows a block whose share changes (a chat turn sliding into history).
-ATTENTION_ALPHA_MIN = 0.1
 # F = hits / (hits + k): with k = 4 a block read once scores 0.2, four times 0.5,
 # sixteen times 0.8; frequency saturates instead of growing without bound.
 FREQUENCY_K = 4.0
@@ -75,32 +64,6 @@ class BlockStats:
             raise ValueError(f"attention: must be in [0, 1], got {self.attention}")
 
 
-def attention_from_mass(mass: float, blocks_in_sequence: int) -> float:
-    """A = r / (1 + r) with r = mass * blocks_in_sequence.
-
-    `mass` is the block's share of the attention mass of a sequence of
-    `blocks_in_sequence` blocks; uniform attention (mass = 1/n) gives r = 1, A = 0.5;
-    no attention gives 0; A tends to 1 as one block takes all the mass of a long sequence.
-    """
-    if blocks_in_sequence < 1:
-        raise ValueError(f"blocks_in_sequence: must be >= 1, got {blocks_in_sequence}")
-    if not 0.0 <= mass <= 1.0:
-        raise ValueError(f"mass: must be in [0, 1], got {mass}")
-    r = mass * blocks_in_sequence
-    return r / (1.0 + r)
-
-
-def attention_alpha(observations: int) -> float:
-    """Weight of the `observations`-th sample (1-based) in A: max(0.1, 1 / (observations + 2)).
-
-    A = (2 * 0.5 + sum of the samples) / (2 + n) for the first 8 samples: their mean,
-    shrunk towards the uniform prior; from then on an EMA with weight 0.1.
-    """
-    if observations < 1:
-        raise ValueError(f"observations: must be >= 1, got {observations}")
-    return max(ATTENTION_ALPHA_MIN, 1.0 / (observations + ATTENTION_PRIOR_WEIGHT))
-
-
 def observe_attention(
     stats: BlockStats, mass: float, blocks_in_sequence: int, alpha: float | None = None
 ) -> float:
@@ -111,10 +74,9 @@ def observe_attention(
     """
     if alpha is not None and not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha: must be in (0, 1], got {alpha}")
-    observed = attention_from_mass(mass, blocks_in_sequence)
     stats.observations += 1
     weight = attention_alpha(stats.observations) if alpha is None else alpha
-    stats.attention = min(1.0, max(0.0, (1.0 - weight) * stats.attention + weight * observed))
+    stats.attention = fold_attention(stats.attention, weight, mass, blocks_in_sequence)
     return stats.attention
 
 
@@ -124,20 +86,38 @@ class TunedParams:
     time_decay_factor: float
 
 
-def adaptive_params(pressure: float) -> TunedParams:
-    """The performance guide's table; `pressure` is used / capacity of the tier.
+DEFAULT_A2CR = A2crConfig()
 
-    p > 0.9 → threshold 0.4, decay 0.1; p > 0.7 → 0.3 / 0.05; else 0.2 / 0.02
-    (the boundaries 0.7 and 0.9 belong to the lower row). p may exceed 1 while a
-    tier is over capacity.
+
+def adaptive_params(pressure: float, config: A2crConfig = DEFAULT_A2CR) -> TunedParams:
+    """The threshold and decay at `pressure` (used / capacity of the tier; above 1 while a tier
+    is over capacity): the performance guide's table, scaled around the configured values.
+
+        threshold = clamp(T(p) · eviction_threshold / 0.2, 0, 1)
+        decay     = D(p) · time_decay_factor / 0.05
+
+        T(p), D(p) = 0.4, 0.1 if p > 0.9;  0.3, 0.05 if p > 0.7;  0.2, 0.02 otherwise
+        (the boundaries 0.7 and 0.9 belong to the lower row)
+
+    0.2 and 0.05 are the defaults, so the default config gets the table itself; an operator's
+    0.1 / 0.01 moves between 0.1 / 0.004 and 0.2 / 0.02. `a2cr_config.adaptive: false` keeps the
+    configured values (see `A2CRPolicy.tune`).
     """
     if not pressure >= 0.0 or math.isinf(pressure):  # `not >=` also rejects NaN
         raise ValueError(f"pressure: must be a finite number >= 0, got {pressure}")
     if pressure > 0.9:
-        return TunedParams(eviction_threshold=0.4, time_decay_factor=0.1)
-    if pressure > 0.7:
-        return TunedParams(eviction_threshold=0.3, time_decay_factor=0.05)
-    return TunedParams(eviction_threshold=0.2, time_decay_factor=0.02)
+        threshold, decay = 0.4, 0.1
+    elif pressure > 0.7:
+        threshold, decay = 0.3, 0.05
+    else:
+        threshold, decay = 0.2, 0.02
+    # Scale factors first: exactly 1.0 for the defaults, so the table's values come out unrounded.
+    threshold_scale = config.eviction_threshold / DEFAULT_A2CR.eviction_threshold
+    decay_scale = config.time_decay_factor / DEFAULT_A2CR.time_decay_factor
+    return TunedParams(
+        eviction_threshold=min(1.0, max(0.0, threshold * threshold_scale)),
+        time_decay_factor=decay * decay_scale,
+    )
 
 
 class EvictionPolicy(Protocol):
@@ -168,11 +148,13 @@ def _touch(stats: BlockStats, now: float) -> None:
 class A2CRPolicy:
     """Attention-aware cache replacement; owns the current (tuned) threshold and decay.
 
-    Starts with `config.eviction_threshold` / `config.time_decay_factor`; after
-    `tune(p)` it uses the adaptive table's values until the next `tune`. Tune at the
-    periodic cleanup with the tier's pressure then, not at the moment a write crosses
-    the high watermark: that sample is >= 0.9 by construction and would pin the decay
-    at 0.1/s, a 10 s recency horizon, shorter than a chat user's pause.
+    Starts with `config.eviction_threshold` / `config.time_decay_factor`; after `tune(p)`
+    it uses `adaptive_params(p, config)` (the configured values scaled by the guide's
+    table) until the next `tune`; with `config.adaptive` false it keeps the configured
+    values. Tune at the periodic cleanup with the tier's pressure then, not at the moment
+    a write crosses the high watermark: that sample is >= 0.9 by construction and would
+    pin the decay at twice the configured one (0.1/s by default, a 10 s recency horizon,
+    shorter than a chat user's pause).
     """
 
     name = "a2cr"
@@ -216,7 +198,9 @@ class A2CRPolicy:
         _touch(stats, self._clock())
 
     def tune(self, pressure: float) -> TunedParams:
-        self.params = adaptive_params(pressure)
+        tuned = adaptive_params(pressure, self._config)  # checks `pressure` either way
+        if self._config.adaptive:
+            self.params = tuned
         return self.params
 
 
@@ -260,19 +244,16 @@ class LFUPolicy:
         return None
 
 
-POLICIES: dict[str, Callable[[A2crConfig, Clock], EvictionPolicy]] = {
-    "a2cr": A2CRPolicy,
-    "lru": lambda _config, clock: LRUPolicy(clock),
-    "lfu": lambda _config, clock: LFUPolicy(clock),
+POLICIES: dict[TierPolicy, Callable[[A2crConfig, Clock], EvictionPolicy]] = {
+    TierPolicy.A2CR: A2CRPolicy,
+    TierPolicy.LRU: lambda _config, clock: LRUPolicy(clock),
+    TierPolicy.LFU: lambda _config, clock: LFUPolicy(clock),
 }
 
 
-def make_policy(name: str, config: A2crConfig, clock: Clock) -> EvictionPolicy:
-    try:
-        factory = POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown eviction policy {name!r}; supported: {', '.join(POLICIES)}") from None
-    return factory(config, clock)
+def make_policy(name: TierPolicy, config: A2crConfig, clock: Clock) -> EvictionPolicy:
+    """The policy `name` names (`tier.policy`, checked when the config was loaded)."""
+    return POLICIES[TierPolicy(name)](config, clock)
 
 
 def _victim_order(policy: EvictionPolicy, blocks: Iterable[BlockStats]) -> list[BlockStats]:

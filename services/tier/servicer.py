@@ -1,4 +1,4 @@
-"""The Tier gRPC service: convert, call the store and the metadata mirror, convert back."""
+"""The Tier gRPC service: convert the message, call the manager, convert back."""
 
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import grpc
 
 from wicore.config import TierConfig
 from wicore.errors import WicoreError
-from wicore.hashing import BlockHash
-from wicore.tier.convert import (
+from wicore.kv.block import EncodedBlock
+from wicore.kv.hashing import BlockHash
+from wicore.kv.wire import (
     TIER_TO_PROTO,
     ChunkAssembler,
-    block_to_chunks,
+    block_chunks,
     hashes_from_proto,
     observations_from_proto,
-    stats_to_proto,
 )
+from wicore.tier.convert import stats_to_proto
 from wicore.tier.manager import TierManager
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
@@ -42,9 +43,18 @@ async def _drain(chunks: AsyncIterator[tier_pb2.BlockChunk], limit_bytes: int) -
                     return
 
 
-class TierServicer(tier_pb2_grpc.TierServicer):
-    """Converts messages, calls the manager, and flushes the Redis mirror once per RPC."""
+async def _assembled(
+    chunks: AsyncIterator[tier_pb2.BlockChunk], max_block_bytes: int
+) -> AsyncIterator[tuple[BlockHash, EncodedBlock]]:
+    assembler = ChunkAssembler(max_block_bytes)
+    async for chunk in chunks:
+        received = assembler.feed(chunk)
+        if received is not None:
+            yield received.block_hash, received.block
+    assembler.finish()
 
+
+class TierServicer(tier_pb2_grpc.TierServicer):
     def __init__(self, manager: TierManager, config: TierConfig) -> None:
         self.manager = manager
         self.config = config
@@ -52,35 +62,22 @@ class TierServicer(tier_pb2_grpc.TierServicer):
     async def PutBlocks(
         self, request_iterator: AsyncIterator[tier_pb2.BlockChunk], context: grpc.aio.ServicerContext
     ) -> tier_pb2.PutBlocksResponse:
-        assembler = ChunkAssembler(self.config.max_block_bytes)
-        stored: list[BlockHash] = []
-        evicted: list[BlockHash] = []
         try:
-            async for chunk in request_iterator:
-                block = assembler.feed(chunk)
-                if block is not None:
-                    # One block at a time: a long stream never holds more than one block's bytes.
-                    result = await self.manager.put([(block.block_hash, block.payload())])
-                    stored += result.stored
-                    evicted += result.evicted
-            assembler.finish()
+            result = await self.manager.put_stream(_assembled(request_iterator, self.config.max_block_bytes))
         except WicoreError:
             await _drain(request_iterator, self.config.max_block_bytes)
             raise
-        finally:
-            # Blocks stored before a bad chunk stay stored; Redis must say so.
-            await self.manager.flush()
-        return tier_pb2.PutBlocksResponse(stored=len(stored), evicted=len(evicted), evicted_hashes=evicted)
+        return tier_pb2.PutBlocksResponse(
+            stored=len(result.stored), evicted=len(result.evicted), evicted_hashes=result.evicted
+        )
 
     async def GetBlocks(
         self, request: tier_pb2.GetBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tier_pb2.BlockChunk]:
         hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
-        found = await self.manager.get(hashes)
-        for block_hash, block, tier in found:
-            for chunk in block_to_chunks(block_hash, block, tier, self.config.chunk_bytes):
+        for block_hash, block, tier in await self.manager.get(hashes):
+            for chunk in block_chunks(block_hash, block, self.config.chunk_bytes, tier):
                 yield chunk
-        await self.manager.flush()
 
     async def Lookup(
         self, request: tier_pb2.LookupRequest, context: grpc.aio.ServicerContext
@@ -94,7 +91,6 @@ class TierServicer(tier_pb2_grpc.TierServicer):
     ) -> tier_pb2.PrefetchResponse:
         hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
         result = await self.manager.prefetch(hashes)
-        await self.manager.flush()
         return tier_pb2.PrefetchResponse(
             promoted=result.promoted, already_cpu=result.already_cpu, missing=result.missing
         )
@@ -103,21 +99,16 @@ class TierServicer(tier_pb2_grpc.TierServicer):
         self, request: tier_pb2.UpdateScoresRequest, context: grpc.aio.ServicerContext
     ) -> tier_pb2.UpdateScoresResponse:
         observations = observations_from_proto(request.observations, MAX_HASHES_PER_REQUEST)
-        known = self.manager.update_scores(observations)
-        await self.manager.flush()
+        known = await self.manager.update_scores(observations)
         return tier_pb2.UpdateScoresResponse(updated=known, unknown=len(observations) - known)
 
     async def Drop(
         self, request: tier_pb2.DropRequest, context: grpc.aio.ServicerContext
     ) -> tier_pb2.DropResponse:
         hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
-        dropped = await self.manager.drop(hashes)
-        await self.manager.flush()
-        return tier_pb2.DropResponse(dropped=dropped)
+        return tier_pb2.DropResponse(dropped=await self.manager.drop(hashes))
 
     async def Stats(
         self, request: tier_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> tier_pb2.StatsResponse:
-        if self.manager.metadata is not None:
-            await self.manager.metadata.ping()
-        return stats_to_proto(self.manager.stats())
+        return stats_to_proto(await self.manager.report())

@@ -7,23 +7,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import grpc
 import torch
 
 from wicore.channels import InternalAuth, internal_channel, internal_server
-from wicore.codecs import DTYPES
-from wicore.config import Config, GiB
+from wicore.config import Config, CpuKernels, GiB, GpuPoolConfig, MixedPrecision, WorkerDtype, is_device
 from wicore.errors import ConfigError
-from wicore.kvblock import check_codec
+from wicore.kv.client import TierClient
+from wicore.kv.codecs import DTYPES
 from wicore.model_files import fingerprint, resolve_model
-from wicore.tier_client import TierClient
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.convert import ModelDefaults
-from wicore.worker.cpu_kernels import KERNELS, use_onednn_linears
+from wicore.worker.cpu_kernels import use_onednn_linears
 from wicore.worker.model_runner import check_supported, kv_layout
 from wicore.worker.offload import KvOffloader
 from wicore.worker.paged_attention import KVPool
@@ -46,24 +45,81 @@ def load_model(config: Config) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wc = config.worker
-    if wc.dtype not in DTYPES:
-        raise ConfigError(f"worker.dtype: {wc.dtype!r} is not one of {sorted(DTYPES)}")
+    device = torch_device(wc.device)
     source = resolve_model(wc.model, config.cache_path, wc.model_id)
     if wc.num_threads < 0:
         raise ConfigError(f"worker.num_threads: must be >= 0 (0: torch's default), got {wc.num_threads}")
     if wc.num_threads and wc.device == "cpu":
         torch.set_num_threads(wc.num_threads)
+    apply_gpu_config(config, device)
+    dtype = model_dtype(config, device)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[wc.dtype])
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype])
     check_supported(model)
-    model = model.to(torch_device(wc.device)).eval()  # type: ignore[arg-type]
-    if wc.cpu_kernels not in KERNELS:
-        raise ConfigError(f"worker.cpu_kernels: {wc.cpu_kernels!r} is not one of {KERNELS}")
-    if wc.cpu_kernels == "onednn" and wc.device == "cpu" and model.dtype == torch.float32:
+    model = model.to(device).eval()  # type: ignore[arg-type]
+    if wc.cpu_kernels == CpuKernels.ONEDNN and wc.device == "cpu" and model.dtype == torch.float32:
         use_onednn_linears(model)
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
-    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, wc.dtype))
+    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, dtype.value))
+
+
+MIXED_PRECISION_DTYPES = {
+    MixedPrecision.FP32: WorkerDtype.FLOAT32,
+    MixedPrecision.FP16: WorkerDtype.FLOAT16,
+    MixedPrecision.BF16: WorkerDtype.BFLOAT16,
+}
+
+
+def model_dtype(config: Config, device: torch.device) -> WorkerDtype:
+    """worker.dtype; `auto`: float32 on CPU, gpu_config.cuda_optimization.mixed_precision on a GPU."""
+    dtype = WorkerDtype(config.worker.dtype)
+    if dtype is not WorkerDtype.AUTO:
+        return dtype
+    if device.type != "cuda":
+        return WorkerDtype.FLOAT32
+    return MIXED_PRECISION_DTYPES[MixedPrecision(config.gpu_config.cuda_optimization.mixed_precision)]
+
+
+def ignored_gpu_settings(config: Config, device: torch.device) -> list[str]:
+    """Why each of the performance guide's settings that has no effect on this worker has none;
+    only settings changed from their defaults, so that the default config says nothing."""
+    gpu, pool, default_pool = config.gpu_config, config.gpu_pool_config, GpuPoolConfig()
+    reasons = []
+    if gpu.enable_p2p:
+        reasons.append(
+            "gpu_config.enable_p2p: has no effect here: each worker owns one device, and KV blocks "
+            "move between workers through the tier service, not peer to peer"
+        )
+    changed = [f.name for f in fields(pool) if getattr(pool, f.name) != getattr(default_pool, f.name)]
+    if changed:
+        reasons.append(
+            f"gpu_pool_config ({', '.join(changed)}): has no effect here: each worker preallocates its "
+            "KV pool once, whole (gpu_config.memory_limit_per_gpu GiB on a GPU, worker.kv_cache_bytes "
+            "on CPU), as equal blocks of worker.block_size tokens, so it never grows, is not aligned "
+            "by hand and does not fragment"
+        )
+    precision = gpu.cuda_optimization.mixed_precision
+    if device.type == "cuda" and precision != MixedPrecision.FP32 and config.worker.dtype != WorkerDtype.AUTO:
+        reasons.append(
+            f"gpu_config.cuda_optimization.mixed_precision: {precision} has no effect: worker.dtype is "
+            f"set ({config.worker.dtype}); worker.dtype: auto uses it"
+        )
+    return reasons
+
+
+def apply_gpu_config(config: Config, device: torch.device) -> None:
+    """The guide's CUDA switches on a CUDA device (cuDNN on or off; TF32 tensor cores for float32
+    matmuls and convolutions when enable_tensor_cores, torch's defaults otherwise); one warning
+    for each changed setting that has no effect here."""
+    for reason in ignored_gpu_settings(config, device):
+        log.warning("%s", reason)
+    if device.type == "cuda":
+        cuda = config.gpu_config.cuda_optimization
+        torch.backends.cudnn.enabled = cuda.enable_cudnn
+        if cuda.enable_tensor_cores:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
 
 def engine_config(config: Config, model: Any) -> EngineConfig:
@@ -86,11 +142,9 @@ def engine_config(config: Config, model: Any) -> EngineConfig:
 
 def torch_device(device: str) -> torch.device:
     """`cpu` or `gpu:N` (the seed's names) -> a torch device."""
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("gpu:") and device[4:].isdigit():
-        return torch.device("cuda", int(device[4:]))
-    raise ValueError(f"worker.device: {device!r} is neither 'cpu' nor 'gpu:N'")
+    if not is_device(device):  # the config allows more: lists and `auto` are `wicore up`'s
+        raise ConfigError(f"worker.device: a worker runs on one device, 'cpu' or 'gpu:N'; got {device!r}")
+    return torch.device("cpu") if device == "cpu" else torch.device("cuda", int(device[4:]))
 
 
 class Registration:
@@ -123,7 +177,8 @@ class Registration:
         )
         offload = self.engine.offloader.stats if self.engine.offloader is not None else None
         if offload is not None:
-            load.loaded_blocks.update(offload.loaded)
+            load.loaded_blocks.update({tier.value: n for tier, n in offload.loaded.items()})
+            load.loaded_blocks["pending"] = offload.loaded_pending
             load.spilled_blocks = offload.spilled
             load.spill_failed_blocks = offload.spill_failed
         return load
@@ -191,10 +246,6 @@ def make_offloader(config: Config) -> KvOffloader | None:
     wc = config.worker
     if not wc.kv_offload:
         return None
-    try:
-        check_codec(wc.offload_codec, "worker.offload_codec")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     if wc.max_pending_offload_blocks < 1:
         raise ConfigError(
             f"worker.max_pending_offload_blocks: must be >= 1, got {wc.max_pending_offload_blocks}"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wicore.errors import InvalidRequest, NotReady, WicoreError, WorkerUnavailable
-from wicore.hashing import BlockHash
+from wicore.kv.hashing import BlockHash
 from wicore.worker.engine import Engine
 from wicore.worker.engine_types import EngineRequest, EngineStats
 from wicore.worker.offload import KvOffloader

@@ -17,7 +17,7 @@ import collections
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wicore.hashing import BlockHash
+from wicore.kv.hashing import BlockHash
 from wicore.worker.block_pool import BlockPool
 from wicore.worker.sequence import SeqStatus, Sequence
 

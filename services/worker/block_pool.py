@@ -24,9 +24,8 @@ import collections
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from wicore.hashing import BlockHash
-from wicore.tier.policy import UNIFORM_ATTENTION, attention_alpha, attention_from_mass
-from wicore.tier_wire import Observation
+from wicore.kv.attention import UNIFORM_ATTENTION, Observation, attention_alpha, fold_attention
+from wicore.kv.hashing import BlockHash
 
 # A block this well attended (A > 0.6: its share of attention over 1.5x uniform) gets
 # a second chance before reclamation.
@@ -155,8 +154,9 @@ class BlockPool:
         block.observations += 1
         block.last_observation = observation
         weight = attention_alpha(block.observations)
-        measured = attention_from_mass(observation.mass, observation.blocks_in_sequence)
-        block.attention += weight * (measured - block.attention)
+        block.attention = fold_attention(
+            block.attention, weight, observation.mass, observation.blocks_in_sequence
+        )
         return block.attention
 
     def hold(self, hashes: list[BlockHash]) -> list[int]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wicore.errors import InvalidRequest, Overloaded
-from wicore.hashing import BlockHash, validate_block_hash
+from wicore.kv.hashing import BlockHash, validate_block_hash
 from wicore.v1 import inference_pb2, worker_pb2
 from wicore.worker.engine_types import EngineRequest, FinishReason, SamplingParams
 from wicore.worker.model_runner import text_config

@@ -16,8 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-KERNELS = ("default", "onednn")
-
 
 class OneDnnLinear(nn.Module):
     def __init__(self, linear: nn.Linear, batch_hint: int) -> None:

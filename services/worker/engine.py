@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from wicore.hashing import BlockHash
-from wicore.tier_wire import Observation
+from wicore.kv.attention import Observation
+from wicore.kv.hashing import BlockHash
 from wicore.worker.engine_types import EngineRequest, EngineStats, StepOutput
 from wicore.worker.kv_io import Spilled
 

@@ -6,7 +6,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from wicore.hashing import BlockHash
+from wicore.kv.hashing import BlockHash
 
 
 class FinishReason(enum.Enum):

@@ -1,7 +1,7 @@
 """Copying whole KV blocks between the device pool and host tensors, for offload and reload.
 
     pool (per layer)  keys[slots, Hkv, D], values[slots, Hkv, D], slots = blocks * B
-    host block        [layers, 2, B, Hkv, D]     dim 1: 0 = keys, 1 = values (wicore.kvblock)
+    host block        [layers, 2, B, Hkv, D]     dim 1: 0 = keys, 1 = values (wicore.kv.block)
 
 `read_blocks` returns a copy (the pool blocks may be reused right after);
 `write_blocks` overwrites pool blocks with host tensors (cast to the pool's dtype).
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from wicore.hashing import BlockHash
-from wicore.tier_wire import Observation
+from wicore.kv.attention import Observation
+from wicore.kv.hashing import BlockHash
 from wicore.worker.paged_attention import KVPool
 
 

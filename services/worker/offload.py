@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wicore.hashing import BlockHash
-from wicore.kvblock import KvPayload, decode_kv, encode_kv
-from wicore.tier_client import TierClient
-from wicore.tier_wire import Observation
+from wicore.kv.attention import Observation
+from wicore.kv.block import Codec, EncodedBlock, StorageTier
+from wicore.kv.client import TierClient
+from wicore.kv.codecs import decode, encode
+from wicore.kv.hashing import BlockHash
 from wicore.worker.kv_io import Spilled
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,12 @@ MAX_OBSERVATIONS = 4096  # per UpdateScores (the tier's limit); older ones are d
 class OffloadStats:
     spilled: int = 0  # blocks the tier acknowledged
     spill_failed: int = 0  # blocks abandoned (tier down, refused, or too many pending)
-    loaded: dict[str, int] = field(default_factory=lambda: {"pending": 0, "cpu": 0, "nvme": 0})
+    loaded_pending: int = 0  # blocks a reload took from spills not yet acknowledged
+    loaded: dict[StorageTier, int] = field(default_factory=lambda: {StorageTier.CPU: 0, StorageTier.NVME: 0})
 
 
 class KvOffloader:
-    def __init__(self, client: TierClient, codec: str, max_pending_blocks: int = 256) -> None:
+    def __init__(self, client: TierClient, codec: Codec, max_pending_blocks: int = 256) -> None:
         self.client = client
         self.codec = codec
         self.max_pending_blocks = max_pending_blocks
@@ -97,7 +99,7 @@ class KvOffloader:
             spilled = self._pending.get(chain[i])
             if spilled is not None:  # a spill not yet acknowledged
                 found.append(spilled.kv)
-                self.stats.loaded["pending"] += 1
+                self.stats.loaded_pending += 1
                 continue
             if chain[i] in self._loading:  # another request is loading these: share that load
                 futures = [
@@ -189,12 +191,12 @@ class KvOffloader:
             batch, self._observations = self._observations[-MAX_OBSERVATIONS:], []
             await self.client.update_scores(batch)
 
-    def _encode_all(self, blocks: list[Spilled]) -> list[tuple[BlockHash, KvPayload]]:
+    def _encode_all(self, blocks: list[Spilled]) -> list[tuple[BlockHash, EncodedBlock]]:
         return [
-            (b.block_hash, encode_kv(b.kv, self.codec, sink_tokens=SINK_TOKENS if b.position == 0 else 0))
+            (b.block_hash, encode(b.kv, self.codec, sink_tokens=SINK_TOKENS if b.position == 0 else 0))
             for b in blocks
         ]
 
 
-def _decode_all(blocks: list[KvPayload]) -> list[torch.Tensor]:
-    return [decode_kv(b) for b in blocks]
+def _decode_all(blocks: list[EncodedBlock]) -> list[torch.Tensor]:
+    return [decode(b) for b in blocks]

@@ -184,7 +184,7 @@ def key_mass(
     scaling: float | None,
 ) -> torch.Tensor:
     """[S, Lmax]: the attention probability each key receives, summed over heads and over the
-    real (non-padding) queries of its sequence: the probe behind A²CR's A(b) (DESIGN.md §4).
+    real (non-padding) queries of its sequence: the probe behind A²CR's A(b) (wicore.kv.attention).
 
     query [S, H, Qmax, D], keys [S, Hkv, Lmax, D], mask [S, 1, Qmax, Lmax].
     """

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from wicore.errors import Overloaded
-from wicore.hashing import BlockHash, extend_chain, reusable_blocks, root_hash
-from wicore.tier_wire import Observation
+from wicore.kv.attention import Observation
+from wicore.kv.hashing import BlockHash, extend_chain, reusable_blocks, root_hash
 from wicore.worker.batch_scheduler import BatchScheduler, ScheduledSeq
 from wicore.worker.block_pool import BlockPool, Reclaimed
 from wicore.worker.engine_types import EngineRequest, EngineStats, FinishReason, StepOutput

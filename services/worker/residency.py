@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from redis.exceptions import RedisError
 
-from wicore.hashing import BlockHash
+from wicore.kv.hashing import BlockHash
 from wicore.redis_keys import residency_key
 from wicore.redis_server import fast_failing_client
 

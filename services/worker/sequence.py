@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wicore.hashing import BlockHash
+from wicore.kv.hashing import BlockHash
 from wicore.worker.engine_types import EngineRequest
 
 

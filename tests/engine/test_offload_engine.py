@@ -12,8 +12,8 @@ import torch
 from transformers import AutoTokenizer
 
 from wicore.config import load_config
-from wicore.hashing import BlockHash, chain_hashes
-from wicore.tier_wire import Observation
+from wicore.kv.attention import Observation
+from wicore.kv.hashing import BlockHash, chain_hashes
 from wicore.worker.app import load_model
 from wicore.worker.engine_types import EngineRequest, StepOutput
 from wicore.worker.kv_io import Spilled, read_blocks

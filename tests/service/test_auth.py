@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoTokenizer
 
 from wicore.gateway.auth import Tenant, fold_cache_salt, key_digest, new_key
-from wicore.hashing import reusable_chain
+from wicore.kv.hashing import reusable_chain
 from wicore.model_files import fingerprint, resolve_model
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import (

@@ -19,7 +19,7 @@ import pytest
 import redis
 from transformers import AutoTokenizer
 
-from wicore.hashing import reusable_chain
+from wicore.kv.hashing import reusable_chain
 from wicore.model_files import fingerprint, resolve_model
 from wicore.redis_server import start_private_redis
 from wicore.v1 import inference_pb2 as pb

@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from wicore.hashing import BlockHash
-from wicore.tier.nvme import TMP_MARK, NvmeBlockMeta, NvmeTier
+from wicore.kv.block import Codec, EncodedBlock
+from wicore.kv.hashing import BlockHash
+from wicore.tier.nvme import HEADER_SIZE, TMP_MARK, NvmeTier
 
 HASHES = 200
 KILLS = 5
@@ -30,22 +31,22 @@ def block_hash(i: int) -> BlockHash:
     return BlockHash(hashlib.blake2b(f"crash-{i % HASHES}".encode(), digest_size=16).hexdigest())
 
 
-def intended(h: str) -> tuple[NvmeBlockMeta, bytes]:
-    size = int(h[:5], 16) % 200_000  # 0 .. ~200 KB, most not 4096-aligned
+def intended(h: str) -> EncodedBlock:
+    """A q4 header over noise (the tier never decodes a payload): 1 .. ~200 KB, most not 4096-aligned."""
+    size = 1 + int(h[:5], 16) % 200_000
     payload = hashlib.shake_128(h.encode()).digest(size)
-    meta = NvmeBlockMeta.describe(h, payload, "q4", "bfloat16", (2, int(h[5], 16), size), sink_tokens=4)
-    return meta, payload
+    return EncodedBlock.of(Codec.Q4, False, "bfloat16", (2, 2, 16, 1 + int(h[5], 16), 64), 4, payload)
 
 
 def writer(root: Path, start: int, direct: bool) -> None:
     tier = NvmeTier(root, CAPACITY, io_depth=4, use_o_direct=direct)
-    tier.recover()
+    tier.recover_sync()
     print("ready", flush=True)
     for i in range(start, start + 10**9):
         h = block_hash(i)
         if tier.contains(h):
-            tier.delete(h)
-        tier.put(*intended(h))
+            tier.remove_blocks([h])
+        tier.write_block(h, intended(h))
 
 
 def test_sigkill_during_writes_never_serves_a_bad_block(tmp_path: Path) -> None:
@@ -67,17 +68,16 @@ def test_sigkill_during_writes_never_serves_a_bad_block(tmp_path: Path) -> None:
         proc.communicate(timeout=10)
 
         tier = NvmeTier(tmp_path, CAPACITY)
-        metas = tier.recover(verify_payloads=True)
+        recovered = tier.recover_sync(verify_payloads=True)
         assert list(tmp_path.rglob(f"*{TMP_MARK}*")) == [], f"seed {seed}"
         assert tier.stats().corrupt == 0, f"an invalid final file after kill {run} (seed {seed})"
-        for meta in metas:
-            got = tier.get(meta.block_hash)
-            want_meta, want_payload = intended(meta.block_hash)
-            assert got is not None and got[1] == want_payload, f"block {meta.block_hash} (seed {seed})"
-            assert got[0] == meta and meta.shape == want_meta.shape and meta.sink_tokens == 4
+        for r in recovered:
+            got, want = tier.read_block(r.block_hash), intended(r.block_hash)
+            assert got is not None and got == want, f"block {r.block_hash} (seed {seed})"  # header, payload
+            assert r.size_bytes == HEADER_SIZE + want.nbytes and got.header.sink_tokens == 4
         tier.check_integrity()
         tier.close()
-        served = len(metas)
+        served = len(recovered)
     assert served > 0, f"the writer never completed a block (seed {seed})"
 
 

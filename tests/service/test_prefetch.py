@@ -14,7 +14,7 @@ import redis
 from transformers import AutoTokenizer
 
 from wicore.config import load_config
-from wicore.hashing import reusable_chain
+from wicore.kv.hashing import reusable_chain
 from wicore.scheduler.app import build_servicer
 from wicore.server import ServiceServer
 from wicore.v1 import inference_pb2 as pb

@@ -10,10 +10,10 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from transformers import AutoTokenizer
 
-from wicore.hashing import BlockHash, chain_hashes, root_hash
+from wicore.kv.block import StorageTier
+from wicore.kv.hashing import BlockHash, chain_hashes, root_hash
 from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerInfo
-from wicore.scheduler.state import Tier
 from wicore.worker.residency import ResidencyPublisher
 
 DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -58,7 +58,7 @@ async def test_lookup_counts_each_workers_resident_prefix_and_reads_tiers(redis_
         await client.hset(f"{ns}:blk:{h(2)}", mapping={"tier": "tape"})  # unknown: not usable
         device, tiers = await index.lookup(["a", "b", "c"], [h(0), h(1), h(2), h(3)])
         assert device == {"a": 3, "b": 1, "c": 0}
-        assert tiers == (Tier.CPU, Tier.NVME, None, None)
+        assert tiers == (StorageTier.CPU, StorageTier.NVME, None, None)
     finally:
         await client.delete(*[f"{ns}:res:{w}" for w in "ab"], *[f"{ns}:blk:{h(i)}" for i in range(3)])
         await client.aclose()

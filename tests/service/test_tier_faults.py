@@ -20,7 +20,7 @@ import grpc
 import pytest
 import redis
 
-from wicore.hashing import BlockHash
+from wicore.kv.hashing import BlockHash
 from wicore.redis_server import start_private_redis
 from wicore.server import CHANNEL_OPTIONS
 from wicore.v1 import tier_pb2, tier_pb2_grpc

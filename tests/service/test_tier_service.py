@@ -13,7 +13,7 @@ import grpc
 import pytest
 import redis
 
-from wicore.hashing import payload_checksum
+from wicore.kv.hashing import payload_checksum
 from wicore.server import CHANNEL_OPTIONS
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from wicore.hashing import BlockHash
+from wicore.kv.block import StorageTier
+from wicore.kv.hashing import BlockHash
 from wicore.scheduler.registry import WorkerInfo, WorkerLoad
-from wicore.scheduler.state import PrefixInfo, Priority, QueuedRequest, Tier
+from wicore.scheduler.state import PrefixInfo, Priority, QueuedRequest
 from wicore.workload import WorkloadType
 
 FP = "fingerprint"
@@ -54,7 +55,7 @@ def request(
     blocks: int = 0,
     tag: str = "p",
     device: dict[str, int] | None = None,
-    tier: tuple[Tier | None, ...] = (),
+    tier: tuple[StorageTier | None, ...] = (),
 ) -> QueuedRequest:
     prefix = PrefixInfo(hashes(blocks, tag), FP, 16, device or {}, tier) if blocks else PrefixInfo()
     return QueuedRequest(

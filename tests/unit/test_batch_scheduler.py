@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wicore.hashing import BlockHash, chain_hashes, root_hash
+from wicore.kv.hashing import BlockHash, chain_hashes, root_hash
 from wicore.worker.batch_scheduler import BatchScheduler
 from wicore.worker.block_pool import BlockPool
 from wicore.worker.engine_types import EngineRequest

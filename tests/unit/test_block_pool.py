@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wicore.hashing import BlockHash
-from wicore.tier_wire import Observation
+from wicore.kv.attention import Observation
+from wicore.kv.hashing import BlockHash
 from wicore.worker.block_pool import BlockPool, PoolExhausted
 
 

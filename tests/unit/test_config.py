@@ -1,10 +1,27 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from wicore.config import ApiKey, ApiKeys, Config, TenantLimits, build, load_config, to_dict
+from wicore.config import (
+    A2crConfig,
+    ApiKey,
+    ApiKeys,
+    Config,
+    CpuKernels,
+    CudaOptimization,
+    LogLevel,
+    MixedPrecision,
+    RoutingPolicy,
+    TenantLimits,
+    TierPolicy,
+    WorkerDtype,
+    build,
+    load_config,
+    to_dict,
+)
 from wicore.errors import ConfigError
 
 D1, D2 = "0123456789abcdef" * 4, "fedcba9876543210" * 4
@@ -54,10 +71,42 @@ def test_round_trip_through_plain_data(tmp_path: Path) -> None:
         ({"worker.max_batch_size": True}, "worker.max_batch_size: expected an integer"),
         ({"a2cr_config.attention_weight": "x"}, "a2cr_config.attention_weight: expected a number"),
         ({"nosuch.key": 1}, "nosuch: unknown setting"),
+        # Every choice is an enum, checked here once, the error listing what is allowed:
+        (
+            {"scheduler.routing_policy": "fastest"},
+            "scheduler.routing_policy: expected one of 'mor', 'round_robin', 'least_loaded', got 'fastest'",
+        ),
+        ({"tier.policy": "arc"}, "tier.policy: expected one of 'a2cr', 'lru', 'lfu', got 'arc'"),
+        ({"tier.cpu_codec": "q2"}, "tier.cpu_codec: expected one of 'raw', 'fp16', 'bf16', 'q8', 'q4'"),
+        (
+            {"worker.dtype": "float64"},
+            "worker.dtype: expected one of 'auto', 'float32', 'float16', 'bfloat16', got 'float64'",
+        ),
+        ({"worker.cpu_kernels": "mkl"}, "worker.cpu_kernels: expected one of 'onednn', 'default', got 'mkl'"),
+        (
+            {"gpu_config.cuda_optimization.mixed_precision": "fp8"},
+            "gpu_config.cuda_optimization.mixed_precision: expected one of 'fp32', 'fp16', 'bf16', got 'fp8'",
+        ),
+        (
+            {"log_level": "verbose"},
+            "log_level: expected one of 'DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'",
+        ),
+        ({"worker.device": "cuda:0"}, "worker.device: expected 'cpu', 'gpu:N', or (for wicore up) a comma"),
+        ({"worker.device": "gpu:x"}, "worker.device: expected 'cpu', 'gpu:N'"),
+        ({"worker.device": ","}, "worker.device: expected 'cpu', 'gpu:N'"),
+        ({"worker.device": "auto,cpu"}, "worker.device: expected 'cpu', 'gpu:N'"),
+        (
+            {"gpu_config.target_devices": ["gpu:0", "tpu"]},
+            "gpu_config.target_devices: expected 'cpu', 'gpu:N'",
+        ),
+        (
+            {"gpu_config.enable_tensor_cores": True},
+            "gpu_config.enable_tensor_cores: moved to gpu_config.cuda_optimization.enable_tensor_cores",
+        ),
     ],
 )
 def test_bad_settings_are_named(overrides: dict[str, object], message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, {}, overrides)
 
 
@@ -102,3 +151,66 @@ def test_build_reads_a_keys_file_shape() -> None:
     assert keys == ApiKeys((ApiKey(D1, "a"),), {"a": TenantLimits()})
     with pytest.raises(ConfigError, match=r"keys.yaml.api_keys\[0\].tenant: must name"):
         build(ApiKeys, {"api_keys": [{"sha256": D1}]}, "keys.yaml")
+
+
+def test_enums_and_devices_that_load() -> None:
+    c = load_config(None, {"WICORE_LOG_LEVEL": "debug"}, {
+        "scheduler.routing_policy": "least_loaded",
+        "tier.policy": "lfu",
+        "worker.dtype": "bfloat16",
+        "worker.cpu_kernels": "default",
+        "worker.device": " cpu, gpu:1 ,",
+    })  # fmt: skip
+    assert c.log_level is LogLevel.DEBUG  # any case, as the logging module takes it
+    assert load_config(None, {"WICORE_LOG_LEVEL": "warn"}).log_level is LogLevel.WARNING  # its alias
+    assert c.scheduler.routing_policy is RoutingPolicy.LEAST_LOADED and c.tier.policy is TierPolicy.LFU
+    assert c.worker.dtype is WorkerDtype.BFLOAT16 and c.worker.cpu_kernels is CpuKernels.DEFAULT
+    assert to_dict(c)["log_level"] == "DEBUG" and to_dict(c)["tier"]["policy"] == "lfu"
+    for device in ("cpu", "gpu:0", "gpu:12", "auto", "gpu:0,gpu:1,cpu"):
+        assert load_config(None, {}, {"worker.device": device}).worker.device == device
+    assert load_config(None, {}, {"gpu_config.target_devices": "gpu:0,cpu"}).gpu_config.target_devices == (
+        "gpu:0",
+        "cpu",
+    )
+
+
+# The performance guide's own blocks, exactly as it prints them.
+GUIDE = {
+    "gpu_config": {
+        "target_devices": ["gpu:0", "gpu:1"],
+        "memory_limit_per_gpu": 15.0,
+        "enable_p2p": True,
+        "cuda_optimization": {"enable_cudnn": True, "enable_tensor_cores": True, "mixed_precision": "fp16"},
+    },
+    "gpu_pool_config": {
+        "initial_size": 12 * 1024**3,
+        "max_size": 15 * 1024**3,
+        "block_size": 4096,
+        "enable_defragmentation": True,
+    },
+    "a2cr_config": {
+        "time_decay_factor": 0.05,
+        "attention_weight": 0.4,
+        "frequency_weight": 0.3,
+        "recency_weight": 0.3,
+        "eviction_threshold": 0.2,
+        "cleanup_interval": 60,
+    },
+}
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_the_performance_guides_blocks_load(tmp_path: Path, suffix: str) -> None:
+    import json
+
+    import yaml
+
+    path = tmp_path / f"guide{suffix}"
+    path.write_text(json.dumps(GUIDE) if suffix == ".json" else yaml.safe_dump(GUIDE))
+    c = load_config(path)
+    gpu = c.gpu_config
+    assert gpu.target_devices == ("gpu:0", "gpu:1") and gpu.memory_limit_per_gpu == 15.0 and gpu.enable_p2p
+    assert gpu.cuda_optimization == CudaOptimization(True, True, MixedPrecision.FP16)
+    assert c.gpu_pool_config.max_size == 15 * 1024**3 and c.gpu_pool_config.enable_defragmentation
+    assert c.a2cr_config == A2crConfig(cleanup_interval=60.0)  # the guide's values are the defaults
+    assert c.worker == Config().worker and c.tier == Config().tier

@@ -9,7 +9,7 @@ import pytest
 import xxhash
 
 from wicore.errors import InvalidRequest
-from wicore.hashing import chain_hashes, payload_checksum, root_hash, validate_block_hash
+from wicore.kv.hashing import chain_hashes, payload_checksum, root_hash, validate_block_hash
 
 
 def _b2(*parts: bytes) -> hashlib.blake2b:

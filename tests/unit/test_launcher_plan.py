@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from wicore.launcher import device_list, plan_workers
+from wicore.config import load_config
+from wicore.launcher import device_list, device_spec, plan_workers
 
 
 def test_auto_means_every_gpu_plus_one_cpu_worker_or_cpu_alone() -> None:
@@ -21,3 +22,11 @@ def test_workers_take_devices_in_turn_and_cpu_workers_split_the_cores() -> None:
         ("gpu:0", 0), ("cpu", 4), ("gpu:0", 0), ("cpu", 4),
     ]  # fmt: skip
     assert plan_workers(["cpu"], 2, cpus=8, num_threads=3) == [("cpu", 3), ("cpu", 3)]  # set: kept
+
+
+def test_devices_come_from_the_flag_then_worker_device_then_the_guides_target_devices() -> None:
+    guide = {"gpu_config.target_devices": ["gpu:0", "gpu:1"]}
+    assert device_spec(load_config(), None) == "cpu"  # the default, as before
+    assert device_spec(load_config(None, {}, guide), None) == "gpu:0,gpu:1"
+    assert device_spec(load_config(None, {}, {**guide, "worker.device": "auto"}), None) == "auto"
+    assert device_spec(load_config(None, {}, guide), "cpu") == "cpu"

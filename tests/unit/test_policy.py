@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from wicore.config import A2crConfig
+from wicore.config import A2crConfig, TierPolicy, load_config
 from wicore.errors import ConfigError
-from wicore.hashing import BlockHash
+from wicore.kv.attention import attention_alpha, attention_from_mass
+from wicore.kv.hashing import BlockHash
 from wicore.tier.policy import (
     A2CRPolicy,
     BlockStats,
@@ -21,8 +22,6 @@ from wicore.tier.policy import (
     LRUPolicy,
     TunedParams,
     adaptive_params,
-    attention_alpha,
-    attention_from_mass,
     below_threshold,
     bytes_to_free,
     make_policy,
@@ -191,6 +190,30 @@ def test_a2cr_uses_tuned_values(a2cr: A2CRPolicy) -> None:
     assert a2cr.score(stats) == pytest.approx(0.45 + 0.3 * math.exp(-0.2))
 
 
+@pytest.mark.parametrize(
+    ("pressure", "default", "operator"),
+    [(0.5, (0.2, 0.02), (0.1, 0.004)), (0.8, (0.3, 0.05), (0.15, 0.01)), (0.95, (0.4, 0.1), (0.2, 0.02))],
+)
+def test_adaptation_scales_the_configured_values(
+    clock: ManualClock, pressure: float, default: tuple[float, float], operator: tuple[float, float]
+) -> None:
+    """threshold = T(p) · configured / 0.2, decay = D(p) · configured / 0.05: the guide's table
+    itself for the default config, a bounded adjustment around an operator's values."""
+    assert A2CRPolicy(A2crConfig(), clock).tune(pressure) == TunedParams(*default)  # exactly the table
+    own = A2crConfig(eviction_threshold=0.1, time_decay_factor=0.01)
+    tuned = A2CRPolicy(own, clock).tune(pressure)
+    assert (tuned.eviction_threshold, tuned.time_decay_factor) == pytest.approx(operator)
+    fixed = A2CRPolicy(A2crConfig(eviction_threshold=0.1, time_decay_factor=0.01, adaptive=False), clock)
+    assert fixed.tune(pressure) == TunedParams(0.1, 0.01) == fixed.params  # adaptive: false keeps them
+
+
+def test_adapted_threshold_stays_in_0_1(clock: ManualClock) -> None:
+    assert adaptive_params(0.95, A2crConfig(eviction_threshold=0.8)).eviction_threshold == 1.0
+    assert adaptive_params(0.5, A2crConfig(eviction_threshold=-0.1)).eviction_threshold == 0.0
+    with pytest.raises(ValueError, match="pressure"):  # checked with adaptation off too
+        A2CRPolicy(A2crConfig(adaptive=False), clock).tune(math.nan)
+
+
 def test_baselines_ignore_tune(clock: ManualClock) -> None:
     for policy in (LRUPolicy(clock), LFUPolicy(clock)):
         assert policy.tune(0.99) is None
@@ -260,10 +283,12 @@ def test_below_threshold(clock: ManualClock, a2cr: A2CRPolicy) -> None:
 
 
 def test_make_policy(clock: ManualClock) -> None:
-    assert isinstance(make_policy("a2cr", A2crConfig(), clock), A2CRPolicy)
-    assert make_policy("lru", A2crConfig(), clock).name == "lru"
-    with pytest.raises(ValueError, match="supported: a2cr, lru, lfu"):
-        make_policy("arc", A2crConfig(), clock)
+    assert isinstance(make_policy(TierPolicy.A2CR, A2crConfig(), clock), A2CRPolicy)
+    assert make_policy(TierPolicy.LRU, A2crConfig(), clock).name == "lru"
+    assert make_policy(load_config().tier.policy, A2crConfig(), clock).name == "a2cr"
+    # An unknown name never gets here: the config refuses it at load.
+    with pytest.raises(ConfigError, match=r"tier\.policy: expected one of 'a2cr', 'lru', 'lfu', got 'arc'"):
+        load_config(None, {}, {"tier.policy": "arc"})
 
 
 # --- watermarks ------------------------------------------------------------------------

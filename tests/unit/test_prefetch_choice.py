@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from wicore.hashing import BlockHash
-from wicore.scheduler.state import PrefixInfo, Tier
+from wicore.kv.block import StorageTier
+from wicore.kv.hashing import BlockHash
+from wicore.scheduler.state import PrefixInfo
 
 H = tuple(BlockHash(f"{i:032x}") for i in range(6))
-CPU, NVME = Tier.CPU, Tier.NVME
+CPU, NVME = StorageTier.CPU, StorageTier.NVME
 
 
 def test_nvme_blocks_after_the_best_device_prefix_until_the_first_gap() -> None:

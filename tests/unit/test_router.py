@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from wicore.config import SchedulerConfig
+from wicore.config import SchedulerConfig, load_config
 from wicore.errors import ConfigError
+from wicore.kv.block import StorageTier
 from wicore.scheduler.router import LeastLoadedRouter, MoRRouter, RoundRobinRouter, make_router
-from wicore.scheduler.state import Tier
 from wicore.workload import WorkloadType
 
 from scheduling import request, worker
@@ -60,7 +60,7 @@ def test_the_prefix_holder_wins_until_it_runs_max_imbalance_more_requests() -> N
 
 def test_tier_blocks_are_priced_by_where_they_sit() -> None:
     mor = MoRRouter(CONFIG)
-    tier = (Tier.CPU,) * 10 + (Tier.NVME,) * 5 + (None,) * 5
+    tier = (StorageTier.CPU,) * 10 + (StorageTier.NVME,) * 5 + (None,) * 5
     r = request("r", prompt=330, blocks=20, tier=tier)
     w = worker("w")
     # Nothing on the device: blocks 0-9 from the CPU tier (0.2 each), 10-14 from NVMe (0.5 each).
@@ -68,7 +68,7 @@ def test_tier_blocks_are_priced_by_where_they_sit() -> None:
     # 5 blocks on the device: the tier supplies 5 (CPU) + 5 (NVMe) after them.
     assert mor.uncomputed_tokens(r, w, 5) == 330 - 16 * 15 + 16 * (5 * 0.2 + 5 * 0.5)
     # A gap ends the run: what follows it cannot be reused.
-    gap = request("g", prompt=330, blocks=20, tier=(Tier.CPU, None) + (Tier.CPU,) * 18)
+    gap = request("g", prompt=330, blocks=20, tier=(StorageTier.CPU, None) + (StorageTier.CPU,) * 18)
     assert mor.uncomputed_tokens(gap, w, 0) == 330 - 16 * 1 + 16 * 0.2
 
 
@@ -119,9 +119,11 @@ def test_policies_by_name() -> None:
         ("round_robin", RoundRobinRouter),
         ("least_loaded", LeastLoadedRouter),
     ]:
-        assert isinstance(make_router(SchedulerConfig(routing_policy=name)), cls)
+        config = load_config(None, {}, {"scheduler.routing_policy": name})
+        assert isinstance(make_router(config.scheduler), cls)
+    # An unknown name never reaches make_router: the config refuses it at load.
     with pytest.raises(
         ConfigError,
-        match=r"scheduler.routing_policy: 'fastest' is not one of \['least_loaded', 'mor', 'round_robin'\]",
+        match=r"scheduler\.routing_policy: expected one of 'mor', 'round_robin', 'least_loaded', got 'fast'",
     ):
-        make_router(SchedulerConfig(routing_policy="fastest"))
+        load_config(None, {}, {"scheduler.routing_policy": "fast"})

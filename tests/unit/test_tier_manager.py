@@ -19,14 +19,15 @@ import torch
 
 from wicore.config import A2crConfig, TierConfig
 from wicore.errors import Overloaded
-from wicore.hashing import BlockHash
-from wicore.kvblock import KvPayload, decode_kv, encode_kv
+from wicore.kv.attention import Observation
+from wicore.kv.block import Codec, EncodedBlock, StorageTier
+from wicore.kv.codecs import decode, encode
+from wicore.kv.hashing import BlockHash
 from wicore.redis_server import fast_failing_client
 from wicore.tier.manager import TierManager
 from wicore.tier.metadata import BlockMetadata
-from wicore.tier.nvme import HEADER_SIZE
-from wicore.tier.store import CpuTier, StorageTier
-from wicore.tier_wire import Observation
+from wicore.tier.nvme import HEADER_SIZE, NvmeTier
+from wicore.tier.store import CpuTier
 
 from clocks import ManualClock
 
@@ -43,16 +44,16 @@ def kv(i: int) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
 
 
-def raw(i: int) -> KvPayload:
-    return encode_kv(kv(i), "raw", sink_tokens=4 if i == 0 else 0)
+def raw(i: int) -> EncodedBlock:
+    return encode(kv(i), Codec.RAW, sink_tokens=4 if i == 0 else 0)
 
 
 def config(**changes: object) -> TierConfig:
     base = TierConfig(
         cpu_capacity_bytes=4 * RAW_BYTES,
-        cpu_codec="raw",
+        cpu_codec=Codec.RAW,
         nvme_capacity_bytes=8 * (RAW_BYTES + HEADER_SIZE),
-        nvme_codec="raw",
+        nvme_codec=Codec.RAW,
         high_watermark=1.0,
         low_watermark=1.0,
     )
@@ -100,42 +101,55 @@ async def put(manager: TierManager, clock: ManualClock, *indexes: int) -> list[B
     return evicted
 
 
+def cpu_tier(manager: TierManager) -> CpuTier:
+    (tier,) = (t for t in manager.tiers if isinstance(t, CpuTier))
+    return tier
+
+
+def nvme_tier(manager: TierManager) -> NvmeTier:
+    (tier,) = (t for t in manager.tiers if isinstance(t, NvmeTier))
+    return tier
+
+
 def tiers(manager: TierManager, *indexes: int) -> list[StorageTier | None]:
     return [manager.tier_of(h(i)) for i in indexes]
 
 
 async def test_cpu_tier_accounting() -> None:
-    cpu = CpuTier(3 * RAW_BYTES)
+    cpu = CpuTier(3 * RAW_BYTES, Codec.RAW)
     for i in range(3):
-        cpu.put(h(i), raw(i))
-    cpu.put(h(0), raw(0))  # present: kept, not counted twice
+        await cpu.put(h(i), raw(i), 0.0)
+    await cpu.put(h(0), raw(0), 0.0)  # present: kept, not counted twice
     assert cpu.used_bytes == 3 * RAW_BYTES and cpu.bytes_in == 3 * RAW_BYTES
     with pytest.raises(Overloaded, match="do not fit the CPU tier"):
-        cpu.put(h(3), raw(3))
-    assert cpu.pop(h(1)) == raw(1) and cpu.pop(h(1)) is None
-    cpu.put(h(3), raw(3))
+        await cpu.put(h(3), raw(3), 0.0)
+    assert await cpu.get_many([h(1), h(9)], count=True) == [raw(1), None]
+    assert await cpu.remove([h(1), h(1)], evicted=True) == [h(1)]
+    await cpu.put(h(3), raw(3), 0.0)
     cpu.check_integrity()
-    assert sorted(cpu.hashes()) == [h(0), h(2), h(3)]
+    stats = cpu.stats()
+    assert sorted(cpu.sizes()) == [h(0), h(2), h(3)] and cpu.codec_of(h(0)) is Codec.RAW
+    assert (stats.hits, stats.misses, stats.evictions, stats.bytes_out) == (1, 1, 1, RAW_BYTES)
 
 
 async def test_raw_round_trip_is_exact_and_q8_is_bounded(tmp_path: Path, clock: ManualClock) -> None:
-    manager = make(tmp_path, clock, cpu_codec="q8")
+    manager = make(tmp_path, clock, cpu_codec=Codec.Q8)
     await put(manager, clock, 0, 1)
     got = {block_hash: (block, tier) for block_hash, block, tier in await manager.get([h(1), h(9), h(0)])}
     assert set(got) == {h(0), h(1)}
     block, tier = got[h(1)]
-    assert tier is CPU and block.codec == "q8" and block.verify() and block.nbytes < RAW_BYTES / 3
+    assert tier is CPU and block.header.codec is Codec.Q8 and block.verify() and block.nbytes < RAW_BYTES / 3
     want = kv(1)
     groups = want.reshape(*SHAPE[:-1], 1, 32).abs().amax(-1, keepdim=True)
-    error = (decode_kv(block) - want).reshape(*SHAPE[:-1], 1, 32).abs()
+    error = (decode(block) - want).reshape(*SHAPE[:-1], 1, 32).abs()
     assert bool((error <= groups / 254 * (1 + 2**-9) + 1e-6).all())
-    assert got[h(0)][0].sink_tokens == 4  # the raw block's hint became q8's fp16 sinks
-    assert torch.equal(decode_kv(got[h(0)][0])[:, :, :4], kv(0)[:, :, :4].half().float())
+    assert got[h(0)][0].header.sink_tokens == 4  # the raw block's hint became q8's fp16 sinks
+    assert torch.equal(decode(got[h(0)][0])[:, :, :4], kv(0)[:, :, :4].half().float())
 
     lossless = make(tmp_path / "raw", clock)
     await put(lossless, clock, 1)
     ((_, block, _),) = await lossless.get([h(1)])
-    assert block == raw(1) and torch.equal(decode_kv(block), kv(1))
+    assert block == raw(1) and torch.equal(decode(block), kv(1))
 
 
 async def test_overflow_demotes_lowest_scores_to_nvme_and_a_hit_promotes(
@@ -161,8 +175,7 @@ async def test_overflow_demotes_lowest_scores_to_nvme_and_a_hit_promotes(
     assert (stats.blocks_demoted, stats.blocks_promoted) == (3, 1)
     assert stats.bytes_promoted == RAW_BYTES and stats.bytes_demoted == 3 * (RAW_BYTES + HEADER_SIZE)
     assert [t.blocks for t in stats.tiers] == [4, 3]
-    assert manager.cpu is not None and manager.nvme is not None
-    assert set(manager.cpu.hashes()) == {h(0), h(2), h(3), h(5)} and set(manager.nvme.sizes()) == {
+    assert set(cpu_tier(manager).sizes()) == {h(0), h(2), h(3), h(5)} and set(nvme_tier(manager).sizes()) == {
         h(0),
         h(1),
         h(4),
@@ -174,8 +187,12 @@ async def test_attention_decides_among_equals(tmp_path: Path, clock: ManualClock
     clock.now += 1.0
     await manager.put([(h(i), raw(i)) for i in range(4)])  # same time, same hits
     # 2 gets almost all attention, 0 and 3 little, 1 none at all.
-    manager.update_scores([Observation(h(2), 0.9, 4), Observation(h(0), 0.05, 4), Observation(h(3), 0.05, 4)])
-    manager.update_scores([Observation(h(1), 0.0, 4), Observation(h(99), 0.5, 4)])  # 99: unknown, ignored
+    await manager.update_scores(
+        [Observation(h(2), 0.9, 4), Observation(h(0), 0.05, 4), Observation(h(3), 0.05, 4)]
+    )
+    await manager.update_scores(
+        [Observation(h(1), 0.0, 4), Observation(h(99), 0.5, 4)]
+    )  # 99: unknown, ignored
     lost = await put(manager, clock, 4)
     assert lost == [h(1)]  # no NVMe tier: the victim leaves every tier
     lost = await put(manager, clock, 5)
@@ -198,7 +215,7 @@ async def test_watermarks_free_down_to_low(tmp_path: Path, clock: ManualClock) -
     manager.check_integrity()
     assert tiers(manager, *range(10)) == [NVME] * 5 + [CPU] * 5  # oldest first under equal hits
     await put(manager, clock, *range(10, 16))  # the 6th overflows: it frees down to 50 % first
-    assert manager.cpu is not None and manager.cpu.used_bytes == 5 * RAW_BYTES
+    assert cpu_tier(manager).used_bytes == 5 * RAW_BYTES
 
 
 async def test_cleanup_demotes_below_threshold_and_tunes_to_pressure(
@@ -232,7 +249,7 @@ async def test_nvme_full_evicts_its_lowest_and_reports_lost_blocks(
     assert await put(manager, clock, 3) == [h(1)]  # 1: older than 2, read less than 0
     assert tiers(manager, 0, 1, 2, 3) == [NVME, None, NVME, NVME]
     with pytest.raises(Overloaded, match="exceed the NVMe tier's capacity"):
-        await manager.put([(h(9), encode_kv(torch.zeros(5, 2, 16, 2, 32), "raw"))])  # 40 KiB > 3 blocks
+        await manager.put([(h(9), encode(torch.zeros(5, 2, 16, 2, 32), Codec.RAW))])  # 40 KiB > 3 blocks
     assert tiers(manager, 0, 2, 3) == [NVME] * 3  # nothing was evicted for it
     manager.check_integrity()
 
@@ -247,8 +264,7 @@ async def test_block_larger_than_the_cpu_tier_is_refused(tmp_path: Path, clock: 
 async def test_corrupt_file_is_deleted_counted_and_never_served(tmp_path: Path, clock: ManualClock) -> None:
     manager = make(tmp_path, clock, cpu_capacity_bytes=0)
     await put(manager, clock, 0, 1)
-    assert manager.nvme is not None
-    path = manager.nvme.path_of(h(0))
+    path = nvme_tier(manager).path_of(h(0))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -268,7 +284,7 @@ async def test_prefetch_drop_and_lookup(tmp_path: Path, clock: ManualClock) -> N
     assert manager.stats().tiers[1].hits == 0  # a prefetch read serves nobody: not a hit
     assert await manager.drop([h(0), h(1), h(8)]) == 2
     assert tiers(manager, 0, 1) == [None, None]
-    assert manager.nvme is not None and not manager.nvme.path_of(h(0)).exists()
+    assert not nvme_tier(manager).path_of(h(0)).exists()
     manager.check_integrity()
 
 
@@ -291,7 +307,7 @@ async def test_redis_mirror_moves_and_resyncs(
     assert redis_client.zscore(f"{ns}:a2cr:cpu", h(0)) is None
     assert redis_client.zscore(f"{ns}:a2cr:nvme", h(0)) is not None
 
-    manager.update_scores([Observation(h(2), 1.0, 8)])
+    await manager.update_scores([Observation(h(2), 1.0, 8)])
     await manager.flush()
     assert float(redis_client.hget(f"{ns}:blk:{h(2)}", "attention") or 0) > 0.5
 
@@ -320,8 +336,7 @@ async def test_restart_recovers_nvme_blocks_with_their_statistics(
     for _ in range(3):
         await first.get([h(1)])
     await first.flush()
-    assert first.nvme is not None
-    first.nvme.close()  # a crash: nothing more is written
+    nvme_tier(first).close()  # a crash: nothing more is written
 
     (tmp_path / "nvme" / "00" / f"{h(5)}.blk.tmp-deadbeef").write_bytes(b"half a block")
     second = make(tmp_path, clock, metadata, cpu_capacity_bytes=0)
@@ -330,8 +345,8 @@ async def test_restart_recovers_nvme_blocks_with_their_statistics(
     ((_, block, tier),) = await second.get([h(1)])
     assert block == raw(1) and tier is NVME
     ns = metadata.block_key(h(0)).split(":blk:")[0]
-    # Redis holds what the restart restored: 1 put + 3 gets (the get above is not flushed yet).
-    assert redis_client.hget(f"{ns}:blk:{h(1)}", "hits") == "4"
+    # Redis holds what the restart restored: 1 put + 3 gets, then the get above (each operation flushes).
+    assert redis_client.hget(f"{ns}:blk:{h(1)}", "hits") == "5"
     second.check_integrity()
 
     for key in redis_client.scan_iter(match=f"{ns}:*"):  # Redis restarted without persistence
@@ -349,10 +364,10 @@ async def test_nvme_drops_redundant_copies_first(tmp_path: Path, clock: ManualCl
     await put(manager, clock, 0, 1, 2, 3)  # 0 and 1 demoted
     clock.now += 1.0
     await manager.get([h(0)])  # promoted, keeping its file; 2 demoted to make room: NVMe full
-    assert manager.nvme is not None and set(manager.nvme.sizes()) == {h(0), h(1), h(2)}
+    assert set(nvme_tier(manager).sizes()) == {h(0), h(1), h(2)}
     assert await put(manager, clock, 4) == []  # 3 demoted: 0's copy goes, not 1 (the oldest, only on NVMe)
     assert tiers(manager, 0, 1, 2, 3, 4) == [CPU, NVME, NVME, NVME, CPU]
-    assert set(manager.nvme.sizes()) == {h(1), h(2), h(3)}
+    assert set(nvme_tier(manager).sizes()) == {h(1), h(2), h(3)}
     assert manager.stats().blocks_demoted == 4  # 0 1 2 3 written once each
     manager.check_integrity()
 
@@ -371,7 +386,7 @@ async def test_cleanup_rescores_redis_without_rewriting_blocks(
     await manager.cleanup()
     after = redis_client.zscore(f"{ns}:a2cr:cpu", h(0))
     assert before is not None and after is not None and after < before
-    assert after == pytest.approx(manager.policies[CPU].score(manager._entries[h(0)].stats))
+    assert after == pytest.approx(manager.policies[CPU].score(manager._blocks[h(0)]))
     assert redis_client.hget(f"{ns}:blk:{h(0)}", "hits") == "marker"
     await manager.drop([h(0)])
     await manager.flush()
@@ -385,8 +400,7 @@ async def test_failed_nvme_writes_are_counted_and_lose_only_their_blocks(
     """A full NVMe filesystem (ENOSPC on write): the demoted block leaves every tier, is reported
     lost, `nvme_write_errors` counts it, no temp file stays, and writes resume once there is room."""
     manager = make(tmp_path, clock)
-    assert manager.nvme is not None
-    real_write = manager.nvme._write
+    real_write = nvme_tier(manager)._write
 
     def full(path: Path, header: bytes, payload: bytes) -> None:
         tmp = path.with_name(f"{path.name}.tmp-full")
@@ -397,13 +411,14 @@ async def test_failed_nvme_writes_are_counted_and_lose_only_their_blocks(
             tmp.unlink()
 
     await put(manager, clock, 0, 1, 2, 3)
-    monkeypatch.setattr(manager.nvme, "_write", full)
+    monkeypatch.setattr(nvme_tier(manager), "_write", full)
     assert await put(manager, clock, 4) == [h(0)]  # 0 was demoted, its write failed: lost
     assert tiers(manager, 0, 1, 2, 3, 4) == [None, CPU, CPU, CPU, CPU]
     assert manager.stats().nvme_write_errors == 1 and manager.stats().blocks_demoted == 0
-    assert manager.nvme.free_bytes == manager.nvme.capacity_bytes  # the failed write's reservation is back
+    nvme = nvme_tier(manager)
+    assert nvme.free_bytes == nvme.capacity_bytes  # the failed write's reservation is back
     assert not list((tmp_path / "nvme").rglob("*.tmp-*"))
-    monkeypatch.setattr(manager.nvme, "_write", real_write)
+    monkeypatch.setattr(nvme_tier(manager), "_write", real_write)
     assert await put(manager, clock, 5) == []  # 1 demoted, written
     assert tiers(manager, 1) == [NVME] and manager.stats().nvme_write_errors == 1
     manager.check_integrity()
@@ -415,20 +430,19 @@ async def test_a_full_nvme_disk_becomes_the_nvme_capacity_so_demotions_go_on(
     """ENOSPC with blocks on NVMe: the bytes held become the tier's capacity, so the next
     demotion evicts NVMe blocks to make room and is written, instead of failing forever."""
     manager = make(tmp_path, clock)
-    assert manager.nvme is not None
-    real_write = manager.nvme._write
+    real_write = nvme_tier(manager)._write
 
     def full(path: Path, header: bytes, payload: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     await put(manager, clock, 0, 1, 2, 3, 4, 5)  # 0 and 1 demoted to NVMe
     assert tiers(manager, 0, 1) == [NVME, NVME]
-    held = manager.nvme.used_bytes
-    monkeypatch.setattr(manager.nvme, "_write", full)
+    held = nvme_tier(manager).used_bytes
+    monkeypatch.setattr(nvme_tier(manager), "_write", full)
     assert await put(manager, clock, 6) == [h(2)]  # 2 demoted, refused by the disk: lost
-    assert manager.nvme.capacity_bytes == held and manager.stats().nvme_write_errors == 1
-    monkeypatch.setattr(manager.nvme, "_write", real_write)  # the disk stays as full as it was
+    assert nvme_tier(manager).capacity_bytes == held and manager.stats().nvme_write_errors == 1
+    monkeypatch.setattr(nvme_tier(manager), "_write", real_write)  # the disk stays as full as it was
     await put(manager, clock, 7)  # 3 demoted: NVMe makes room within what it holds
     assert tiers(manager, 0, 1, 3) == [None, NVME, NVME]  # the lowest score (oldest) made room
-    assert manager.nvme.used_bytes <= held and manager.stats().nvme_write_errors == 1
+    assert nvme_tier(manager).used_bytes <= held and manager.stats().nvme_write_errors == 1
     manager.check_integrity()

@@ -17,15 +17,17 @@ import grpc
 
 from wicore.channels import InternalAuth, internal_channel
 from wicore.config import TierConfig
-from wicore.hashing import BlockHash
-from wicore.kvblock import KvPayload
-from wicore.tier_wire import BadStream, Observation, block_chunks, read_blocks
+from wicore.errors import InvalidRequest
+from wicore.kv.attention import Observation
+from wicore.kv.block import EncodedBlock, StorageTier
+from wicore.kv.hashing import BlockHash
+from wicore.kv.wire import ChunkAssembler, block_chunks, observations_to_proto, tier_from_proto
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-TIER_NAMES = {tier_pb2.STORAGE_TIER_CPU: "cpu", tier_pb2.STORAGE_TIER_NVME: "nvme"}
 CHUNK_BYTES = TierConfig().chunk_bytes
+MAX_BLOCK_BYTES = TierConfig().max_block_bytes
 
 
 class TierClient:
@@ -54,8 +56,8 @@ class TierClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def lookup(self, hashes: Sequence[BlockHash]) -> list[str]:
-        """The tier ("cpu" / "nvme") of each leading block of the chain the tier holds."""
+    async def lookup(self, hashes: Sequence[BlockHash]) -> list[StorageTier]:
+        """The tier of each leading block of the chain the tier service holds."""
         if not hashes or not self.available:
             return []
         try:
@@ -65,23 +67,27 @@ class TierClient:
         except grpc.aio.AioRpcError as exc:
             self._failed("Lookup", exc)
             return []
-        return [TIER_NAMES.get(t, "cpu") for t in reply.tiers]
+        return [tier_from_proto(t) or StorageTier.CPU for t in reply.tiers]
 
-    async def get(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, tuple[KvPayload, str]]:
+    async def get(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, tuple[EncodedBlock, StorageTier]]:
         """The blocks the tier still holds (each verified), with the tier each came from."""
         if not hashes or not self.available:
             return {}
-        found: dict[BlockHash, tuple[KvPayload, str]] = {}
+        found: dict[BlockHash, tuple[EncodedBlock, StorageTier]] = {}
         stream = self._stub.GetBlocks(tier_pb2.GetBlocksRequest(block_hashes=hashes), timeout=self._timeout_s)
+        assembler = ChunkAssembler(MAX_BLOCK_BYTES)
         try:
-            async for block_hash, block, tier in read_blocks(stream):
-                found[block_hash] = (block, TIER_NAMES.get(tier, "cpu"))
-        except (grpc.aio.AioRpcError, BadStream) as exc:
+            async for chunk in stream:
+                received = assembler.feed(chunk)
+                if received is not None:
+                    found[received.block_hash] = (received.block, received.source_tier or StorageTier.CPU)
+            assembler.finish()
+        except (grpc.aio.AioRpcError, InvalidRequest) as exc:  # InvalidRequest: a malformed stream
             self._failed("GetBlocks", exc)
             stream.cancel()
         return found
 
-    async def put(self, blocks: Sequence[tuple[BlockHash, KvPayload]]) -> bool:
+    async def put(self, blocks: Sequence[tuple[BlockHash, EncodedBlock]]) -> bool:
         """Stores blocks; False if the tier did not take them all (they are then simply not offloaded)."""
         if not blocks or not self.available:
             return False
@@ -96,16 +102,8 @@ class TierClient:
     async def update_scores(self, observations: Sequence[Observation]) -> None:
         if not observations or not self.available:
             return
-        request = tier_pb2.UpdateScoresRequest(
-            observations=[
-                tier_pb2.AttentionObservation(
-                    block_hash=o.block_hash, mass=o.mass, blocks_in_sequence=o.blocks_in_sequence
-                )
-                for o in observations
-            ]
-        )
         try:
-            await self._stub.UpdateScores(request, timeout=self._timeout_s)
+            await self._stub.UpdateScores(observations_to_proto(observations), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             self._failed("UpdateScores", exc)
 

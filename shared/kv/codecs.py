@@ -1,9 +1,10 @@
-"""KV block codecs: how a block's K and V become bytes in the CPU and NVMe tiers.
+"""KV block codecs: how a block's K and V become payload bytes, and back.
 
 A block is a CPU tensor [layers, 2, tokens, kv_heads, head_dim] (dim 1: 0 = keys,
-1 = values) of float32, float16 or bfloat16; `decode_block(encode_block(kv, c))` has
-kv's dtype and shape. Error bounds per value x (all fp32 maths; the groups are below):
+1 = values) of float32, float16 or bfloat16 (`wicore.kv.block`); `decode(encode(kv, c))`
+has kv's dtype and shape. Error bounds per value x (all fp32 maths; the groups are below):
 
+    raw   the tensor's bytes   lossless
     fp16  cast to float16      lossless for fp16 input
     bf16  cast to bfloat16     lossless for bf16 input
     q8    int8 symmetric       |x - x̂| <= absmax·(1 + 2⁻⁹)/254 + 2⁻²⁴ + r
@@ -38,69 +39,39 @@ An lz4 frame of the payload is kept only when it saves at least 1/64 of it.
 
 from __future__ import annotations
 
-import enum
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import lz4.frame
 import numpy as np
 import torch
 
+from wicore.kv.block import DTYPE_BYTES, KV_DIMS, Codec, EncodedBlock
+
 if sys.byteorder != "little":  # the payload is the in-memory layout
-    raise ImportError("wicore.codecs needs a little-endian machine")
+    raise ImportError("wicore.kv.codecs needs a little-endian machine")
 
 GROUP = 32
 _LZ4_MIN_SAVING = 64  # keep lz4 only if it saves at least 1/64 of the payload
 _F16_MAX = 65504.0
 _SLICE_VALUES = 1 << 19  # values encoded or decoded at once (see _layer_slices)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_QUANTISED = (Codec.Q8, Codec.Q4)
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_BYTES}
 
 
-class CodecName(enum.Enum):
-    FP16 = "fp16"
-    BF16 = "bf16"
-    Q8 = "q8"
-    Q4 = "q4"
-
-
-_QUANTISED = (CodecName.Q8, CodecName.Q4)
-
-
-@dataclass(frozen=True, slots=True)
-class EncodedBlock:
-    """One encoded block; the metadata is checked here, the payload length by `decode_block`."""
-
-    codec: CodecName
-    lz4: bool  # the payload is an lz4 frame
-    dtype: str  # original torch dtype name, e.g. "float32"
-    shape: tuple[int, ...]  # original [layers, 2, tokens, kv_heads, head_dim]
-    sink_tokens: int  # leading tokens stored as fp16 by q4/q8; always 0 for fp16/bf16
-    payload: bytes
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.codec, CodecName):
-            raise ValueError(f"codec: expected a CodecName, got {self.codec!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: unsupported {self.dtype!r} (supported: {', '.join(DTYPES)})")
-        _check_shape(self.shape)
-        _check_sinks(self.codec, self.sink_tokens, self.shape[2])
-
-
-def codec_from_name(name: str) -> CodecName:
-    """The codec called `name`: "fp16", "bf16", "q8" or "q4"."""
+def codec_from_name(name: str) -> Codec:
+    """The codec called `name`: "raw", "fp16", "bf16", "q8" or "q4"."""
     try:
-        return CodecName(name)
+        return Codec(name)
     except ValueError:
-        supported = ", ".join(c.value for c in CodecName)
+        supported = ", ".join(c.value for c in Codec)
         raise ValueError(f"unknown KV codec {name!r} (supported: {supported})") from None
 
 
-def encode_block(
-    kv: torch.Tensor, codec: CodecName, *, sink_tokens: int = 0, use_lz4: bool = True
-) -> EncodedBlock:
-    """Encodes a block. `sink_tokens` applies to q8/q4 only (fp16/bf16 store 0).
+def encode(kv: torch.Tensor, codec: Codec, *, sink_tokens: int = 0, use_lz4: bool = True) -> EncodedBlock:
+    """Encodes a block. `sink_tokens` applies to q8/q4 (fp16/bf16 store 0; raw records it for a
+    later q8/q4 encoding). Raw is never lz4-framed.
 
     fp16/bf16 are plain casts: lossless only when kv already has that dtype (float32
     loses precision, and fp16 overflows to inf beyond ±65504).
@@ -110,42 +81,59 @@ def encode_block(
         raise ValueError(f"kv: expected a CPU tensor of {', '.join(DTYPES)}, got {kv.dtype} on {kv.device}")
     shape = tuple(kv.shape)
     _check_shape(shape)
-    sinks = sink_tokens if codec in _QUANTISED else 0
+    sinks = sink_tokens if codec.keeps_sinks else 0
     _check_sinks(codec, sinks, shape[2])
+    if codec is Codec.RAW:
+        return EncodedBlock.of(
+            codec, False, dtype, shape, sinks, kv.contiguous().view(torch.uint8).numpy().tobytes()
+        )
     slices = _layer_slices(shape)
     parts = [_ENCODERS[codec](kv[layers] if len(slices) > 1 else kv, sinks) for layers in slices]
     layout = _layout(codec, shape, sinks)  # layer-major sections: each is its slices' bytes in turn
     raw = b"".join(_buffer(part[name]) for name, _, _ in layout for part in parts if part[name].numel())
     framed = lz4.frame.compress(raw) if use_lz4 else raw
     keep = use_lz4 and _LZ4_MIN_SAVING * (len(raw) - len(framed)) >= len(raw)
-    return EncodedBlock(codec, keep, dtype, shape, sinks, framed if keep else raw)
+    return EncodedBlock.of(codec, keep, dtype, shape, sinks, framed if keep else raw)
 
 
-def decode_block(block: EncodedBlock) -> torch.Tensor:
+def decode(block: EncodedBlock) -> torch.Tensor:
     """The block's tensor in its original dtype and shape; ValueError if the payload is malformed."""
+    header = block.header
+    dtype, shape = DTYPES[header.dtype], header.shape
+    if header.codec is Codec.RAW:  # the header checked its length
+        return torch.frombuffer(bytearray(block.payload), dtype=dtype).reshape(shape)
     # torch.frombuffer warns about read-only buffers such as bytes: hand it a private copy
-    buf = _unframe(block.payload) if block.lz4 else bytearray(block.payload)
-    layout = _layout(block.codec, block.shape, block.sink_tokens)
+    buf = _unframe(block.payload) if header.lz4 else bytearray(block.payload)
+    layout = _layout(header.codec, shape, header.sink_tokens)
     if len(buf) != _nbytes(layout):
         raise ValueError(
-            f"payload: {len(buf)} bytes, expected {_nbytes(layout)} for {block.codec.value} {block.shape}"
+            f"payload: {len(buf)} bytes, expected {_nbytes(layout)} for {header.codec.value} {shape}"
         )
     sections, offset = {}, 0
-    for name, dtype, shape in layout:
-        sections[name] = _section(buf, dtype, shape, offset)
+    for name, section_dtype, section_shape in layout:
+        sections[name] = _section(buf, section_dtype, section_shape, offset)
         offset += sections[name].nbytes
-    out = torch.empty(block.shape, dtype=DTYPES[block.dtype])
-    decode, slices = _DECODERS[block.codec], _layer_slices(block.shape)
+    out = torch.empty(shape, dtype=dtype)
+    decode_sections, slices = _DECODERS[header.codec], _layer_slices(shape)
     if len(slices) == 1:  # saves slicing every section
-        decode(sections, out)
+        decode_sections(sections, out)
     else:
         for layers in slices:
-            decode({name: t[layers] for name, t in sections.items()}, out[layers])
+            decode_sections({name: t[layers] for name, t in sections.items()}, out[layers])
     return out
 
 
-def payload_nbytes(codec: CodecName, shape: tuple[int, ...], sink_tokens: int = 0) -> int:
+def transcode(block: EncodedBlock, codec: Codec, *, use_lz4: bool = True) -> EncodedBlock:
+    """`block` in `codec` (the same object when it already is); lossy codecs lose precision once more."""
+    if block.header.codec is codec:
+        return block
+    return encode(decode(block), codec, sink_tokens=block.header.sink_tokens, use_lz4=use_lz4)
+
+
+def payload_nbytes(codec: Codec, shape: tuple[int, ...], sink_tokens: int = 0) -> int:
     """Length of the payload, before lz4, of a block of `shape`."""
+    if codec is Codec.RAW:
+        raise ValueError("payload_nbytes: raw depends on the dtype (BlockHeader.raw_bytes)")
     return _nbytes(_layout(codec, shape, sink_tokens if codec in _QUANTISED else 0))
 
 
@@ -156,24 +144,24 @@ _Sections = dict[str, torch.Tensor]
 
 
 def _check_shape(shape: tuple[int, ...]) -> None:
-    if len(shape) != 5 or shape[1] != 2 or min(shape) < 1:
+    if len(shape) != KV_DIMS or shape[1] != 2 or min(shape) < 1:
         raise ValueError(f"shape: expected [layers, 2, tokens, kv_heads, head_dim], got {list(shape)}")
 
 
-def _check_sinks(codec: CodecName, sinks: int, tokens: int) -> None:
-    limit = tokens if codec in _QUANTISED else 0
+def _check_sinks(codec: Codec, sinks: int, tokens: int) -> None:
+    limit = tokens if codec.keeps_sinks else 0
     if not 0 <= sinks <= limit:
         raise ValueError(f"sink_tokens: {sinks} out of range 0..{limit} for {codec.value}")
 
 
-def _layout(codec: CodecName, shape: tuple[int, ...], sinks: int) -> _Layout:
+def _layout(codec: Codec, shape: tuple[int, ...], sinks: int) -> _Layout:
     """The payload's sections (name, dtype, shape) in storage order; see the module docstring."""
-    if codec in (CodecName.FP16, CodecName.BF16):
-        return [("kv", torch.float16 if codec is CodecName.FP16 else torch.bfloat16, shape)]
+    if codec in (Codec.FP16, Codec.BF16):
+        return [("kv", torch.float16 if codec is Codec.FP16 else torch.bfloat16, shape)]
     layers, _, tokens, heads, dim = shape
     rest, dim_groups = tokens - sinks, _ceil_div(dim, GROUP)
     sink = ("sink", torch.float16, (layers, 2, sinks, heads, dim))
-    if codec is CodecName.Q8:
+    if codec is Codec.Q8:
         scale = ("scale", torch.float16, (layers, 2, rest, heads, dim_groups))
         return [sink, scale, ("codes", torch.int8, (layers, 2, rest, heads, dim))]
     k_meta = ("k_meta", torch.float16, (layers, 2, _ceil_div(rest, GROUP), heads, dim))
@@ -401,15 +389,15 @@ def _copy_sinks(sink: torch.Tensor, out: torch.Tensor) -> int:
 
 
 _Encoder = Callable[[torch.Tensor, int], _Sections]
-_ENCODERS: dict[CodecName, _Encoder] = {
-    CodecName.FP16: _encode_cast(torch.float16),
-    CodecName.BF16: _encode_cast(torch.bfloat16),
-    CodecName.Q8: _encode_q8,
-    CodecName.Q4: _encode_q4,
+_ENCODERS: dict[Codec, _Encoder] = {
+    Codec.FP16: _encode_cast(torch.float16),
+    Codec.BF16: _encode_cast(torch.bfloat16),
+    Codec.Q8: _encode_q8,
+    Codec.Q4: _encode_q4,
 }
-_DECODERS: dict[CodecName, Callable[[_Sections, torch.Tensor], None]] = {
-    CodecName.FP16: _decode_cast,
-    CodecName.BF16: _decode_cast,
-    CodecName.Q8: _decode_q8,
-    CodecName.Q4: _decode_q4,
+_DECODERS: dict[Codec, Callable[[_Sections, torch.Tensor], None]] = {
+    Codec.FP16: _decode_cast,
+    Codec.BF16: _decode_cast,
+    Codec.Q8: _decode_q8,
+    Codec.Q4: _decode_q4,
 }

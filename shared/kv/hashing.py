@@ -48,6 +48,11 @@ def validate_block_hash(value: str, field: str) -> BlockHash:
     return BlockHash(value)
 
 
+def is_digest_hex(value: str) -> bool:
+    """Whether `value` is a 128-bit digest as 32 lowercase hex characters (a hash or a checksum)."""
+    return _HASH_RE.fullmatch(value) is not None
+
+
 def root_hash(model_fingerprint: str, cache_salt: str = "") -> bytes:
     """The chain's root digest: folds in the model fingerprint and the tenant's salt."""
     sep = b"\x00"
