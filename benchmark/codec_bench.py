@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json
 
-from wicore.codecs import CodecName, decode_block, encode_block
+from wicore.kv.codecs import Codec, decode, encode
 
 BLOCKS = {"smollm2": (30, 2, 16, 3, 64), "llama3-8b": (32, 2, 16, 8, 128)}
 
@@ -76,20 +76,20 @@ def bench_block(kv: torch.Tensor, repeats: int) -> dict[str, Any]:
         "page_faults_per_call": {},
     }
     result["memcpy_mb_s"] = mb_s(lambda: bytes(kv.numpy()))
-    for codec in CodecName:
-        raw = encode_block(kv, codec, use_lz4=False)
-        framed = encode_block(kv, codec)
+    for codec in Codec:
+        raw = encode(kv, codec, use_lz4=False)
+        framed = encode(kv, codec)
         result["codec_mb_s"][codec.value] = {
-            "encode": mb_s(partial(encode_block, kv, codec, use_lz4=False)),
-            "decode": mb_s(partial(decode_block, raw)),
-            "encode+lz4": mb_s(partial(encode_block, kv, codec)),
+            "encode": mb_s(partial(encode, kv, codec, use_lz4=False)),
+            "decode": mb_s(partial(decode, raw)),
+            "encode+lz4": mb_s(partial(encode, kv, codec)),
         }
         result["page_faults_per_call"][codec.value] = {
-            "encode": faults_per_call(partial(encode_block, kv, codec, use_lz4=False), repeats),
-            "decode": faults_per_call(partial(decode_block, raw), repeats),
+            "encode": faults_per_call(partial(encode, kv, codec, use_lz4=False), repeats),
+            "decode": faults_per_call(partial(decode, raw), repeats),
         }
         result["ratio"][codec.value] = round(nbytes / len(framed.payload), 3)
-        result["lz4_kept"][codec.value] = framed.lz4
+        result["lz4_kept"][codec.value] = framed.header.lz4
     return result
 
 
@@ -111,11 +111,11 @@ def print_table(name: str, shape: tuple[int, ...], result: dict[str, Any]) -> No
 
 def profile(kv: torch.Tensor, repeats: int) -> None:
     """Self CPU time per torch op for q8 and q4, encode and decode."""
-    for codec in (CodecName.Q8, CodecName.Q4):
-        block = encode_block(kv, codec, use_lz4=False)
+    for codec in (Codec.Q8, Codec.Q4):
+        block = encode(kv, codec, use_lz4=False)
         runs: dict[str, Callable[[], object]] = {
-            "encode": partial(encode_block, kv, codec, use_lz4=False),
-            "decode": partial(decode_block, block),
+            "encode": partial(encode, kv, codec, use_lz4=False),
+            "decode": partial(decode, block),
         }
         for label, fn in runs.items():
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

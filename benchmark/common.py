@@ -1,16 +1,21 @@
-"""Shared pieces of the benchmarks: prompts, model loading, timing, reporting."""
+"""Shared pieces of the benchmarks: prompts, model loading, stacks, timing, reporting."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import statistics
-import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+# The stack launcher (tests/stack.py) and the tiny models (tests/tiny_models.py) live with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+if TYPE_CHECKING:
+    from stack import Stack
 
 _WORD_LIST = """
 the of and to in is that for it as was with be by on not he this are or his from at which but have an
@@ -81,21 +86,18 @@ def write_json(path: str | None, data: dict) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-def start_up(model_dir: Path, state: Path, port: int, settings: dict[str, Any], *flags: str):  # type: ignore[no-untyped-def]
-    """`wicore up` on `port` with `--set` settings, its log in state/up.log; waits until
-    the gateway serves. Returns the process and the gateway's address."""
-    from wicore.server import wait_for_serving
+@contextmanager
+def running_stack(model: Path, state: Path, settings: dict[str, Any], workers: int = 1) -> Iterator[Stack]:
+    """`wicore up` through the tests' launcher (tests/stack.py: free ports, gateway HTTP off) with
+    `settings`; its config, state and log (up.log) in `state`, up to 300 s to start. Prints the end
+    of its log if the block fails; stops it, and whatever it left behind, at the end."""
+    from stack import launch
 
-    cmd = [sys.executable, "-m", "wicore", "up", "--model", str(model_dir), "--port", str(port)]
-    cmd += ["--state-dir", str(state), *flags]
-    for key, value in {"gateway.http_port": 0, **settings}.items():  # gRPC only: no clash on 8000
-        cmd += ["--set", f"{key}={value}"]
-    with open(state / "up.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    address = f"127.0.0.1:{port}"
-    if not asyncio.run(wait_for_serving(address, timeout_s=300)):
-        proc.terminate()
-        proc.wait(timeout=60)
-        tail = (state / "up.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"the stack did not start; the end of its log:\n{tail}")
-    return proc, address
+    stack = launch(state, model, workers=workers, settings=settings, state_dir=state, ready_timeout_s=300)
+    try:
+        yield stack
+    except BaseException:
+        print(f"the end of the stack's log:\n{stack.log()[-3000:]}", file=sys.stderr)
+        raise
+    finally:
+        stack.stop(timeout_s=60, leftovers=True)

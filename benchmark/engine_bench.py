@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ModeResult, make_prompts, percentile, report, resolve_model_dir, start_up, write_json
+from common import ModeResult, make_prompts, percentile, report, resolve_model_dir, running_stack, write_json
 
 MODES = ("wicore_engine", "wicore_stack", "hf_sequential", "hf_static_batch", "hf_generate_batch")
 
@@ -151,19 +150,12 @@ def run_soak(engine: Any, tokenizer: Any, total: int, wave: int) -> dict[str, An
     }
 
 
-def start_stack(
-    model_dir: Path, state: Path, args: argparse.Namespace, extra: dict[str, Any] | None = None
-) -> tuple[subprocess.Popen[bytes], str]:
-    """`wicore up` on free ports; `extra` settings are added last (they win)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from stack import free_port
-
-    settings = {
-        "scheduler.port": free_port(), "tier.port": free_port(), "worker.port": free_port(),
+def stack_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the benchmarks' stacks (`running_stack`) from their command line."""
+    return {
         "worker.block_size": args.block_size, "worker.max_num_batched_tokens": args.max_batched_tokens,
         "redis.namespace": f"bench-{os.getpid()}",
     }  # fmt: skip
-    return start_up(model_dir, state, free_port(), settings | (extra or {}))
 
 
 async def run_stack_once(address: str, prompts: list[str], new: int) -> ModeResult:
@@ -256,20 +248,16 @@ def main() -> int:
         del loaded, engine
 
     if "wicore_stack" in modes:
-        with tempfile.TemporaryDirectory() as tmp:
-            proc, address = start_stack(model_dir, Path(tmp), args)
-            try:
-                for run in range(args.runs):
-                    # Each run uses prompts the stack has not seen (its prefix cache persists).
-                    fresh = make_prompts(
-                        tokenizer, args.requests, args.prompt_tokens, args.shared_prefix_tokens
-                    )
-                    fresh = [f"{run} {p}" for p in fresh] if run else fresh
-                    results["wicore_stack"].append(asyncio.run(run_stack_once(address, fresh, new)))
-                    print(f"wicore_stack run {run}: {results['wicore_stack'][-1]}", file=sys.stderr)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            running_stack(model_dir, Path(tmp), stack_settings(args)) as stack,
+        ):
+            for run in range(args.runs):
+                # Each run uses prompts the stack has not seen (its prefix cache persists).
+                fresh = make_prompts(tokenizer, args.requests, args.prompt_tokens, args.shared_prefix_tokens)
+                fresh = [f"{run} {p}" for p in fresh] if run else fresh
+                results["wicore_stack"].append(asyncio.run(run_stack_once(stack.gateway, fresh, new)))
+                print(f"wicore_stack run {run}: {results['wicore_stack'][-1]}", file=sys.stderr)
 
     hf_modes = [m for m in modes if m.startswith("hf_")]
     if hf_modes:

@@ -5,7 +5,7 @@
 For each prompt the prefix (its first `prefix-tokens` tokens) is run through the model
 once; the KV of all but its last token is cut into 16-token blocks exactly as the tier
 stores them ([layers, 2, 16, kv_heads, head_dim], post-RoPE keys), each full block goes
-through `encode_kv(codec, sink_tokens=4 on the sequence's first block)` + `decode_kv`,
+through `encode(codec, sink_tokens=4 on the sequence's first block)` + `decode`,
 and a trailing partial block stays exact (the worker would recompute it). Both the
 reference and every codec then run the same code from a fresh cache built from their
 KV, feeding the prefix's last token:
@@ -56,9 +56,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import resolve_model_dir, write_json
 
-from wicore.kvblock import RAW, decode_kv, encode_kv
+from wicore.kv.codecs import Codec, codec_from_name, decode, encode
 
-CODECS = (RAW, "bf16", "fp16", "q8", "q4")
+RAW = Codec.RAW.value
+CODECS = (RAW, "bf16", "fp16", "q8", "q4")  # codec names, the keys of the results
 BLOCK_TOKENS = 16
 SINK_TOKENS = 4
 MODULES = (
@@ -137,13 +138,14 @@ def make_cache(model: Any, kv: torch.Tensor) -> Any:
 def round_trip(kv: torch.Tensor, codec: str, block_tokens: int = BLOCK_TOKENS) -> torch.Tensor:
     """`kv` with every full block of every sequence encoded with `codec` and decoded back;
     a trailing partial block stays exact."""
+    kv_codec = codec_from_name(codec)
     out = kv.clone()
     for row in range(kv.shape[2]):
         for start in range(0, kv.shape[4] - block_tokens + 1, block_tokens):
             span = slice(start, start + block_tokens)
             block = kv[:, :, row, :, span].permute(0, 1, 3, 2, 4).contiguous()  # [L, 2, T, H, D]
             sinks = SINK_TOKENS if start == 0 else 0
-            decoded = decode_kv(encode_kv(block, codec, sink_tokens=sinks))
+            decoded = decode(encode(block, kv_codec, sink_tokens=sinks))
             out[:, :, row, :, span] = decoded.to(kv.dtype).permute(0, 1, 3, 2, 4)
     return out
 

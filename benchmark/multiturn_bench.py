@@ -48,19 +48,20 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORDS, percentile, resolve_model_dir, write_json
-from engine_bench import start_stack
+from common import WORDS, percentile, resolve_model_dir, running_stack, write_json
+from engine_bench import stack_settings
+
+if TYPE_CHECKING:
+    from stack import Stack
 
 MODES = ("hmt", "cpu_only", "nvme_only", "recompute")
 MiB = 2**20
@@ -208,16 +209,13 @@ async def warm_up(address: str) -> None:
                 await asyncio.sleep(1)
 
 
-async def tier_stats(port: int, state: Path) -> dict[str, Any]:
-    """The tier's Stats, over a channel with the internal token `wicore up` wrote into `state`."""
+async def tier_stats(stack: Stack) -> dict[str, Any]:
+    """The stack's tier's Stats, over a channel with the stack's internal token."""
     from google.protobuf.json_format import MessageToDict
 
-    from wicore.channels import TOKEN_FILE, InternalAuth, internal_channel
-    from wicore.config import InternalConfig
     from wicore.v1 import tier_pb2, tier_pb2_grpc
 
-    auth = InternalAuth.load(InternalConfig(token_file=str(state / TOKEN_FILE)))
-    async with internal_channel(f"127.0.0.1:{port}", auth) as channel:
+    async with stack.internal_channel(stack.tier) as channel:
         reply = await tier_pb2_grpc.TierStub(channel).Stats(tier_pb2.StatsRequest(), timeout=30)
     stats = MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     for key in ("hits", "misses"):
@@ -246,12 +244,11 @@ def served_blocks(before: dict[str, Any], after: dict[str, Any]) -> dict[str, in
 # --- stacks ---
 
 
-def mode_settings(mode: str, args: argparse.Namespace, run: int, tier_port: int) -> dict[str, Any]:
+def mode_settings(mode: str, args: argparse.Namespace, run: int) -> dict[str, Any]:
     large = args.large_tier_mib * MiB
-    settings: dict[str, Any] = {
+    settings: dict[str, Any] = stack_settings(args) | {
         "worker.kv_cache_bytes": args.kv_cache_mib * MiB,
         "worker.kv_offload": mode != "recompute",
-        "tier.port": tier_port,
         "redis.namespace": f"multiturn-{os.getpid()}-{run}-{mode}",
     }
     if mode == "hmt":
@@ -263,47 +260,20 @@ def mode_settings(mode: str, args: argparse.Namespace, run: int, tier_port: int)
     return settings
 
 
-def stop_stack(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to `wicore up`, then SIGKILL to whatever of its process tree is left."""
-    from stack import alive, child_pids
-
-    children = child_pids(proc.pid)
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
-    for pid in children:
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
 def run_mode(
     mode: str, run: int, model_dir: Path, conversations: list[list[str]], order: list[tuple[int, int]],
     args: argparse.Namespace,
 ) -> ModeRun:  # fmt: skip
-    from stack import free_port
-
-    tier_port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"multiturn-{mode}-") as tmp:
         state = Path(args.keep_state) / f"run{run}-{mode}" if args.keep_state else Path(tmp)
         state.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        proc, address = start_stack(model_dir, state, args, mode_settings(mode, args, run, tier_port))
-        try:
+        with running_stack(model_dir, state, mode_settings(mode, args, run)) as stack:
             print(f"[{mode} run {run}] stack up in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-            asyncio.run(warm_up(address))
-            before = asyncio.run(tier_stats(tier_port, state))
-            wall, turns = asyncio.run(run_workload(address, conversations, order, args))
-            after = asyncio.run(tier_stats(tier_port, state))
-        except BaseException:
-            log = state / "up.log"
-            if log.exists():
-                print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        finally:
-            stop_stack(proc)
+            asyncio.run(warm_up(stack.gateway))
+            before = asyncio.run(tier_stats(stack))
+            wall, turns = asyncio.run(run_workload(stack.gateway, conversations, order, args))
+            after = asyncio.run(tier_stats(stack))
     hits = served_blocks(before, after)
     result = ModeRun(mode, wall, turns, hits, after)
     print(f"[{mode} run {run}] {wall:.1f} s, {result.tok_s:.2f} tok/s, tier blocks {hits}", file=sys.stderr)
@@ -412,12 +382,12 @@ def tier_block_bytes(model_dir: Path, block_size: int, codec: str) -> int:
     """Bytes of one block of this model in a tier codec (the first block keeps sink tokens)."""
     import torch
 
-    from wicore.kvblock import encode_kv
+    from wicore.kv.codecs import codec_from_name, encode
 
     cfg = json.loads((model_dir / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv = torch.randn(cfg["num_hidden_layers"], 2, block_size, cfg["num_key_value_heads"], head_dim)
-    return int(encode_kv(kv, codec, sink_tokens=0).nbytes)
+    return encode(kv, codec_from_name(codec), sink_tokens=0).nbytes
 
 
 def parse_args() -> argparse.Namespace:
@@ -457,7 +427,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(args.model)

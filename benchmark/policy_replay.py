@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from wicore.config import A2crConfig
-from wicore.hashing import BlockHash
+from wicore.kv.hashing import BlockHash
 from wicore.tier.policy import (
     BlockStats,
     EvictionPolicy,

@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import WORDS, ModeResult, percentile, report, resolve_model_dir, start_up, write_json
+from common import WORDS, ModeResult, percentile, report, resolve_model_dir, running_stack, write_json
 
 POLICIES = ("mor", "round_robin", "least_loaded")
 
@@ -71,13 +70,8 @@ def model_dir(spec: str, tmp: Path) -> Path:
     return save_tiny("llama", tmp / "tiny-llama", max_context=8192)
 
 
-def start_stack(model: Path, state: Path, policy: str, args: argparse.Namespace) -> tuple[Any, str]:
-    from stack import free_port
-
+def policy_settings(policy: str, args: argparse.Namespace) -> dict[str, Any]:
     settings = {
-        "scheduler.port": free_port(),
-        "tier.port": free_port(),
-        "worker.port": free_port(),
         "scheduler.routing_policy": policy,
         "worker.num_threads": args.worker_threads,
         "worker.max_batch_size": args.max_batch_size,
@@ -85,26 +79,7 @@ def start_stack(model: Path, state: Path, policy: str, args: argparse.Namespace)
     }
     if args.kv_cache_mib:
         settings["worker.kv_cache_bytes"] = args.kv_cache_mib << 20
-    return start_up(model, state, free_port(), settings, "--workers", str(args.workers))
-
-
-async def wait_for_workers(address: str, workers: int) -> None:
-    """`up` reports SERVING once the gateway is up; workers register asynchronously."""
-    import grpc
-
-    from wicore.v1 import inference_pb2 as pb
-    from wicore.v1 import inference_pb2_grpc
-
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        deadline = time.monotonic() + 120
-        while True:
-            models = await stub.ListModels(pb.ListModelsRequest())
-            if models.models and models.models[0].workers >= workers:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("the workers did not register")
-            await asyncio.sleep(0.2)
+    return settings
 
 
 async def run_workload(address: str, workload: Workload, concurrency: int) -> ModeResult:
@@ -158,14 +133,11 @@ async def run_workload(address: str, workload: Workload, concurrency: int) -> Mo
 
 
 def run_policy(model: Path, policy: str, workload: Workload, args: argparse.Namespace) -> ModeResult:
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, address = start_stack(model, Path(tmp), policy, args)
-        try:
-            asyncio.run(wait_for_workers(address, args.workers))
-            return asyncio.run(run_workload(address, workload, args.concurrency))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_stack(model, Path(tmp), policy_settings(policy, args), args.workers) as stack,
+    ):
+        return asyncio.run(run_workload(stack.gateway, workload, args.concurrency))
 
 
 def main() -> int:

@@ -371,19 +371,6 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return settings
 
 
-def redis_for(url: str | None, state: Path) -> tuple[str, Any]:
-    """(URL, a private redis-server process or None): `url`, else the local one, else private."""
-    from wicore.redis_server import redis_answers, start_private_redis
-
-    if url:
-        return url, None
-    local = "redis://127.0.0.1:6379/0"
-    if redis_answers(local):
-        return local, None
-    proc, private = start_private_redis(state / "redis")
-    return private, proc
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -405,18 +392,15 @@ def main() -> int:
             from tiny_models import save_tiny
 
             model = str(save_tiny("llama", tmp / "tiny-llama", max_context=4096))
-        redis_url, redis_proc = redis_for(args.redis_url, tmp)
         (tmp / "stack").mkdir()
-        stack = start_stack(tmp / "stack", model, redis_url, 1, parse_settings(args.set))
+        # No --redis-url: `wicore up` takes the local Redis if it answers, else starts a private one.
+        stack = start_stack(tmp / "stack", model, args.redis_url, 1, parse_settings(args.set))
         try:
             report = asyncio.run(
                 soak(stack, args.requests, args.concurrency, warmup, args.interval, args.seed)
             )
         finally:
             code = stack.stop()
-            if redis_proc is not None:
-                redis_proc.terminate()
-                redis_proc.wait(timeout=10)
     print(table(report))
     if code != 0:
         print(f"wicore up exited with {code}")

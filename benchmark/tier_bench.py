@@ -45,35 +45,35 @@ from common import write_json
 from policy_replay import replay_all
 
 from wicore.config import A2crConfig, TierConfig
-from wicore.hashing import BlockHash, payload_checksum
-from wicore.kvblock import KvPayload, encode_kv
+from wicore.kv.block import Codec, EncodedBlock
+from wicore.kv.codecs import encode
+from wicore.kv.hashing import BlockHash, payload_checksum
 from wicore.tier.manager import TierManager
 from wicore.tier.nvme import keep_freed_memory
 
 GiB = 1 << 30
 
 
-def make_blocks(count: int, codec: str) -> list[tuple[BlockHash, KvPayload]]:
+def make_blocks(count: int, codec: Codec) -> list[tuple[BlockHash, EncodedBlock]]:
     base = make_block(BLOCKS["smollm2"])
     blocks = []
     for i in range(count):
         kv = base + 0.01 * i  # distinct payloads, same statistics
-        blocks.append((BlockHash(f"{i + 1:032x}"), encode_kv(kv, codec)))
+        blocks.append((BlockHash(f"{i + 1:032x}"), encode(kv, codec)))
     return blocks
 
 
-async def time_cpu(blocks: list[tuple[BlockHash, KvPayload]]) -> dict[str, float]:
-    config = TierConfig(cpu_capacity_bytes=4 * GiB, cpu_codec="q8", nvme_capacity_bytes=0)
+async def time_cpu(blocks: list[tuple[BlockHash, EncodedBlock]]) -> dict[str, float]:
+    config = TierConfig(cpu_capacity_bytes=4 * GiB, cpu_codec=Codec.Q8, nvme_capacity_bytes=0)
     manager = TierManager(config, A2crConfig(), None, None)
     received = [(h, bytearray(b.payload), b) for h, b in blocks]  # as the chunk assembler holds them
     total = sum(b.nbytes for _, b in blocks)
 
     start = time.perf_counter()
     for h, buffer, b in received:
-        if payload_checksum(buffer) != b.checksum:
+        if payload_checksum(buffer) != b.header.checksum:
             raise AssertionError("checksum")
-        payload = KvPayload(b.codec, b.lz4, b.dtype, b.shape, b.sink_tokens, bytes(buffer), b.checksum)
-        await manager.put([(h, payload)])
+        await manager.put([(h, EncodedBlock(b.header, bytes(buffer)))])  # as ChunkAssembler builds it
     put_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -100,8 +100,8 @@ async def time_cpu(blocks: list[tuple[BlockHash, KvPayload]]) -> dict[str, float
     }
 
 
-async def time_nvme(blocks: list[tuple[BlockHash, KvPayload]], root: Path, batch: int) -> dict[str, float]:
-    config = TierConfig(cpu_capacity_bytes=0, nvme_capacity_bytes=64 * GiB, nvme_codec="q4")
+async def time_nvme(blocks: list[tuple[BlockHash, EncodedBlock]], root: Path, batch: int) -> dict[str, float]:
+    config = TierConfig(cpu_capacity_bytes=0, nvme_capacity_bytes=64 * GiB, nvme_codec=Codec.Q4)
     manager = TierManager(config, A2crConfig(), None, root / "tier")
     total = sum(b.nbytes for _, b in blocks)
 
@@ -166,7 +166,7 @@ def main() -> int:
         enc, dec = speed["encode"] / codecs["memcpy_mb_s"], speed["decode"] / codecs["memcpy_mb_s"]
         print(f"  {codec:6}{speed['encode']:13.0f}{speed['decode']:13.0f}{enc:>14.2f} / {dec:.2f}")
 
-    q8, q4 = make_blocks(args.blocks, "q8"), make_blocks(args.blocks, "q4")
+    q8, q4 = make_blocks(args.blocks, Codec.Q8), make_blocks(args.blocks, Codec.Q4)
     cpu_runs, nvme_runs = [], []
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -1,4 +1,4 @@
-"""Runs the whole WiCore stack (`wicore up`) as processes, for service tests."""
+"""Runs the whole WiCore stack (`wicore up`) as processes, for service tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def child_pids(pid: int) -> set[int]:
             except OSError:
                 continue
             parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
+    found: set[int] = set()
+    frontier = {pid}
     while frontier:
         frontier = {p for p, pp in parents.items() if pp in frontier} - found
         found |= frontier
@@ -119,43 +120,88 @@ class Stack:
         """A channel to one of this stack's internal services, carrying the token."""
         return internal_channel(address, self.auth)
 
-    def stop(self, timeout_s: float = 20.0) -> int:
+    def stop(self, timeout_s: float = 20.0, leftovers: bool = False) -> int:
+        """SIGTERM to `wicore up`; its exit status. Past `timeout_s`, SIGKILL to its whole process
+        tree, then TimeoutExpired. `leftovers`: also SIGKILL what of its tree outlives it."""
+        children = child_pids(self.proc.pid) if leftovers else set()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout_s)
+            code = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             for pid in child_pids(self.proc.pid):
                 os.kill(pid, signal.SIGKILL)
             self.proc.kill()
             self.proc.wait()
             raise
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        return code
+
+
+# The settings of the service tests' stacks: fast heartbeats and small pools.
+TEST_SETTINGS: dict[str, Any] = {
+    "scheduler.heartbeat_interval_s": 0.2,
+    "scheduler.worker_timeout_s": 2.0,
+    "tier.cpu_capacity_bytes": 64 << 20,
+    "worker.max_batch_size": 8,
+    "worker.kv_cache_bytes": 64 << 20,
+    "shutdown_grace_s": 10.0,
+}
 
 
 def start_stack(
     tmp: Path,
     model: str,
-    redis_url: str,
+    redis_url: str | None,
     workers: int = 1,
     settings: dict[str, Any] | None = None,
     ready_timeout_s: float = 240.0,
     gateway_credentials: grpc.ChannelCredentials | None = None,  # to probe a TLS gateway
 ) -> Stack:
-    namespace = f"wicore-test-{uuid.uuid4().hex[:8]}"
-    ports = {name: free_port() for name in ("gateway", "scheduler", "tier")}
-    worker_base = free_port()
-    config: dict[str, Any] = {
-        "gateway": {"port": ports["gateway"], "http_port": 0},  # HTTP on: settings={"gateway.http_port": ...}
-        "scheduler": {"port": ports["scheduler"], "heartbeat_interval_s": 0.2, "worker_timeout_s": 2.0},
-        "tier": {"port": ports["tier"], "cpu_capacity_bytes": 64 << 20},
-        "worker": {"port": worker_base, "model": model, "max_batch_size": 8, "kv_cache_bytes": 64 << 20},
-        "redis": {"url": redis_url, "namespace": namespace},
-        "state_dir": str(tmp / "state"),
-        "shutdown_grace_s": 10.0,
+    """A stack for the service tests: `launch` with TEST_SETTINGS, then `settings`, and Redis at
+    `redis_url` (None: as `wicore up` finds it)."""
+    redis = {"redis.url": redis_url} if redis_url else {}
+    return launch(
+        tmp,
+        model,
+        workers=workers,
+        settings=TEST_SETTINGS | redis | (settings or {}),
+        ready_timeout_s=ready_timeout_s,
+        gateway_credentials=gateway_credentials,
+    )
+
+
+def launch(
+    tmp: Path,
+    model: str | Path,
+    *,
+    workers: int = 1,
+    settings: dict[str, Any] | None = None,
+    state_dir: Path | None = None,
+    ready_timeout_s: float = 240.0,
+    gateway_credentials: grpc.ChannelCredentials | None = None,
+) -> Stack:
+    """`wicore up --workers N` serving `model`, its config in tmp/wicore.yaml, its output in tmp/up.log:
+    each service on a free port, the gateway's HTTP off, a fresh Redis namespace, Redis as `wicore up`
+    finds it, the state in `state_dir` (default tmp/state); dotted `settings` ("worker.kv_cache_bytes",
+    "shutdown_grace_s") win. Returns once the gateway serves and the scheduler knows every worker; past
+    `ready_timeout_s`, or if `up` exits, stops it and raises RuntimeError with the end of its log."""
+    defaults: dict[str, Any] = {
+        "gateway.port": free_port(),
+        "gateway.http_port": 0,  # HTTP on: settings={"gateway.http_port": ...}
+        "scheduler.port": free_port(),
+        "tier.port": free_port(),
+        "worker.port": free_port(),  # worker i on this port + i
+        "worker.model": str(model),
+        "redis.namespace": f"wicore-test-{uuid.uuid4().hex[:8]}",
+        "state_dir": str(state_dir or tmp / "state"),
     }
-    for dotted, value in (settings or {}).items():
-        section, key = dotted.split(".")
-        config.setdefault(section, {})[key] = value
+    config: dict[str, Any] = {}
+    for dotted, value in (defaults | (settings or {})).items():
+        section, _, key = dotted.rpartition(".")
+        (config.setdefault(section, {}) if section else config)[key] = value
     cfg = tmp / "wicore.yaml"
     cfg.write_text(yaml.safe_dump(config))
     log_path = tmp / "up.log"
@@ -168,12 +214,12 @@ def start_stack(
         )
     stack = Stack(
         proc=proc,
-        gateway=f"127.0.0.1:{ports['gateway']}",
-        scheduler=f"127.0.0.1:{ports['scheduler']}",
-        tier=f"127.0.0.1:{ports['tier']}",
-        workers=[f"127.0.0.1:{worker_base + i}" for i in range(workers)],
-        namespace=namespace,
-        state_dir=tmp / "state",
+        gateway=f"127.0.0.1:{config['gateway']['port']}",
+        scheduler=f"127.0.0.1:{config['scheduler']['port']}",
+        tier=f"127.0.0.1:{config['tier']['port']}",
+        workers=[f"127.0.0.1:{config['worker']['port'] + i}" for i in range(workers)],
+        namespace=config["redis"]["namespace"],
+        state_dir=Path(config["state_dir"]),
         log_path=log_path,
     )
     deadline = time.monotonic() + ready_timeout_s
