@@ -31,7 +31,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +120,7 @@ class TierManager:
         self.policies: dict[StorageTier, EvictionPolicy] = {
             tier.kind: make_policy(config.policy, a2cr, clock) for tier in self.tiers
         }
+        self._access = self.policies[self.tiers[0].kind]  # counts an access (every policy alike)
         self._blocks: dict[BlockHash, BlockStats] = {}
         self._dirty: set[BlockHash] = set()
         self._lock = asyncio.Lock()
@@ -167,29 +168,24 @@ class TierManager:
 
     async def put(self, blocks: Iterable[tuple[BlockHash, EncodedBlock]]) -> PutResult:
         """Stores blocks (checksums already verified) in the fastest tier."""
-
-        async def each() -> AsyncIterable[tuple[BlockHash, EncodedBlock]]:
-            for item in blocks:
-                yield item
-
-        return await self.put_stream(each())
+        result = PutResult([], [])
+        try:
+            for block_hash, block in blocks:
+                await self._put_one(block_hash, block, result)
+        finally:
+            await self.flush()
+        return self._settle(result)
 
     async def put_stream(self, blocks: AsyncIterable[tuple[BlockHash, EncodedBlock]]) -> PutResult:
         """`put`, one block at a time as they arrive: a long stream never holds more than one
         block's bytes. Blocks stored before the stream fails stay stored (and mirrored)."""
-        stored: list[BlockHash] = []
-        evicted: list[BlockHash] = []
+        result = PutResult([], [])
         try:
             async for block_hash, block in blocks:
-                async with self._lock:
-                    if block_hash in self._blocks:  # a hash names its content: already stored
-                        self._touch(block_hash)
-                    else:
-                        evicted += await self._insert(block_hash, block)
-                stored.append(block_hash)
+                await self._put_one(block_hash, block, result)
         finally:
             await self.flush()
-        return PutResult(stored, [h for h in evicted if h not in self._blocks])
+        return self._settle(result)
 
     async def get(self, hashes: Sequence[BlockHash]) -> list[tuple[BlockHash, EncodedBlock, StorageTier]]:
         """The blocks present, in request order, each with the tier it came from.
@@ -295,9 +291,12 @@ class TierManager:
             await self._resync()
             return
         dirty, self._dirty = self._dirty, set()
-        present = [self._record(h) for h in dirty if h in self._blocks]
-        gone = [h for h in dirty if h not in self._blocks]
-        await self.metadata.write(present, gone)
+
+        def changes() -> tuple[list[BlockRecord], list[BlockHash]]:
+            present = [self._record(h) for h in dirty if h in self._blocks]
+            return present, [h for h in dirty if h not in self._blocks]
+
+        await self.metadata.write(changes)
         if self.metadata.needs_resync:  # the write found Redis flushed or failed
             await self._resync()
 
@@ -344,6 +343,18 @@ class TierManager:
 
     # --- mechanics (the caller holds _lock) ---
 
+    async def _put_one(self, block_hash: BlockHash, block: EncodedBlock, result: PutResult) -> None:
+        async with self._lock:
+            if block_hash in self._blocks:  # a hash names its content: already stored
+                self._touch(block_hash)
+            else:
+                result.evicted.extend(await self._insert(block_hash, block))
+        result.stored.append(block_hash)
+
+    def _settle(self, result: PutResult) -> PutResult:
+        """The put's result, its evicted blocks those still gone at its end."""
+        return PutResult(result.stored, [h for h in result.evicted if h not in self._blocks])
+
     @property
     def _watermarks(self) -> tuple[float, float]:
         return self.config.high_watermark, self.config.low_watermark
@@ -364,7 +375,7 @@ class TierManager:
         return lost
 
     async def _write(
-        self, i: int, blocks: dict[BlockHash, EncodedBlock], exclude: set[BlockHash]
+        self, i: int, blocks: dict[BlockHash, EncodedBlock], exclude: Set[BlockHash]
     ) -> tuple[list[BlockHash], list[BlockHash]]:
         """Writes blocks to tier i concurrently, after making room there (never by evicting
         `exclude`). Returns (the blocks written, the blocks that left every tier for the room).
@@ -372,11 +383,14 @@ class TierManager:
         if not blocks:
             return [], []
         tier = self.tiers[i]
-        incoming = sum(tier.footprint(b) for b in blocks.values())
-        lost = await self._make_room(i, incoming, exclude | set(blocks))
+        incoming = sum(map(tier.footprint, blocks.values()))
+        lost = await self._make_room(i, incoming, exclude | blocks.keys())
         now = self._clock()
-        results = await asyncio.gather(
-            *(tier.put(h, b, self._created(h, now)) for h, b in blocks.items()), return_exceptions=True
+        puts = [tier.put(h, b, self._created(h, now)) for h, b in blocks.items()]
+        results = (
+            [await _settled(puts[0])]
+            if len(puts) == 1
+            else await asyncio.gather(*puts, return_exceptions=True)
         )
         written: list[BlockHash] = []
         for block_hash, result in zip(blocks, results, strict=True):
@@ -387,12 +401,14 @@ class TierManager:
             if isinstance(result, BaseException):
                 raise result
             written.append(block_hash)
-            if block_hash not in self._blocks:  # a new block
+            if block_hash in self._blocks:
+                self._refresh(block_hash)
+            else:  # a new block: this tier holds its only copy
                 self._blocks[block_hash] = BlockStats(block_hash, tier.size_of(block_hash), now, now)
-            self._refresh(block_hash)
+                self._dirty.add(block_hash)
         return written, lost
 
-    async def _make_room(self, i: int, size: int, exclude: set[BlockHash]) -> list[BlockHash]:
+    async def _make_room(self, i: int, size: int, exclude: Set[BlockHash]) -> list[BlockHash]:
         """Moves tier i's policy victims down until `size` more bytes fit, to the low watermark;
         returns the blocks that thereby left every tier."""
         tier = self.tiers[i]
@@ -418,7 +434,7 @@ class TierManager:
                 for h, b in zip(moving, await tier.get_many(moving, False), strict=True)
                 if b is not None
             }
-            written, lost = await self._write(i + 1, to_write, exclude=set(hashes))
+            written, lost = await self._write(i + 1, to_write, exclude=set())
             self.blocks_demoted += len(written)  # a block with a copy already there moves no bytes
             self.bytes_demoted += sum(below.size_of(h) for h in written)
         return lost + self._copies_left(await tier.remove(hashes, evicted=True))
@@ -482,7 +498,7 @@ class TierManager:
     def _touch(self, block_hash: BlockHash) -> None:
         stats = self._blocks.get(block_hash)
         if stats is not None:
-            self.policies[self.tiers[0].kind].touch(stats)
+            self._access.touch(stats)
             self._dirty.add(block_hash)
 
     def _created(self, block_hash: BlockHash, now: float) -> float:
@@ -490,7 +506,10 @@ class TierManager:
         return stats.created if stats is not None else now
 
     def _fastest(self, block_hash: BlockHash) -> BlockStore:
-        return next(tier for tier in self.tiers if tier.contains(block_hash))
+        for tier in self.tiers:
+            if tier.contains(block_hash):
+                return tier
+        raise KeyError(f"no tier holds block {block_hash}")
 
     def _blocks_in(self, i: int) -> list[BlockStats]:
         """The blocks of tier i, each with that tier's copy size (copies: the policy reads them only)."""
@@ -541,7 +560,17 @@ class TierManager:
 
     async def _resync(self) -> None:
         self._dirty.clear()
-        await self.metadata.resync([self._record(h) for h in list(self._blocks)])
+        await self.metadata.resync(lambda: [self._record(h) for h in list(self._blocks)])
+
+
+async def _settled(call: Awaitable[None]) -> BaseException | None:
+    """`call`'s exception or None, as gather(return_exceptions=True) gives them (a lone call
+    needs no task: a put to RAM then costs no trip through the event loop)."""
+    try:
+        await call
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _field(fields: dict[str, str], name: str, default: float) -> float:

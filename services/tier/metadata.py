@@ -65,6 +65,10 @@ class BlockRecord:
     scores: dict[StorageTier, float]  # one per tier holding a copy
 
 
+# The changed blocks' records and the blocks gone, computed when Redis is written.
+Changes = Callable[[], tuple[Sequence[BlockRecord], Sequence[BlockHash]]]
+
+
 class BlockMetadata:
     """Writes block records to Redis; owns the `redis_ok` and `needs_resync` flags."""
 
@@ -99,10 +103,12 @@ class BlockMetadata:
     def sentinel_key(self) -> str:
         return tier_sentinel_key(self._ns)
 
-    async def write(self, present: Sequence[BlockRecord], gone: Sequence[BlockHash]) -> None:
-        """Writes these records and deletes the keys of `gone`, in one transaction."""
+    async def write(self, changes: Changes) -> None:
+        """Writes the records `changes()` returns and deletes the keys of its gone blocks, in one
+        transaction; `changes` is called under the write lock, and only if Redis is tried."""
         async with self._lock:
             if self._should_try():
+                present, gone = changes()
                 await self._run(lambda: self._write(present, gone))
 
     async def write_scores(self, scores: Callable[[], Scores]) -> None:
@@ -112,11 +118,12 @@ class BlockMetadata:
             if self._should_try() and not self.needs_resync:
                 await self._run(lambda: self._write_scores(scores()))
 
-    async def resync(self, records: Sequence[BlockRecord]) -> None:
-        """Makes Redis hold exactly `records` (see the module docstring)."""
+    async def resync(self, records: Callable[[], Sequence[BlockRecord]]) -> None:
+        """Makes Redis hold exactly `records()` (see the module docstring)."""
         async with self._lock:
             if self._should_try():
-                await self._run(lambda: self._resync(records))
+                everything = records()
+                await self._run(lambda: self._resync(everything))
 
     async def load(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, dict[str, str]]:
         """The stored fields of these blocks (absent ones left out); {} when Redis is down."""
@@ -236,13 +243,13 @@ class NoMetadata:
     needs_resync = False
     redis_ok = False
 
-    async def write(self, present: Sequence[BlockRecord], gone: Sequence[BlockHash]) -> None:
+    async def write(self, changes: Changes) -> None:
         return None
 
     async def write_scores(self, scores: Callable[[], Scores]) -> None:
         return None
 
-    async def resync(self, records: Sequence[BlockRecord]) -> None:
+    async def resync(self, records: Callable[[], Sequence[BlockRecord]]) -> None:
         return None
 
     async def load(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, dict[str, str]]:
