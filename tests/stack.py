@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,10 +41,39 @@ async def until(condition: Callable[[], object], what: str, timeout_s: float = 2
         await asyncio.sleep(0.05)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.SystemRandom()
+PORT_FLOOR = 10000
+
+
+def free_port(count: int = 1) -> int:
+    """The first of `count` consecutive loopback ports that are free now.
+
+    Taken below the kernel's ephemeral range: bind(0) hands out ports from that range, and so
+    does every outgoing connection for its local end, so a port found there (or the port after
+    it, for worker i on port + i) can be taken by some connection before the service binds it.
+    """
+    high = _ephemeral_low() - count
+    for _ in range(1000):
+        base = _PORTS.randrange(PORT_FLOOR, high)
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sockets.append(socket.socket())
+                sockets[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports between {PORT_FLOOR} and {high}")
 
 
 def child_pids(pid: int) -> set[int]:
@@ -188,12 +218,13 @@ def launch(
     finds it, the state in `state_dir` (default tmp/state); dotted `settings` ("worker.kv_cache_bytes",
     "shutdown_grace_s") win. Returns once the gateway serves and the scheduler knows every worker; past
     `ready_timeout_s`, or if `up` exits, stops it and raises RuntimeError with the end of its log."""
+    base = free_port(3 + workers)  # one run of ports: none can be handed out twice
     defaults: dict[str, Any] = {
-        "gateway.port": free_port(),
+        "gateway.port": base,
         "gateway.http_port": 0,  # HTTP on: settings={"gateway.http_port": ...}
-        "scheduler.port": free_port(),
-        "tier.port": free_port(),
-        "worker.port": free_port(),  # worker i on this port + i
+        "scheduler.port": base + 1,
+        "tier.port": base + 2,
+        "worker.port": base + 3,  # worker i on this port + i
         "worker.model": str(model),
         "redis.namespace": f"wicore-test-{uuid.uuid4().hex[:8]}",
         "state_dir": str(state_dir or tmp / "state"),
