@@ -375,16 +375,21 @@ class TierManager:
         return lost
 
     async def _write(
-        self, i: int, blocks: dict[BlockHash, EncodedBlock], exclude: Set[BlockHash]
+        self,
+        i: int,
+        blocks: dict[BlockHash, EncodedBlock],
+        exclude: Set[BlockHash],
+        leaving: Set[BlockHash] = frozenset(),
     ) -> tuple[list[BlockHash], list[BlockHash]]:
         """Writes blocks to tier i concurrently, after making room there (never by evicting
-        `exclude`). Returns (the blocks written, the blocks that left every tier for the room).
-        A block that cannot be written (no room, I/O error) is logged and gets no copy there."""
+        `exclude`; `leaving`: see `_select`). Returns (the blocks written, the blocks that left
+        every tier for the room). A block that cannot be written (no room, I/O error) is logged
+        and gets no copy there."""
         if not blocks:
             return [], []
         tier = self.tiers[i]
         incoming = sum(map(tier.footprint, blocks.values()))
-        lost = await self._make_room(i, incoming, exclude | blocks.keys())
+        lost = await self._make_room(i, incoming, exclude | blocks.keys(), leaving)
         now = self._clock()
         puts = [tier.put(h, b, self._created(h, now)) for h, b in blocks.items()]
         results = (
@@ -408,7 +413,9 @@ class TierManager:
                 self._dirty.add(block_hash)
         return written, lost
 
-    async def _make_room(self, i: int, size: int, exclude: Set[BlockHash]) -> list[BlockHash]:
+    async def _make_room(
+        self, i: int, size: int, exclude: Set[BlockHash], leaving: Set[BlockHash] = frozenset()
+    ) -> list[BlockHash]:
         """Moves tier i's policy victims down until `size` more bytes fit, to the low watermark;
         returns the blocks that thereby left every tier."""
         tier = self.tiers[i]
@@ -417,7 +424,7 @@ class TierManager:
         if need <= 0:
             return []
         candidates = [b for b in self._blocks_in(i) if b.block_hash not in exclude]
-        return await self._move_down(i, [b.block_hash for b in self._select(i, candidates, need)])
+        return await self._move_down(i, [b.block_hash for b in self._select(i, candidates, need, leaving)])
 
     async def _move_down(self, i: int, hashes: list[BlockHash]) -> list[BlockHash]:
         """Moves blocks out of tier i: into tier i + 1 (written first where they have no copy
@@ -434,7 +441,7 @@ class TierManager:
                 for h, b in zip(moving, await tier.get_many(moving, False), strict=True)
                 if b is not None
             }
-            written, lost = await self._write(i + 1, to_write, exclude=set())
+            written, lost = await self._write(i + 1, to_write, exclude=set(), leaving=set(hashes))
             self.blocks_demoted += len(written)  # a block with a copy already there moves no bytes
             self.bytes_demoted += sum(below.size_of(h) for h in written)
         return lost + self._copies_left(await tier.remove(hashes, evicted=True))
@@ -517,11 +524,18 @@ class TierManager:
         sizes = self.tiers[i].sizes()
         return [dataclasses.replace(blocks[h], size_bytes=size) for h, size in sizes.items() if h in blocks]
 
-    def _select(self, i: int, blocks: list[BlockStats], need: int) -> list[BlockStats]:
+    def _select(
+        self, i: int, blocks: list[BlockStats], need: int, leaving: Set[BlockHash] = frozenset()
+    ) -> list[BlockStats]:
         """Tier i's victims for `need` bytes: copies of blocks a faster tier also holds first
-        (dropping one loses nothing now), each group lowest score first."""
+        (dropping one loses nothing now), each group lowest score first. Blocks `leaving` the
+        tier above in the demotion this room is for are not redundant: their faster copy is going."""
         faster = self.tiers[:i]
-        redundant = {b.block_hash for b in blocks if any(t.contains(b.block_hash) for t in faster)}
+        redundant = {
+            b.block_hash
+            for b in blocks
+            if b.block_hash not in leaving and any(t.contains(b.block_hash) for t in faster)
+        }
         return select_victims_redundant_first(self.policies[self.tiers[i].kind], blocks, need, redundant)
 
     async def _transcode(self, block: EncodedBlock, codec: Codec) -> EncodedBlock:

@@ -17,7 +17,7 @@ import pytest
 import redis
 import torch
 
-from wicore.config import A2crConfig, TierConfig
+from wicore.config import A2crConfig, TierConfig, TierPolicy
 from wicore.errors import Overloaded
 from wicore.kv.attention import Observation
 from wicore.kv.block import Codec, EncodedBlock, StorageTier
@@ -445,4 +445,25 @@ async def test_a_full_nvme_disk_becomes_the_nvme_capacity_so_demotions_go_on(
     await put(manager, clock, 7)  # 3 demoted: NVMe makes room within what it holds
     assert tiers(manager, 0, 1, 3) == [None, NVME, NVME]  # the lowest score (oldest) made room
     assert nvme_tier(manager).used_bytes <= held and manager.stats().nvme_write_errors == 1
+    manager.check_integrity()
+
+
+async def test_a_demoted_block_is_not_taken_for_a_redundant_copy_while_it_leaves(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """Making room on NVMe for a demotion drops copies of blocks the CPU tier also holds first,
+    but not of the blocks leaving the CPU tier in that same demotion: their CPU copy is going,
+    so dropping their NVMe copy would lose them. LRU makes the scores plain access times."""
+    manager = make(tmp_path, clock, cpu_capacity_bytes=2 * RAW_BYTES,
+                   nvme_capacity_bytes=3 * (RAW_BYTES + HEADER_SIZE), policy=TierPolicy.LRU)  # fmt: skip
+    assert await put(manager, clock, 0, 1, 2, 3, 4) == []  # 0, 1, 2 demoted to NVMe (full)
+    clock.now += 1.0
+    assert [t for _, _, t in await manager.get([h(0)])] == [NVME]  # promoted: 3 demoted, 1 (oldest) lost
+    assert tiers(manager, 0, 1, 2, 3, 4) == [CPU, None, NVME, NVME, CPU]
+    # A block as big as the CPU tier demotes both 4 (to be written) and 0 (its NVMe copy kept).
+    clock.now += 1.0
+    big = encode(torch.zeros(2, 2, 16, 2, 32), Codec.RAW)
+    evicted = (await manager.put([(h(9), big)])).evicted
+    assert evicted == [h(2)]  # the least recently used NVMe block, not 0's copy
+    assert tiers(manager, 0, 2, 3, 4, 9) == [NVME, None, NVME, NVME, CPU]
     manager.check_integrity()
