@@ -201,6 +201,7 @@ class TierManager:
         for i, tier in enumerate(self.tiers):
             if not remaining:
                 break
+            held = {h for h in remaining if tier.contains(h)}
             missing: list[BlockHash] = []
             for block_hash, block in zip(remaining, await tier.get_many(remaining, True), strict=True):
                 if block is None:
@@ -210,7 +211,7 @@ class TierManager:
                     self._touch(block_hash)
                     if i > 0:
                         slower[block_hash] = block
-            self._copies_left([h for h in missing if h in self._blocks])  # a damaged copy, deleted
+            self._copies_left([h for h in missing if h in held])  # a damaged copy, deleted on read
             remaining = missing
         if slower:
             async with self._lock:
@@ -232,9 +233,9 @@ class TierManager:
         """Promotes blocks held only by slower tiers to the fastest, ahead of a GetBlocks."""
         wanted = list(dict.fromkeys(hashes))
         first = self.tiers[0]
-        present = [h for h in wanted if self.tier_of(h) is not None]
-        in_first = [h for h in present if first.contains(h)]
+        present = [h for h in wanted if h in self._blocks]
         slower = [h for h in present if not first.contains(h)]
+        in_first = len(present) - len(slower)
         for block_hash in present:  # a request is about to read them: an access
             self._touch(block_hash)
         promoted = 0
@@ -243,7 +244,7 @@ class TierManager:
             async with self._lock:
                 promoted = await self._promote(read)
         await self.flush()
-        return PrefetchResult(promoted, len(in_first), len(wanted) - len(in_first) - promoted)
+        return PrefetchResult(promoted, in_first, len(wanted) - in_first - promoted)
 
     async def update_scores(self, observations: Iterable[Observation]) -> int:
         """Folds attention observations into the blocks' A values; returns how many blocks were known."""

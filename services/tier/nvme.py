@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 MAGIC = b"WIKV"
 FORMAT_VERSION = 2  # 2: XXH3-128 checksums (1: blake2b-128)
 MAX_DIMS = 8
-NAME_BYTES = 16
 FLAG_LZ4 = 1
 _BODY = struct.Struct("<4sHH16s16sBB16s8IIQ16sd")
 HEADER_SIZE = _BODY.size + 16
