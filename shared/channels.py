@@ -27,13 +27,13 @@ import dataclasses
 import logging
 import os
 import secrets
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from wicore import tracing
 from wicore.config import Config, GatewayConfig, InternalConfig
 from wicore.errors import ConfigError
 from wicore.server import CHANNEL_OPTIONS, INTERNAL_TOKEN_KEY, ServiceServer
@@ -109,7 +109,8 @@ class _StreamStreamToken(_AddToken, grpc.aio.StreamStreamClientInterceptor):
 def internal_channel(address: str, auth: InternalAuth) -> grpc.aio.Channel:
     """The one way to open a channel to the scheduler, a worker or the tier."""
     kinds = (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
-    interceptors: Sequence[grpc.aio.ClientInterceptor] = [k(auth.token) for k in kinds] if auth.token else []
+    interceptors: list[grpc.aio.ClientInterceptor] = [k(auth.token) for k in kinds] if auth.token else []
+    interceptors += tracing.client_interceptors()  # a span per call; its context travels as `traceparent`
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 

@@ -24,6 +24,7 @@ from wicore.child import die_with_parent
 from wicore.config import Config, config_from_environ
 from wicore.errors import ConfigError
 from wicore.logs import setup_logging
+from wicore.tracing import setup_tracing, shutdown_tracing
 
 # Each service runs from its own entry point (its package's `__main__`, which hands its
 # `serve` to `run_service`): shared code names the services here but never imports one.
@@ -161,8 +162,13 @@ def run_service(name: str, serve: Callable[[Config], Coroutine[Any, Any, None]])
     args = parser.parse_args()
     with _exit_status():
         config = load(args)
-        setup_logging(name, config.log_level)
-        asyncio.run(serve(config))
+        setup_logging(name, config.log_level, config.observability.log_format)
+        section = getattr(config, name)
+        setup_tracing(name, config.observability, instance=f"{section.host}:{section.port}")
+        try:
+            asyncio.run(serve(config))
+        finally:
+            shutdown_tracing()
 
 
 def main() -> None:

@@ -76,6 +76,13 @@ class MixedPrecision(enum.StrEnum):
     BF16 = "bf16"
 
 
+class LogFormat(enum.StrEnum):
+    """`observability.log_format`: `text` (one readable line) or `json` (one object per line)."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
 class LogLevel(enum.StrEnum):
     """`log_level`; the names are accepted in any case, and WARN and FATAL too, as the logging
     module does."""
@@ -294,6 +301,29 @@ class InternalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ObservabilityConfig:
+    """Traces (OpenTelemetry, OTLP over gRPC), Prometheus metrics and the log format (see
+    shared/tracing.py, shared/metrics.py and docs/observability.md)."""
+
+    otlp_endpoint: str = ""  # e.g. http://jaeger:4317; "": no traces are made or sent
+    sample_ratio: float = 1.0  # of new traces; a request with a sampled parent is always traced
+    metrics_host: str = "127.0.0.1"  # where /metrics listens
+    metrics_port: int = 9400  # this service's /metrics (`wicore up`: this one, then the next ones); 0: off
+    log_format: LogFormat = LogFormat.TEXT
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError(f"sample_ratio: must be in [0, 1], got {self.sample_ratio}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: must be in [0, 65535] (0: off), got {self.metrics_port}")
+        endpoint = self.otlp_endpoint
+        if endpoint and ("://" in endpoint and not endpoint.startswith(("http://", "https://"))):
+            raise ConfigError(
+                f"otlp_endpoint: expected host:port, http://host:port or https://..., got {endpoint!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -304,6 +334,7 @@ class Config:
     gpu_config: GpuConfig = field(default_factory=GpuConfig)
     gpu_pool_config: GpuPoolConfig = field(default_factory=GpuPoolConfig)
     a2cr_config: A2crConfig = field(default_factory=A2crConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     state_dir: str = "~/.wicore"
     cache_dir: str = "~/.cache/wicore"
     log_level: LogLevel = LogLevel.INFO

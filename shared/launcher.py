@@ -7,6 +7,11 @@
                                      │  CPU workers split the cores (worker.num_threads) when several
     gateway :50051 (public)         ─┘  stopped in the reverse order
 
+Each service serves Prometheus `/metrics` on its own port, from
+`observability.metrics_port` (default 9400) on: gateway, scheduler, tier, then the
+workers in order (9400, 9401, 9402, 9403, ...); the launcher prints the addresses once
+everything serves. `observability.metrics_port: 0` turns every endpoint off.
+
 Children get the resolved config as a file in the state directory (mode 0600),
 with the internal token (wicore.channels) in `internal-token` beside it, freshly
 generated unless one is configured. A TLS gateway is probed on its health-only
@@ -46,6 +51,7 @@ from wicore.channels import (
 from wicore.child import PARENT_PID_ENV
 from wicore.cli import SERVICES
 from wicore.config import Config, to_dict
+from wicore.errors import ConfigError
 from wicore.model_files import resolve_model
 from wicore.redis_server import redis_answers, start_private_redis
 from wicore.server import wait_for_serving
@@ -147,6 +153,20 @@ def _stop(children: list[Child]) -> None:
             child.proc.wait()
 
 
+METRICS_ORDER = ("gateway", "scheduler", "tier")  # then worker-0, worker-1, ...
+
+
+def metrics_ports(base: int, workers: int) -> dict[str, int]:
+    """Each child's /metrics port: `base` for the gateway, then one each in METRICS_ORDER and
+    worker order; none when `base` is 0 (metrics off)."""
+    if not base:
+        return {}
+    names = [*METRICS_ORDER, *(f"worker-{i}" for i in range(workers))]
+    if base + len(names) - 1 > 65535:
+        raise ConfigError(f"observability.metrics_port: {base} leaves no room for {len(names)} ports")
+    return {name: base + i for i, name in enumerate(names)}
+
+
 def _gpu_count() -> int:
     import torch
 
@@ -215,6 +235,7 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
         config_path = state / "config.yaml"
         write_private(config_path, yaml.safe_dump(to_dict(config), sort_keys=False))
         base = ["--config", str(config_path)]
+        ports = metrics_ports(config.observability.metrics_port, workers)
         plan: list[tuple[str, list[str], str]] = [
             ("tier", ["tier", *base], f"{config.tier.host}:{config.tier.port}"),
             ("scheduler", ["scheduler", *base], f"{config.scheduler.host}:{config.scheduler.port}"),
@@ -231,7 +252,8 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
         for name, args, address in plan:
             if stop_requested:
                 break
-            children.append(Child.launch(name, args, address))
+            metrics = ["--set", f"observability.metrics_port={ports.get(name, 0)}"]
+            children.append(Child.launch(name, [*args, *metrics], address))
             if not _until_ready(children[-1], lambda: stop_requested) and not stop_requested:
                 _say(f"{name} did not become ready after {START_ATTEMPTS} attempts; stopping everything")
                 return 1
@@ -241,6 +263,12 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
             f"serving {config.worker.model_id} on {config.gateway.host}:{config.gateway.port} "
             f"({workers} worker{'s' if workers > 1 else ''}); Ctrl-C stops"
         )
+        if ports:
+            host = config.observability.metrics_host
+            _say(
+                "metrics: "
+                + ", ".join(f"{name} http://{host}:{port}/metrics" for name, port in ports.items())
+            )
         while not stop_requested:
             for child in children:
                 if child.proc.poll() is None:

@@ -3,6 +3,7 @@
 ServiceServer(name, host, port)
   ├─ grpc.aio server with ErrorInterceptor (domain error -> status code),
   │  behind InternalTokenInterceptor on the internal services (see wicore.channels)
+  ├─ a span per RPC when tracing is on (wicore.tracing), outermost
   ├─ TLS on its port when given server credentials (the gateway's public port)
   ├─ grpc.health.v1 (NOT_SERVING until the service calls set_serving(True)),
   │  also on a health-only Unix socket when asked (probes of a TLS port)
@@ -26,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from wicore import tracing
 from wicore.errors import WicoreError
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,8 @@ class ServiceServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
         if internal_token:
             interceptors.insert(0, InternalTokenInterceptor(internal_token))
+        # Outermost: the RPC's span starts first and sees the status the others chose.
+        interceptors[:0] = tracing.server_interceptors()
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

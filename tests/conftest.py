@@ -14,6 +14,10 @@ from tiny_models import save_tiny
 
 DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/0"
 
+# Services a test starts by hand serve no /metrics (several would want the default port);
+# `launch` (tests/stack.py) gives each stack free metrics ports on its command line, which wins.
+os.environ["WICORE_OBSERVABILITY__METRICS_PORT"] = "0"
+
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

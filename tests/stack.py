@@ -136,6 +136,7 @@ class Stack:
     namespace: str
     state_dir: Path
     log_path: Path
+    metrics: dict[str, str]  # service (gateway, scheduler, tier, worker-i) -> host:port of its /metrics
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -218,7 +219,10 @@ def launch(
     finds it, the state in `state_dir` (default tmp/state); dotted `settings` ("worker.kv_cache_bytes",
     "shutdown_grace_s") win. Returns once the gateway serves and the scheduler knows every worker; past
     `ready_timeout_s`, or if `up` exits, stops it and raises RuntimeError with the end of its log."""
-    base = free_port(3 + workers)  # one run of ports: none can be handed out twice
+    base = free_port(2 * (3 + workers))  # one run of ports: none can be handed out twice
+    metrics_base = base + 3 + workers  # the second half: gateway, scheduler, tier, workers (wicore.launcher)
+    if (settings or {}).get("observability.metrics_port") == 0:
+        metrics_base = 0  # asked for no /metrics at all
     defaults: dict[str, Any] = {
         "gateway.port": base,
         "gateway.http_port": 0,  # HTTP on: settings={"gateway.http_port": ...}
@@ -236,9 +240,10 @@ def launch(
     cfg = tmp / "wicore.yaml"
     cfg.write_text(yaml.safe_dump(config))
     log_path = tmp / "up.log"
+    up = [sys.executable, "-m", "wicore", "up", "--config", str(cfg), "--workers", str(workers)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "wicore", "up", "--config", str(cfg), "--workers", str(workers)],
+            [*up, "--set", f"observability.metrics_port={metrics_base}"],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -252,6 +257,13 @@ def launch(
         namespace=config["redis"]["namespace"],
         state_dir=Path(config["state_dir"]),
         log_path=log_path,
+        metrics={
+            name: f"127.0.0.1:{metrics_base + i}"
+            for i, name in enumerate(
+                ["gateway", "scheduler", "tier", *(f"worker-{i}" for i in range(workers))]
+            )
+            if metrics_base
+        },
     )
     deadline = time.monotonic() + ready_timeout_s
     try:

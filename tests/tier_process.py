@@ -77,6 +77,7 @@ def start_tier(tmp: Path, redis_url: str, namespace: str, **tier: object) -> Tie
         "redis": {"url": redis_url, "namespace": namespace},
         "a2cr_config": {"cleanup_interval": 0.2},
         "shutdown_grace_s": 2.0,
+        "observability": {"metrics_port": 0},  # several tiers may run at once
     }
     cfg_path = tmp / f"tier-{port}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))

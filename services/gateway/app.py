@@ -10,8 +10,10 @@ from wicore.config import Config
 from wicore.gateway.auth import KeyRing
 from wicore.gateway.frontend import Frontend
 from wicore.gateway.http_api import HttpFront
+from wicore.gateway.metrics import GatewayMetrics
 from wicore.gateway.prompts import PromptTokenizer
 from wicore.gateway.servicer import InferenceServicer
+from wicore.metrics import start_metrics
 from wicore.model_files import resolve_model
 from wicore.server import ServiceServer
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2_grpc
@@ -32,14 +34,20 @@ async def serve(config: Config) -> None:
     )
     scheduler_address = f"{config.scheduler.host}:{config.scheduler.port}"
     async with internal_channel(scheduler_address, InternalAuth.load(config.internal)) as channel:
-        frontend = Frontend(scheduler_pb2_grpc.SchedulerStub(channel), gc, keys, tokenizer)
+        metrics = GatewayMetrics(tokenizer.model_id)
+        frontend = Frontend(scheduler_pb2_grpc.SchedulerStub(channel), gc, keys, tokenizer, metrics)
         server.add(
             inference_pb2_grpc.add_InferenceServicer_to_server,
             InferenceServicer(frontend),
             "wicore.v1.Inference",
         )
+        endpoint = await start_metrics("gateway", config.observability, metrics.registry)
         await server.start()
         grace = config.shutdown_grace_s
         http = await HttpFront.start(frontend, gc, grace, server.request_stop) if gc.http_port else None
         await server.set_serving(True)
-        await server.serve_until_signal(on_drain=http.stop if http else None)
+        try:
+            await server.serve_until_signal(on_drain=http.stop if http else None)
+        finally:
+            if endpoint is not None:
+                await endpoint.stop()

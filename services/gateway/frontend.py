@@ -27,12 +27,16 @@ import grpc
 from wicore.config import GatewayConfig
 from wicore.errors import InvalidRequest, ModelNotFound, Overloaded
 from wicore.gateway.auth import KeyRing, Tenant, fold_cache_salt
+from wicore.gateway.metrics import GatewayMetrics
 from wicore.gateway.prompts import Message, PromptTokenizer
 from wicore.gateway.validation import validate_chat, validate_generate, validate_tokenize
+from wicore.logs import request_scope
 from wicore.server import answered
+from wicore.tracing import tracer
 from wicore.v1 import inference_pb2, scheduler_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 Stream = AsyncIterator[inference_pb2.GenerateStreamResponse]
 RETRY_BACKOFF_S = 0.1  # doubles up to 1 s while the scheduler is away
@@ -51,11 +55,13 @@ class Frontend:
         config: GatewayConfig,
         keys: KeyRing,
         tokenizer: PromptTokenizer,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.config = config
         self.keys = keys
         self.tokenizer = tokenizer
+        self.metrics = metrics if metrics is not None else GatewayMetrics(tokenizer.model_id)
         self._inflight = _Inflight()
 
     @property
@@ -82,25 +88,37 @@ class Frontend:
                 f"is {options.max_tokens}; tenant {tenant.name!r} may ask for at most {tenant.max_tokens}",
             )
 
-    async def generate(
+    def generate(
         self, request: inference_pb2.GenerateRequest, tenant: Tenant, timeout: float | None
     ) -> Stream:
         """A completion of `request.prompt`, as a stream of deltas (the last has usage)."""
+        return self.metrics.observe(self._generate(request, tenant, timeout))
+
+    def chat(self, request: inference_pb2.ChatRequest, tenant: Tenant, timeout: float | None) -> Stream:
+        """The assistant's answer to `request.messages`, as a stream of deltas."""
+        return self.metrics.observe(self._chat(request, tenant, timeout))
+
+    async def _generate(
+        self, request: inference_pb2.GenerateRequest, tenant: Tenant, timeout: float | None
+    ) -> Stream:
         validate_generate(request, self.config)
         self._check_model(request.model)
-        ids = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
+        with _tracer.start_as_current_span("gateway.tokenize"):
+            ids = await asyncio.to_thread(self.tokenizer.encode, request.prompt)
         options = inference_pb2.GenerateRequest()
         options.CopyFrom(request)
         options.prompt = ""
         async for msg in self._run(options, ids, tenant, timeout):
             yield msg
 
-    async def chat(self, request: inference_pb2.ChatRequest, tenant: Tenant, timeout: float | None) -> Stream:
-        """The assistant's answer to `request.messages`, as a stream of deltas."""
+    async def _chat(
+        self, request: inference_pb2.ChatRequest, tenant: Tenant, timeout: float | None
+    ) -> Stream:
         validate_chat(request, self.config)
         self._check_model(request.options.model)
         messages = [Message(m.role, m.content) for m in request.messages]
-        ids = await asyncio.to_thread(self.tokenizer.render_chat, messages)
+        with _tracer.start_as_current_span("gateway.tokenize"):
+            ids = await asyncio.to_thread(self.tokenizer.render_chat, messages)
         async for msg in self._run(request.options, ids, tenant, timeout):
             yield msg
 
@@ -114,7 +132,7 @@ class Frontend:
         internal.request.request_id = options.request_id or uuid.uuid4().hex
         internal.request.model = self.model_id
         internal.request.cache_salt = fold_cache_salt(tenant, options.cache_salt)
-        with self._admit(tenant):
+        with self._admit(tenant), request_scope(internal.request.request_id):
             async for msg in self._relay(internal, timeout):
                 yield msg
 

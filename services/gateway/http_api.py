@@ -26,10 +26,12 @@ from typing import Any
 import grpc
 import uvicorn
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from wicore import tracing
 from wicore.config import GatewayConfig
 from wicore.errors import ModelNotFound, WicoreError
 from wicore.gateway.auth import Tenant
@@ -237,9 +239,23 @@ async def _on_bug(request: Request, exc: Exception) -> Response:
     return await _on_api_error(request, ApiError(500, f"internal error: {type(exc).__name__}"))
 
 
+UNTRACED_PATHS = frozenset({"/health", "/ready"})
+
+
 def build_app(frontend: Frontend, config: GatewayConfig) -> FastAPI:
     """The ASGI app of the HTTP API, over `frontend`."""
-    app = FastAPI(title="WiCore", docs_url=None, redoc_url=None, openapi_url=None)
+    # FastAPI's own OpenTelemetry support makes each request a server span that continues the
+    # client's `traceparent` header, when tracing is on (wicore.tracing); probes are not traced,
+    # and metrics are WiCore's own (GatewayMetrics), not FastAPI's.
+    telemetry: TelemetryConfig = {
+        "tracing": tracing.enabled(),
+        "metrics": False,
+        "logs": False,
+        "operation_spans": False,
+        "auto_configure": False,
+        "exclude": lambda scope: scope.get("path") in UNTRACED_PATHS,
+    }
+    app = FastAPI(title="WiCore", docs_url=None, redoc_url=None, openapi_url=None, telemetry=telemetry)
     routes = OpenAiRoutes(frontend, config)
     app.add_route("/v1/chat/completions", routes.chat, methods=["POST"])
     app.add_route("/v1/completions", routes.completions, methods=["POST"])

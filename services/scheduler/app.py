@@ -8,9 +8,11 @@ import contextlib
 from wicore.channels import InternalAuth, internal_server
 from wicore.config import Config
 from wicore.kv.client import TierClient
+from wicore.metrics import start_metrics
 from wicore.scheduler.batcher import BatchOptimizer
 from wicore.scheduler.dispatcher import Dispatcher
 from wicore.scheduler.hints import PlacementHints
+from wicore.scheduler.metrics import SchedulerMetrics
 from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerRegistry
 from wicore.scheduler.request_queue import RequestQueue
@@ -33,7 +35,9 @@ def build_servicer(config: Config) -> SchedulerServicer:
     auth = InternalAuth.load(config.internal)
     tier_address = f"{config.tier.host}:{config.tier.port}"
     tier = TierClient(tier_address, timeout_s=2.0, auth=auth) if sc.prefetch else None
-    return SchedulerServicer(sc, registry, Dispatcher(registry, queue, batcher), prefixes, hints, tier, auth)
+    metrics = SchedulerMetrics(sc.routing_policy, queue, registry, prefixes)
+    dispatcher = Dispatcher(registry, queue, batcher)
+    return SchedulerServicer(sc, registry, dispatcher, prefixes, hints, tier, auth, metrics)
 
 
 async def serve(config: Config) -> None:
@@ -41,16 +45,21 @@ async def serve(config: Config) -> None:
     servicer = build_servicer(config)
     server = internal_server("scheduler", sc.host, sc.port, config)
     server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, "wicore.v1.Scheduler")
-    await server.start()
-    await server.set_serving(True)
-    expiry = asyncio.create_task(servicer.expire_loop())
+    endpoint = await start_metrics("scheduler", config.observability, servicer.metrics.registry)
+    expiry: asyncio.Task[None] | None = None
     try:
+        await server.start()
+        await server.set_serving(True)
+        expiry = asyncio.create_task(servicer.expire_loop())
         await server.serve_until_signal()
     finally:
-        expiry.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await expiry
+        if expiry is not None:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
         await servicer.channels.close_all()
         await servicer.prefixes.close()
         if servicer.tier is not None:
             await servicer.tier.close()
+        if endpoint is not None:
+            await endpoint.stop()

@@ -26,6 +26,7 @@ done here: the worker packs sequences without padding, so there is none to save.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from wicore.config import SchedulerConfig
@@ -42,6 +43,7 @@ class Assignment:
     worker: WorkerInfo
     blocks: int  # reserved on the worker until the request ends
     cached_blocks: int  # prompt blocks expected to be reused there
+    resident: Mapping[str, int] = field(default_factory=dict)  # prompt blocks on each candidate weighed
 
 
 @dataclass(slots=True)
@@ -131,6 +133,6 @@ class BatchOptimizer:
         registry.place(worker, need[worker.worker_id])
         self.hints.record(worker.worker_id, request.prefix.hashes, now)
         plan.assignments.append(
-            Assignment(request, worker, need[worker.worker_id], resident[worker.worker_id])
+            Assignment(request, worker, need[worker.worker_id], resident[worker.worker_id], resident)
         )
         return True

@@ -11,7 +11,9 @@ the tier service).
 
 Redis is advisory here: an error or a timeout (`redis_timeout_s`) means "no
 information" — routing falls back to load alone — and Redis is left alone for
-`retry_after_s` so a dead server costs no request its timeout.
+`retry_after_s` so a dead server costs no request its timeout. `failures` counts the
+lookups that got no answer so (failed, timed out, or skipped while Redis rests), for
+`wicore:prefix_lookup_failures_total`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class PrefixIndex:
         self.clock = clock
         self._redis = fast_failing_client(redis_url, timeout_s)
         self._down_until = 0.0
+        self.failures = 0  # lookups routed without Redis' answer (see the module docstring)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -67,7 +70,10 @@ class PrefixIndex:
         self, worker_ids: Sequence[str], hashes: Sequence[BlockHash]
     ) -> tuple[dict[str, int], tuple[StorageTier | None, ...]]:
         """Per worker, how many of `hashes` (from the first) it holds; per hash, its tier."""
-        if not hashes or self.clock() < self._down_until:
+        if not hashes:
+            return {}, ()
+        if self.clock() < self._down_until:
+            self.failures += 1
             return {}, ()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -77,6 +83,7 @@ class PrefixIndex:
                     pipe.hget(block_key(self.namespace, h), "tier")
                 replies = await pipe.execute()
         except (RedisError, OSError) as exc:
+            self.failures += 1
             if self.clock() >= self._down_until:
                 log.warning("Redis did not answer (%s); routing by load alone for now", exc)
             self._down_until = self.clock() + self.retry_after_s

@@ -10,12 +10,19 @@ to the queue, keeping its place, and is placed on another worker (at most
 so the stream goes on where it stopped (greedy output is the same as if nothing
 had failed; a seeded sample continues with a fresh generator). After
 `MAX_ATTEMPTS` workers it fails with UNAVAILABLE naming the last one.
+
+Observability: `wicore.scheduler.metrics` (queue, placements, workers), and in the
+Generate RPC's span, the spans `scheduler.prefix_lookup` (where the prompt's blocks
+sit), `scheduler.queue` (the wait for a worker) and `scheduler.route` (the placement:
+policy, outcome, and for MoR the chosen worker's cost terms, computed only when tracing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -25,19 +32,24 @@ import grpc
 from wicore.channels import InternalAuth, internal_channel
 from wicore.config import SchedulerConfig
 from wicore.errors import InvalidRequest, WorkerUnavailable
+from wicore.kv.block import StorageTier
 from wicore.kv.client import TierClient
 from wicore.kv.hashing import BlockHash
+from wicore.logs import request_scope
 from wicore.scheduler import convert
 from wicore.scheduler.batcher import Assignment
 from wicore.scheduler.dispatcher import Dispatcher
 from wicore.scheduler.hints import PlacementHints
+from wicore.scheduler.metrics import RoutingOutcome, SchedulerMetrics, routing_outcome
 from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerInfo, WorkerRegistry
-from wicore.scheduler.router import batch_limit
+from wicore.scheduler.router import MoRRouter, batch_limit
 from wicore.scheduler.state import PrefixInfo, QueuedRequest
+from wicore.tracing import enabled, record_span, tracer
 from wicore.v1 import inference_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 MAX_ATTEMPTS = 3
 REGISTRATION_GRACE_HEARTBEATS = 3
@@ -98,6 +110,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         hints: PlacementHints,
         tier: TierClient | None = None,
         auth: InternalAuth | None = None,  # the token its calls to workers carry
+        metrics: SchedulerMetrics | None = None,  # None: a registry of its own (served by no endpoint)
     ) -> None:
         self.config = config
         self.tier = tier  # for Prefetch; None: no prefetching
@@ -109,6 +122,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.channels = Channels(auth or InternalAuth())
         self.calls = _Calls()
         self.started = registry.clock()
+        if metrics is None:
+            metrics = SchedulerMetrics(config.routing_policy, dispatcher.queue, registry, prefixes)
+        self.metrics = metrics
 
     async def RegisterWorker(
         self, request: scheduler_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
@@ -193,7 +209,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         await self._registrations_after_start()
         workers = self.registry.resolve(request.model)  # no worker / unknown model: fail now
         model = workers[0].model
-        prefix = await self.prefixes.describe(tokenized.prompt_token_ids, request.cache_salt, workers)
+        with _tracer.start_as_current_span("scheduler.prefix_lookup") as span:
+            prefix = await self.prefixes.describe(tokenized.prompt_token_ids, request.cache_salt, workers)
+            if span.is_recording():
+                span.set_attributes(_prefix_attributes(prefix))
         return convert.queued_request(
             request,
             model=model,
@@ -217,33 +236,77 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         request = tokenized.request
         request.request_id = request.request_id or uuid.uuid4().hex
-        queued = await self._queued(tokenized, context)
-        self._prefetch(queued.prefix.to_prefetch())
-        request.model = queued.model
-        generated = list(tokenized.generated_token_ids)  # the tokens the client has received
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            placed = await self.dispatcher.wait_for_worker(queued, requeue=attempt > 1)
-            try:
-                async for msg in self._relay(tokenized, queued.prefix, placed, context, generated):
-                    generated += msg.token_ids
-                    yield msg
-                return
-            except WorkerUnavailable as exc:
-                if attempt == MAX_ATTEMPTS and generated:
-                    raise WorkerUnavailable(
-                        f"worker {placed.worker.worker_id} failed while streaming request "
-                        f"{request.request_id} (after {len(generated)} tokens, the last of {attempt} "
-                        f"workers tried): {exc}"
-                    ) from None
-                if attempt == MAX_ATTEMPTS:
-                    raise WorkerUnavailable(
-                        f"request {request.request_id} failed on {attempt} workers; last: {exc}"
-                    ) from None
-                queued.exclude |= {placed.worker.worker_id}
-                log.warning(
-                    "request %s goes back to the queue (%d tokens streamed, resumed on the next worker): %s",
-                    request.request_id, len(generated), exc,
-                )  # fmt: skip
+        with request_scope(request.request_id):
+            queued = await self._queued(tokenized, context)
+            self._prefetch(queued.prefix.to_prefetch())
+            request.model = queued.model
+            generated = list(tokenized.generated_token_ids)  # the tokens the client has received
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                placed = await self._place(queued, requeue=attempt > 1)
+                try:
+                    async for msg in self._relay(tokenized, queued.prefix, placed, context, generated):
+                        generated += msg.token_ids
+                        yield msg
+                    return
+                except WorkerUnavailable as exc:
+                    if attempt == MAX_ATTEMPTS and generated:
+                        raise WorkerUnavailable(
+                            f"worker {placed.worker.worker_id} failed while streaming request "
+                            f"{request.request_id} (after {len(generated)} tokens, the last of {attempt} "
+                            f"workers tried): {exc}"
+                        ) from None
+                    if attempt == MAX_ATTEMPTS:
+                        raise WorkerUnavailable(
+                            f"request {request.request_id} failed on {attempt} workers; last: {exc}"
+                        ) from None
+                    queued.exclude |= {placed.worker.worker_id}
+                    log.warning(
+                        "request %s goes back to the queue (%d tokens streamed, resumed on the next "
+                        "worker): %s", request.request_id, len(generated), exc,
+                    )  # fmt: skip
+
+    async def _place(self, queued: QueuedRequest, *, requeue: bool) -> Assignment:
+        """Waits for a worker (span `scheduler.queue`); counts and traces where the request went."""
+        attributes = {"wicore.queue.priority": queued.priority.name.lower()}
+        waited_from = time.monotonic()
+        with _tracer.start_as_current_span("scheduler.queue", attributes=attributes) as span:
+            placed = await self.dispatcher.wait_for_worker(queued, requeue=requeue)
+            span.set_attribute("wicore.worker_id", placed.worker.worker_id)
+        waited = time.monotonic() - waited_from
+        live = self.registry.workers.values()
+        outcome = routing_outcome(queued.prefix, placed.worker, placed.cached_blocks, live, placed.resident)
+        self.metrics.placed(waited, outcome)
+        if enabled():
+            self._trace_route(placed, outcome)
+        return placed
+
+    def _trace_route(self, placed: Assignment, outcome: RoutingOutcome) -> None:
+        """The span `scheduler.route`, recorded at placement (zero length: the decision was made
+        in the dispatcher's plan). MoR's cost terms are those of the chosen worker, priced again
+        with its load before this request (the router's view, unless it placed more there since)."""
+        worker = placed.worker
+        router = self.dispatcher.batcher.router
+        attributes: dict[str, str | int | float] = {
+            "wicore.routing.policy": router.name,
+            "wicore.routing.outcome": outcome.value,
+            "wicore.worker_id": worker.worker_id,
+            "wicore.routing.cached_blocks": placed.cached_blocks,
+        }
+        if isinstance(router, MoRRouter):
+            before = dataclasses.replace(
+                worker,
+                inflight=max(0, worker.inflight - 1),
+                reserved_blocks=max(0, worker.reserved_blocks - placed.blocks),
+            )
+            cost = router.cost(placed.request, before, placed.cached_blocks)
+            attributes |= {
+                "wicore.routing.cost.device": cost.device,
+                "wicore.routing.cost.prefill": cost.prefill,
+                "wicore.routing.cost.queue": cost.queue,
+                "wicore.routing.cost.total": cost.total,
+            }
+        now = time.time()
+        record_span(_tracer, "scheduler.route", now, now, attributes)
 
     async def _relay(
         self,
@@ -280,6 +343,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.calls.discard(worker.worker_id, call)
             call.call.cancel()
             self.dispatcher.finished(placed)
+
+
+def _prefix_attributes(prefix: PrefixInfo) -> dict[str, int]:
+    """The `scheduler.prefix_lookup` span's attributes: the prompt's reusable blocks, the most
+    any worker holds on its device, and how many the tier holds in RAM and on NVMe."""
+    return {
+        "wicore.prefix.blocks": len(prefix.hashes),
+        "wicore.prefix.device_blocks": max(prefix.device.values(), default=0),
+        "wicore.prefix.cpu_blocks": sum(t is StorageTier.CPU for t in prefix.tier),
+        "wicore.prefix.nvme_blocks": sum(t is StorageTier.NVME for t in prefix.tier),
+    }
 
 
 def _for_worker(

@@ -14,9 +14,11 @@ import torch
 from wicore.channels import internal_server
 from wicore.config import Config, TierConfig
 from wicore.errors import ConfigError
+from wicore.metrics import MetricsServer, service_registry, start_metrics
 from wicore.redis_server import fast_failing_client
 from wicore.tier.manager import TierManager
 from wicore.tier.metadata import BlockMetadata
+from wicore.tier.metrics import TierCollector
 from wicore.tier.nvme import keep_freed_memory
 from wicore.tier.servicer import TierServicer
 from wicore.v1 import tier_pb2_grpc
@@ -75,14 +77,19 @@ async def serve(config: Config) -> None:
     server = internal_server("tier", tc.host, tc.port, config)
     server.add(tier_pb2_grpc.add_TierServicer_to_server, TierServicer(manager, tc), "wicore.v1.Tier")
     maintenance: asyncio.Task[None] | None = None
+    endpoint: MetricsServer | None = None
     try:
         recovered = await manager.recover()  # before serving: no write may race the index rebuild
+        registry = service_registry([TierCollector(manager)])
+        endpoint = await start_metrics("tier", config.observability, registry)
         await server.start()
         log.info("tier ready: %d blocks recovered from NVMe, redis_ok=%s", recovered, metadata.redis_ok)
         maintenance = asyncio.create_task(run_maintenance(manager, config.a2cr_config.cleanup_interval))
         await server.set_serving(True)
         await server.serve_until_signal()
     finally:
+        if endpoint is not None:  # first: a scrape must not see the tiers emptied by shutdown
+            await endpoint.stop()
         if maintenance is not None:
             maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):

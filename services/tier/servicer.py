@@ -1,4 +1,8 @@
-"""The Tier gRPC service: convert the message, call the manager, convert back."""
+"""The Tier gRPC service: convert the message, call the manager, convert back.
+
+Each data RPC puts what it did on its server span (`wicore.tier.*` attributes: blocks
+and bytes by tier, codecs); with tracing off the span is a no-op and nothing is computed.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from wicore.config import TierConfig
 from wicore.errors import WicoreError
-from wicore.kv.block import EncodedBlock
+from wicore.kv.block import EncodedBlock, StorageTier
 from wicore.kv.hashing import BlockHash
 from wicore.kv.wire import (
     TIER_TO_PROTO,
@@ -43,6 +48,23 @@ async def _drain(chunks: AsyncIterator[tier_pb2.BlockChunk], limit_bytes: int) -
                     return
 
 
+async def _counted(
+    blocks: AsyncIterator[tuple[BlockHash, EncodedBlock]], received: list[int]
+) -> AsyncIterator[tuple[BlockHash, EncodedBlock]]:
+    """`blocks`, adding each one's payload bytes to `received[0]`."""
+    async for block_hash, block in blocks:
+        received[0] += block.nbytes
+        yield block_hash, block
+
+
+def _by_tier(tiers: list[StorageTier]) -> dict[str, int]:
+    """`wicore.tier.cpu_blocks` / `nvme_blocks`: how many of `tiers` are each."""
+    return {
+        "wicore.tier.cpu_blocks": sum(t is StorageTier.CPU for t in tiers),
+        "wicore.tier.nvme_blocks": sum(t is StorageTier.NVME for t in tiers),
+    }
+
+
 async def _assembled(
     chunks: AsyncIterator[tier_pb2.BlockChunk], max_block_bytes: int
 ) -> AsyncIterator[tuple[BlockHash, EncodedBlock]]:
@@ -62,11 +84,26 @@ class TierServicer(tier_pb2_grpc.TierServicer):
     async def PutBlocks(
         self, request_iterator: AsyncIterator[tier_pb2.BlockChunk], context: grpc.aio.ServicerContext
     ) -> tier_pb2.PutBlocksResponse:
+        span = trace.get_current_span()
+        blocks = _assembled(request_iterator, self.config.max_block_bytes)
+        received = [0]
         try:
-            result = await self.manager.put_stream(_assembled(request_iterator, self.config.max_block_bytes))
+            result = await self.manager.put_stream(
+                _counted(blocks, received) if span.is_recording() else blocks
+            )
         except WicoreError:
             await _drain(request_iterator, self.config.max_block_bytes)
             raise
+        if span.is_recording():
+            c = self.config
+            span.set_attributes(
+                {
+                    "wicore.tier.stored": len(result.stored),
+                    "wicore.tier.evicted": len(result.evicted),
+                    "wicore.tier.bytes": received[0],  # payload bytes received
+                    "wicore.tier.codec": (c.cpu_codec if c.cpu_capacity_bytes > 0 else c.nvme_codec).value,
+                }
+            )
         return tier_pb2.PutBlocksResponse(
             stored=len(result.stored), evicted=len(result.evicted), evicted_hashes=result.evicted
         )
@@ -75,7 +112,18 @@ class TierServicer(tier_pb2_grpc.TierServicer):
         self, request: tier_pb2.GetBlocksRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tier_pb2.BlockChunk]:
         hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
-        for block_hash, block, tier in await self.manager.get(hashes):
+        found = await self.manager.get(hashes)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "wicore.tier.blocks_requested": len(hashes),
+                    **_by_tier([tier for _, _, tier in found]),
+                    "wicore.tier.bytes": sum(block.nbytes for _, block, _ in found),
+                    "wicore.tier.codecs": sorted({block.header.codec.value for _, block, _ in found}),
+                }
+            )
+        for block_hash, block, tier in found:
             for chunk in block_chunks(block_hash, block, self.config.chunk_bytes, tier):
                 yield chunk
 
@@ -84,6 +132,15 @@ class TierServicer(tier_pb2_grpc.TierServicer):
     ) -> tier_pb2.LookupResponse:
         hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
         tiers = self.manager.lookup(hashes)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "wicore.tier.blocks_requested": len(hashes),
+                    "wicore.tier.prefix_blocks": len(tiers),
+                    **_by_tier(tiers),
+                }
+            )
         return tier_pb2.LookupResponse(prefix_blocks=len(tiers), tiers=[TIER_TO_PROTO[t] for t in tiers])
 
     async def Prefetch(
@@ -91,6 +148,14 @@ class TierServicer(tier_pb2_grpc.TierServicer):
     ) -> tier_pb2.PrefetchResponse:
         hashes = hashes_from_proto(request.block_hashes, "block_hashes", MAX_HASHES_PER_REQUEST)
         result = await self.manager.prefetch(hashes)
+        trace.get_current_span().set_attributes(
+            {
+                "wicore.tier.blocks_requested": len(hashes),
+                "wicore.tier.promoted": result.promoted,
+                "wicore.tier.already_cpu": result.already_cpu,
+                "wicore.tier.missing": result.missing,
+            }
+        )
         return tier_pb2.PrefetchResponse(
             promoted=result.promoted, already_cpu=result.already_cpu, missing=result.missing
         )

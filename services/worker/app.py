@@ -18,11 +18,13 @@ from wicore.config import Config, CpuKernels, GiB, GpuPoolConfig, MixedPrecision
 from wicore.errors import ConfigError
 from wicore.kv.client import TierClient
 from wicore.kv.codecs import DTYPES
+from wicore.metrics import start_metrics
 from wicore.model_files import fingerprint, resolve_model
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.convert import ModelDefaults
 from wicore.worker.cpu_kernels import use_onednn_linears
+from wicore.worker.metrics import WorkerMetrics
 from wicore.worker.model_runner import check_supported, kv_layout
 from wicore.worker.offload import KvOffloader
 from wicore.worker.paged_attention import KVPool
@@ -272,8 +274,10 @@ async def serve(config: Config) -> None:
     if offloader is not None:
         offloader.start()
     engine.start()
-    servicer = WorkerServicer(engine, model_id, defaults, loaded.fingerprint, paged.pool.block_size)
+    metrics = WorkerMetrics(model_id, engine)
+    servicer = WorkerServicer(engine, model_id, defaults, loaded.fingerprint, paged.pool.block_size, metrics)
     server.add(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, "wicore.v1.Worker")
+    endpoint = await start_metrics("worker", config.observability, metrics.registry)
     await server.start()
     stats = engine.stats()
     address = wc.advertise_address or f"{wc.host}:{wc.port}"
@@ -306,3 +310,5 @@ async def serve(config: Config) -> None:
         engine.stop()
         if offloader is not None:
             await offloader.stop()
+        if endpoint is not None:
+            await endpoint.stop()

@@ -24,18 +24,21 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from wicore.errors import InvalidRequest, NotReady, WicoreError, WorkerUnavailable
 from wicore.kv.hashing import BlockHash
+from wicore.tracing import tracer
 from wicore.worker.engine import Engine
 from wicore.worker.engine_types import EngineRequest, EngineStats
-from wicore.worker.offload import KvOffloader
+from wicore.worker.offload import KvOffloader, Reload
 from wicore.worker.output import Delta, TextStream
 
 log = logging.getLogger(__name__)
+_tracer = tracer(__name__)
 
 
 @dataclass(slots=True)
@@ -123,9 +126,12 @@ class AsyncEngine:
             chain = self.engine.prefix_chain(request)
             start = self.engine.device_prefix(chain)
             if start < len(chain):
-                kv = await self.offloader.load(chain[start:])
-                if kv:
-                    self._send("install", (chain, start, kv))
+                with _tracer.start_as_current_span("worker.prefix_reload") as span:
+                    reload = await self.offloader.load(chain[start:])
+                    if span.is_recording():
+                        span.set_attributes(_reload_attributes(len(chain), start, reload))
+                if reload.kv:
+                    self._send("install", (chain, start, reload.kv))
         except Exception:
             log.exception(
                 "loading request %s's prefix from the tiers failed; computing it", request.request_id
@@ -158,8 +164,11 @@ class AsyncEngine:
                 )
                 if delta.finish_reason is not None:
                     del self._active[out.request_id]
+                    delta.times = out.times
                     if not out.finished:  # ended by a stop string
                         self.engine.abort_request(out.request_id)
+                        if out.times is not None:
+                            out.times.finished = time.time()
                 active.loop.call_soon_threadsafe(active.queue.put_nowait, delta)
             self._stats = self.engine.stats()
         self._fail_all(NotReady("worker stopped"))
@@ -200,6 +209,14 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
             active.loop.call_soon_threadsafe(active.queue.put_nowait, exc)
         self._active.clear()
+
+
+def _reload_attributes(chain: int, on_device: int, reload: Reload) -> dict[str, int]:
+    attributes = {"wicore.prefix.blocks": chain, "wicore.prefix.device_blocks": on_device,
+                  "wicore.reload.blocks": len(reload.kv)}  # fmt: skip
+    attributes |= {f"wicore.reload.{source}_blocks": n for source, n in reload.blocks.items()}
+    attributes |= {f"wicore.reload.{source}_bytes": n for source, n in reload.bytes.items()}
+    return attributes
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

@@ -48,6 +48,8 @@ class BatchScheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.preempted: list[Sequence] = []  # preempted during the last schedule(), for stats and tests
+        self.prefix_queries = 0  # prompt tokens of first admissions (vLLM's prefix cache queries)
+        self.prefix_hits = 0  # of those, the tokens found in the prefix cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -121,6 +123,8 @@ class BatchScheduler:
             if not seq.admitted_once:
                 seq.cached_tokens = seq.num_computed
                 seq.admitted_once = True
+                self.prefix_queries += seq.num_prompt
+                self.prefix_hits += min(seq.num_computed, seq.num_prompt)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

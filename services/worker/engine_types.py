@@ -71,6 +71,18 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class RequestTimes:
+    """A request's way through the engine, written by the engine thread (`time.time()`; 0.0: not
+    yet), read by the worker once the request finished (metrics and trace spans)."""
+
+    arrived: float = 0.0  # added to the engine
+    scheduled: float = 0.0  # first in a step (admitted): the end of its queue time
+    first_token: float = 0.0  # its first output token sampled: the end of prefill
+    finished: float = 0.0  # its last token sampled
+    preemptions: int = 0
+
+
+@dataclass(slots=True)
 class StepOutput:
     """What one engine step produced for one request."""
 
@@ -79,6 +91,7 @@ class StepOutput:
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    times: RequestTimes | None = None  # the request's own (one object for all its steps)
 
     @property
     def finished(self) -> bool:
@@ -92,3 +105,7 @@ class EngineStats:
     free_blocks: int
     total_blocks: int
     block_size: int
+    # Since start: prompt tokens of first admissions, and those of them found in the prefix cache.
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    preemptions: int = 0

@@ -46,6 +46,17 @@ MAX_OBSERVATIONS = 4096  # per UpdateScores (the tier's limit); older ones are d
 
 
 @dataclass(slots=True)
+class Reload:
+    """What one `load` brought back: the KV of the leading run of blocks, and where each came
+    from (`pending`: a spill not yet acknowledged; `shared`: another request's load in flight;
+    `cpu` / `nvme`: the tier that served it, with the bytes that travelled)."""
+
+    kv: list[torch.Tensor] = field(default_factory=list)
+    blocks: collections.Counter[str] = field(default_factory=collections.Counter)
+    bytes: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass(slots=True)
 class OffloadStats:
     spilled: int = 0  # blocks the tier acknowledged
     spill_failed: int = 0  # blocks abandoned (tier down, refused, or too many pending)
@@ -91,14 +102,16 @@ class KvOffloader:
 
     # --- event loop side ---
 
-    async def load(self, chain: Sequence[BlockHash]) -> list[torch.Tensor]:
+    async def load(self, chain: Sequence[BlockHash]) -> Reload:
         """KV [layers, 2, B, Hkv, D] of the longest leading run of `chain` found off the device."""
-        found: list[torch.Tensor] = []
+        reload = Reload()
+        found = reload.kv
         while len(found) < len(chain):
             i = len(found)
             spilled = self._pending.get(chain[i])
             if spilled is not None:  # a spill not yet acknowledged
                 found.append(spilled.kv)
+                reload.blocks["pending"] += 1
                 self.stats.loaded_pending += 1
                 continue
             if chain[i] in self._loading:  # another request is loading these: share that load
@@ -108,8 +121,9 @@ class KvOffloader:
                 for future in futures:
                     kv = await future
                     if kv is None:
-                        return found
+                        return reload
                     found.append(kv)
+                    reload.blocks["shared"] += 1
                 continue
             if not self.client.available:
                 break
@@ -119,13 +133,13 @@ class KvOffloader:
             wanted = list(itertools.takewhile(lambda h: h not in self._loading, chain[i : i + len(tiers)]))
             if not wanted:
                 break
-            loaded = await self._fetch(wanted)
+            loaded = await self._fetch(wanted, reload)
             found += loaded
             if len(loaded) < len(wanted):
                 break
-        return found
+        return reload
 
-    async def _fetch(self, wanted: list[BlockHash]) -> list[torch.Tensor]:
+    async def _fetch(self, wanted: list[BlockHash], reload: Reload) -> list[torch.Tensor]:
         """One GetBlocks for `wanted`: the decoded leading run that arrived (others await it too)."""
         loop = asyncio.get_running_loop()
         futures = {h: loop.create_future() for h in wanted}
@@ -136,7 +150,10 @@ class KvOffloader:
             run = list(itertools.takewhile(lambda h: h in got, wanted))
             decoded = await loop.run_in_executor(None, _decode_all, [got[h][0] for h in run])
             for h in run:
-                self.stats.loaded[got[h][1]] += 1
+                block, source = got[h]
+                self.stats.loaded[source] += 1
+                reload.blocks[source.value] += 1
+                reload.bytes[source.value] += block.nbytes
         finally:
             for j, h in enumerate(wanted):
                 if not futures[h].done():

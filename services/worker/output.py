@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from wicore.worker.engine_types import FinishReason, TokenLogprob
+from wicore.worker.engine_types import FinishReason, RequestTimes, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -31,6 +31,7 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    times: RequestTimes | None = None  # on the last delta: the request's way through the engine
 
 
 @dataclass(slots=True)

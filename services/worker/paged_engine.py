@@ -12,6 +12,7 @@ sequence that reached the end of its known tokens samples one token.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,7 @@ class PagedEngine:
             )
         self._arrivals += 1
         seq = Sequence(request, make_generator(request.sampling.seed), arrival=self._arrivals)
+        seq.times.arrived = time.time()
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -97,13 +99,22 @@ class PagedEngine:
             free_blocks=self.pool.num_free,
             total_blocks=self.pool.num_blocks,
             block_size=self.pool.block_size,
+            prefix_queries=self.scheduler.prefix_queries,
+            prefix_hits=self.scheduler.prefix_hits,
+            preemptions=self.num_preemptions,
         )
 
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         self.num_preemptions += len(self.scheduler.preempted)
+        for seq in self.scheduler.preempted:
+            seq.times.preemptions += 1
         if not batch:
             return []
+        started = time.time()
+        for item in batch:
+            if not item.seq.times.scheduled:
+                item.seq.times.scheduled = started
         sampling = [item for item in batch if item.samples]
         self.num_steps += 1
         every = self.config.attention_sample_every
@@ -149,11 +160,19 @@ class PagedEngine:
         )
         logprobs = token_logprobs(logits, tokens, [s.request.logprobs for s in seqs])
         outputs = []
+        now = time.time()
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
+            times = seq.times
+            if not times.first_token:
+                times.first_token = now
+            if reason is not None:
+                times.finished = now
             outputs.append(
-                StepOutput(seq.request_id, [token], reason, seq.cached_tokens, [lp] if lp is not None else [])
+                StepOutput(
+                    seq.request_id, [token], reason, seq.cached_tokens, [lp] if lp is not None else [], times
+                )
             )
             if reason is not None:
                 self.abort_request(seq.request_id)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wicore.kv.hashing import BlockHash
-from wicore.worker.engine_types import EngineRequest
+from wicore.worker.engine_types import EngineRequest, RequestTimes
 
 
 class SeqStatus(enum.Enum):
@@ -42,6 +42,7 @@ class Sequence:
     admitted_once: bool = False
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
+    times: RequestTimes = field(default_factory=RequestTimes)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

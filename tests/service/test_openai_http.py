@@ -625,7 +625,7 @@ def test_fuzzed_bodies_never_break_the_server(url: str, path: str, kind: str) ->
 
         fuzz()
         fuzz_bytes()
-        assert seen[200] >= 10 and seen[400] >= 50, seen  # both the generation path and refusals ran
+        assert seen[200] >= 5 and seen[400] >= 50, seen  # both the generation path and refusals ran
         assert http.get("/health").status_code == 200
         ok = http.post("/v1/completions", json={"prompt": "still here?", "max_tokens": 2})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
