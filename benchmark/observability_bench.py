@@ -193,13 +193,11 @@ def main() -> int:
             tmp = Path(stacks.enter_context(tempfile.TemporaryDirectory()))
             off = {"observability.metrics_port": 0}
             on = {"observability.otlp_endpoint": receiver.endpoint, "observability.sample_ratio": 1.0}
-            running = {
-                mode: stacks.enter_context(
-                    running_stack(model_dir, tmp / mode, {**(on if mode == "stack_on" else off),
-                                                          "redis.namespace": f"obs-bench-{mode}"})
-                )
-                for mode in stack_modes
-            }  # fmt: skip
+            running = {}
+            for mode in stack_modes:
+                (tmp / mode).mkdir()
+                settings = {**(on if mode == "stack_on" else off), "redis.namespace": f"obs-bench-{mode}"}
+                running[mode] = stacks.enter_context(running_stack(model_dir, tmp / mode, settings))
             for run in range(args.runs):
                 for mode in stack_modes:
                     stack = running[mode]
