@@ -42,10 +42,6 @@ def request_scope(request_id: str) -> Iterator[None]:
             _request_id.reset(token)
 
 
-def current_request_id() -> str:
-    return _request_id.get()
-
-
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()

@@ -137,22 +137,17 @@ def otlp_target(endpoint: str) -> str:
     return endpoint if "://" in endpoint else f"http://{endpoint}"
 
 
-def setup_tracing(
-    service: str, config: ObservabilityConfig, instance: str = "", exporter: SpanExporter | None = None
-) -> bool:
-    """Installs this process's tracer provider when an endpoint is set; True if it did.
-    `exporter`: instead of OTLP (tests)."""
+def setup_tracing(service: str, config: ObservabilityConfig, instance: str = "") -> bool:
+    """Installs this process's tracer provider when an endpoint is set; True if it did."""
     global _state
-    if not config.otlp_endpoint and exporter is None:
+    if not config.otlp_endpoint:
         return False
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    if exporter is None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(endpoint=otlp_target(config.otlp_endpoint), timeout=EXPORT_TIMEOUT_S)
+    exporter = OTLPSpanExporter(endpoint=otlp_target(config.otlp_endpoint), timeout=EXPORT_TIMEOUT_S)
     attributes = {"service.name": f"wicore-{service}", "service.namespace": "wicore"}
     if instance:
         attributes["service.instance.id"] = instance
@@ -163,12 +158,8 @@ def setup_tracing(
     provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
     _state = _Tracing(provider, processor)
-    log.info(
-        "tracing: spans of %s go to %s (sample ratio %g)",
-        service,
-        config.otlp_endpoint or "a test exporter",
-        config.sample_ratio,
-    )
+    ratio = config.sample_ratio
+    log.info("tracing: %s sends spans to %s (sample ratio %g)", service, config.otlp_endpoint, ratio)
     return True
 
 
@@ -188,11 +179,13 @@ def shutdown_tracing() -> None:
         _state = None
 
 
-def _traced(details: Any) -> bool:
+def _traced() -> Any:
+    """The instrumentation's filter: every call but health checks and UNTRACED_METHODS."""
     from opentelemetry.instrumentation.grpc import filters
 
-    untraced = filters.any_of(filters.health_check(), *(filters.method_name(m) for m in UNTRACED_METHODS))
-    return not untraced(details)
+    return filters.negate(
+        filters.any_of(filters.health_check(), *(filters.method_name(m) for m in UNTRACED_METHODS))
+    )
 
 
 def server_interceptors() -> list[Any]:
@@ -201,7 +194,7 @@ def server_interceptors() -> list[Any]:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return [aio_server_interceptor(filter_=_traced)]
+    return [aio_server_interceptor(filter_=_traced())]
 
 
 def client_interceptors() -> Sequence[Any]:
@@ -210,7 +203,7 @@ def client_interceptors() -> Sequence[Any]:
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    return list(aio_client_interceptors(filter_=_traced))
+    return list(aio_client_interceptors(filter_=_traced()))
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -42,8 +42,12 @@ class Assignment:
     request: QueuedRequest
     worker: WorkerInfo
     blocks: int  # reserved on the worker until the request ends
-    cached_blocks: int  # prompt blocks expected to be reused there
-    resident: Mapping[str, int] = field(default_factory=dict)  # prompt blocks on each candidate weighed
+    resident: Mapping[str, int]  # prompt blocks on the device of each candidate weighed
+
+    @property
+    def cached_blocks(self) -> int:
+        """Prompt blocks expected to be reused on the chosen worker."""
+        return self.resident.get(self.worker.worker_id, 0)
 
 
 @dataclass(slots=True)
@@ -132,7 +136,5 @@ class BatchOptimizer:
         worker = self.router.choose(request, fitting, resident)
         registry.place(worker, need[worker.worker_id])
         self.hints.record(worker.worker_id, request.prefix.hashes, now)
-        plan.assignments.append(
-            Assignment(request, worker, need[worker.worker_id], resident[worker.worker_id], resident)
-        )
+        plan.assignments.append(Assignment(request, worker, need[worker.worker_id], resident))
         return True
