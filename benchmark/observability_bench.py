@@ -1,11 +1,15 @@
-"""What observability costs: throughput with tracing (sample ratio 1.0, every span exported to
-an OTLP receiver) and Prometheus metrics on (every /metrics scraped each second), against
-both off, in the same run.
+"""What observability costs: throughput with tracing (sample ratio 1.0, every span exported over
+OTLP) and Prometheus metrics on (every /metrics scraped each second), against both off, in the
+same run.
+
+The spans go to an OTLP sink in a process of its own that takes each export and drops it
+undecoded: the collector's own work (Jaeger's, elsewhere in a deployment) is not WiCore's
+cost, while everything WiCore does to send them is counted.
 
 - `stack_off` / `stack_on`: two `wicore up` stacks running side by side, the runs
   alternating between them; the same workload as engine_bench's stack mode (all requests
-  at once, greedy, exactly --new-tokens each). `stack_on` sends its spans to an OTLP
-  receiver in this process (the protocol Jaeger speaks) and is scraped every second.
+  at once, greedy, exactly --new-tokens each). `stack_on` sends its spans to the sink and
+  is scraped every second.
 - `engine_off` / `engine_on`: the worker's engine in-process behind its gRPC servicer's code
   path (WorkerServicer.Generate: engine timings, metrics, and with tracing the queue,
   prefill and decode spans of every request), each run in a fresh child process (a
@@ -39,6 +43,57 @@ from engine_bench import run_stack_once
 
 MODES = ("engine_off", "engine_on", "stack_off", "stack_on")
 SCRAPE_EVERY_S = 1.0
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+
+def otlp_sink(port: int) -> int:
+    """Answers every OTLP trace export with an empty success, without decoding it, until killed;
+    prints the exports and bytes it took when it gets SIGTERM."""
+    import signal
+    from concurrent import futures
+
+    import grpc
+
+    took = [0, 0]
+
+    def export(request: bytes, context: object) -> bytes:
+        took[0] += 1
+        took[1] += len(request)
+        return b""  # an empty ExportTraceServiceResponse: all accepted
+
+    handler = grpc.unary_unary_rpc_method_handler(export)  # no (de)serializers: raw bytes
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(EXPORT_METHOD.split("/")[1], {"Export": handler})]
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    done.wait()
+    server.stop(0)
+    print(json.dumps({"exports": took[0], "bytes": took[1]}), flush=True)
+    return 0
+
+
+class Sink:
+    """The OTLP sink as a child process: `endpoint` while the block runs; `took` after it."""
+
+    def __enter__(self) -> Sink:
+        from stack import free_port
+
+        port = free_port()
+        self.endpoint = f"127.0.0.1:{port}"
+        argv = [sys.executable, __file__, "--otlp-sink", str(port)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # it listens within this
+        self.took: dict[str, int] = {}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        self.took = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
 
 
 class Scraper:
@@ -66,6 +121,19 @@ class Scraper:
                 self.scrapes += 1
 
 
+def spans_exported(addresses: list[str]) -> float:
+    """`wicore:trace_spans_exported_total` over the services at `addresses`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for address in addresses:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            total += sum(s.value for s in family.samples if s.name == "wicore:trace_spans_exported_total")
+    return total
+
+
 def engine_child(args: argparse.Namespace) -> int:
     """One engine run (in its own process), its result as JSON on stdout."""
     from transformers import AutoTokenizer
@@ -77,15 +145,11 @@ def engine_child(args: argparse.Namespace) -> int:
     from wicore.worker.paged_engine import PagedEngine
     from wicore.worker.servicer import WorkerServicer
 
-    receiver = None
     if args.engine_child == "on":
-        from otlp_receiver import OtlpReceiver
-
         from wicore.config import ObservabilityConfig
         from wicore.tracing import setup_tracing
 
-        receiver = OtlpReceiver().__enter__()
-        setup_tracing("worker", ObservabilityConfig(otlp_endpoint=receiver.endpoint, sample_ratio=1.0))
+        setup_tracing("worker", ObservabilityConfig(otlp_endpoint=args.sink, sample_ratio=1.0))
 
     model_dir = resolve_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -114,7 +178,7 @@ def engine_child(args: argparse.Namespace) -> int:
             request = worker_pb2.TokenizedRequest(request=options, prompt_token_ids=prompt)
             first, count = 0.0, 0
             with tracer.start_as_current_span("/wicore.v1.Worker/Generate"):  # the RPC's span, as served
-                async for msg in servicer.Generate(request, None):  # type: ignore[arg-type]
+                async for msg in servicer.Generate(request, None):
                     if msg.token_ids and not first:
                         first = time.perf_counter() - start
                     count += len(msg.token_ids)
@@ -134,18 +198,19 @@ def engine_child(args: argparse.Namespace) -> int:
             engine.stop()
 
     result = asyncio.run(main())
-    if receiver is not None:
-        from wicore.tracing import shutdown_tracing
+    if args.engine_child == "on":
+        from wicore.tracing import shutdown_tracing, span_counts
 
-        shutdown_tracing()
-        result.extra["spans_received"] = len(receiver.snapshot())
-        receiver.__exit__()
+        counts = span_counts()
+        shutdown_tracing()  # sends what is queued
+        result.extra["spans_exported"] = counts.exported if counts else 0
     print(json.dumps(result.__dict__))
     return 0
 
 
-def run_engine_mode(args: argparse.Namespace, mode: str) -> ModeResult:
-    argv = [sys.executable, __file__, "--engine-child", mode.removeprefix("engine_"), "--model", args.model,
+def run_engine_mode(args: argparse.Namespace, mode: str, sink: str) -> ModeResult:
+    argv = [sys.executable, __file__, "--engine-child", mode.removeprefix("engine_"), "--sink", sink,
+            "--model", args.model,
             "--requests", str(args.requests), "--prompt-tokens", str(args.prompt_tokens),
             "--new-tokens", str(args.new_tokens)]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -168,31 +233,35 @@ def main() -> int:
     )
     parser.add_argument("--json")
     parser.add_argument("--engine-child", choices=("on", "off"), help=argparse.SUPPRESS)
+    parser.add_argument("--sink", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--otlp-sink", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.otlp_sink:
+        return otlp_sink(args.otlp_sink)
     if args.engine_child:
         return engine_child(args)
     modes = [m for m in args.modes.split(",") if m]
     if set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(set(modes) - set(MODES))}")
 
-    from otlp_receiver import OtlpReceiver
     from transformers import AutoTokenizer
 
     results: dict[str, list[ModeResult]] = {m: [] for m in modes}
-    for run in range(args.runs):
-        for mode in (m for m in modes if m.startswith("engine_")):
-            results[mode].append(run_engine_mode(args, mode))
-            print(f"{mode} run {run}: {results[mode][-1]}", file=sys.stderr)
+    with Sink() as sink:
+        for run in range(args.runs):
+            for mode in (m for m in modes if m.startswith("engine_")):
+                results[mode].append(run_engine_mode(args, mode, sink.endpoint))
+                print(f"{mode} run {run}: {results[mode][-1]}", file=sys.stderr)
 
     stack_modes = [m for m in modes if m.startswith("stack_")]
     if stack_modes:
         model_dir = resolve_model_dir(args.model)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         with ExitStack() as stacks:
-            receiver = stacks.enter_context(OtlpReceiver())
+            sink = stacks.enter_context(Sink())
             tmp = Path(stacks.enter_context(tempfile.TemporaryDirectory()))
             off = {"observability.metrics_port": 0}
-            on = {"observability.otlp_endpoint": receiver.endpoint, "observability.sample_ratio": 1.0}
+            on = {"observability.otlp_endpoint": sink.endpoint, "observability.sample_ratio": 1.0}
             running = {}
             for mode in stack_modes:
                 (tmp / mode).mkdir()
@@ -210,9 +279,9 @@ def main() -> int:
                     result.extra["scrapes"] = scraper.scrapes
                     results[mode].append(result)
                     print(f"{mode} run {run}: {result}", file=sys.stderr)
-            if "stack_on" in running:
-                time.sleep(2)  # the last export interval
-                results["stack_on"][-1].extra["spans_received"] = len(receiver.snapshot())
+                    if mode == "stack_on":
+                        result.extra["spans_exported_so_far"] = spans_exported(list(stack.metrics.values()))
+        print(f"the OTLP sink took {sink.took}", file=sys.stderr)
 
     params = vars(args) | {"scrape_every_s": SCRAPE_EVERY_S}
     data: dict[str, Any] = {}
