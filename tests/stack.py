@@ -204,6 +204,9 @@ def start_stack(
     )
 
 
+READY_LINE = "wicore: serving "  # what `wicore up` prints once every child answered its probe
+
+
 def launch(
     tmp: Path,
     model: str | Path,
@@ -273,6 +276,12 @@ def launch(
         # The gateway is the last to start; its SERVING means everything is up, but
         # the worker registers asynchronously: wait until the scheduler knows it.
         _wait_registered(stack, workers, deadline)
+        # And until `wicore up` itself has seen the gateway ready (it polls on its own): a
+        # child killed before that is a failed start to it, not a crash to restart.
+        while READY_LINE not in stack.log():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"wicore up did not say it serves:\n{stack.log()[-4000:]}")
+            time.sleep(0.05)
     except BaseException:
         stack.stop()  # never leave processes behind, whatever went wrong
         raise
