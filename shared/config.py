@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import enum
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ from wicore.kv.block import Codec
 GiB = 1 << 30
 MiB = 1 << 20
 HEX_DIGITS = frozenset("0123456789abcdef")
+NAMESPACE = re.compile(r"[A-Za-z0-9._-]+")  # Redis key parts: no ':', no hash-tag braces
 T = typing.TypeVar("T")
 
 
@@ -243,7 +245,8 @@ class SchedulerConfig:
 class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 50060  # worker i of `wicore up` listens on port + i
-    advertise_address: str = ""  # host:port the scheduler calls (e.g. a pod's name); default host:port
+    advertise_address: str = ""  # host:port the scheduler calls (e.g. a pod's IP); default host:port
+    tier_address: str = ""  # host:port of the tier service it spills to (its node's); default tier's
     model: str = "smollm2"  # "smollm2" (the bundled default) or a local HF model directory
     model_id: str = ""  # the name clients use; default: derived from the model
     device: str = "cpu"  # "cpu" or "gpu:N"; `wicore up` also takes a comma-separated list or "auto"
@@ -282,12 +285,40 @@ class TierConfig:
     low_watermark: float = 0.8  # ... down to this
     chunk_bytes: int = 1 * MiB  # well under gRPC's 4 MiB message limit
     max_block_bytes: int = 256 * MiB
+    # This tier's name: Redis keys and routing tell tiers apart by it (one tier per node in
+    # Kubernetes, named after the node); workers learn it from the tier they use.
+    node: str = "local"
+
+    def __post_init__(self) -> None:
+        if not NAMESPACE.fullmatch(self.node):
+            raise ConfigError(f"node: letters, digits, '.', '_' or '-' only, got {self.node!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: str = "redis://127.0.0.1:6379/0"
+    """Where the shared metadata lives. The URL may carry credentials and TLS (`rediss://`);
+    the fields below are for what a URL should not hold (a password from a Secret, say)."""
+
+    url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss:// (TLS) or unix://
     namespace: str = "wicore"
+    username: str = ""  # an ACL user; "": the URL's, or `default`
+    password: str = ""  # "": the URL's, or none (set it through WICORE_REDIS__PASSWORD)
+    tls_ca_file: str = ""  # PEM CA bundle that signed the server's certificate (rediss://)
+    tls_cert_file: str = ""  # PEM client certificate, when the server asks for one
+    tls_key_file: str = ""  # its private key
+    cluster: bool = False  # a Redis Cluster: the URL names any one of its nodes
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"url: expected redis://, rediss:// or unix://, got {self.url.split('@')[-1]!r}"
+            )
+        if self.cluster and self.url.startswith("unix://"):
+            raise ConfigError("cluster: a Redis Cluster is reached over TCP, not a unix socket")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file: set both or neither")
+        if not NAMESPACE.fullmatch(self.namespace):
+            raise ConfigError(f"namespace: letters, digits, '.', '_' or '-' only, got {self.namespace!r}")
 
 
 @dataclass(frozen=True, slots=True)

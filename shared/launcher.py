@@ -227,7 +227,7 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
         gateway_server_credentials(config.gateway)  # bad TLS settings fail here, not in a child
         config = with_internal_token(config, state)
         config, device_names = prepare(config, devices)
-        if not redis_answers(config.redis.url):
+        if not redis_answers(config.redis):
             _say(f"no Redis answers at {config.redis.url}; starting a private one in {state}")
             proc, url = start_private_redis(state)
             children.append(Child("redis", proc, None))

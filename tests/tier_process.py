@@ -57,7 +57,10 @@ class TierProcess:
     nvme_dir: Path
 
 
-def start_tier(tmp: Path, redis_url: str, namespace: str, **tier: object) -> TierProcess:
+def start_tier(
+    tmp: Path, redis_url: str, namespace: str, redis: dict[str, object] | None = None, **tier: object
+) -> TierProcess:
+    """A tier process on a free port; `tier` overrides its settings, `redis` the Redis ones."""
     port = free_port()
     nvme_dir = tmp / "nvme"
     settings = {
@@ -74,7 +77,7 @@ def start_tier(tmp: Path, redis_url: str, namespace: str, **tier: object) -> Tie
     settings.update(tier)
     config = {
         "tier": settings,
-        "redis": {"url": redis_url, "namespace": namespace},
+        "redis": {"url": redis_url, "namespace": namespace, **(redis or {})},
         "a2cr_config": {"cleanup_interval": 0.2},
         "shutdown_grace_s": 2.0,
         "observability": {"metrics_port": 0},  # several tiers may run at once

@@ -7,7 +7,6 @@ import contextlib
 
 from wicore.channels import InternalAuth, internal_server
 from wicore.config import Config
-from wicore.kv.client import TierClient
 from wicore.metrics import start_metrics
 from wicore.scheduler.batcher import BatchOptimizer
 from wicore.scheduler.dispatcher import Dispatcher
@@ -31,13 +30,11 @@ def build_servicer(config: Config) -> SchedulerServicer:
     hints = PlacementHints(ttl_s=HINT_HEARTBEATS * sc.heartbeat_interval_s)
     batcher = BatchOptimizer(sc, make_router(sc), hints, orphan_timeout_s=sc.worker_timeout_s)
     queue = RequestQueue(sc.max_queue_size, sc.aging_interval_s, registry.clock)
-    prefixes = PrefixIndex(config.redis.url, config.redis.namespace, sc.redis_timeout_s)
+    prefixes = PrefixIndex(config.redis, sc.redis_timeout_s)
     auth = InternalAuth.load(config.internal)
-    tier_address = f"{config.tier.host}:{config.tier.port}"
-    tier = TierClient(tier_address, timeout_s=2.0, auth=auth) if sc.prefetch else None
     metrics = SchedulerMetrics(sc.routing_policy, queue, registry, prefixes)
     dispatcher = Dispatcher(registry, queue, batcher)
-    return SchedulerServicer(sc, registry, dispatcher, prefixes, hints, tier, auth, metrics)
+    return SchedulerServicer(sc, registry, dispatcher, prefixes, hints, sc.prefetch, auth, metrics)
 
 
 async def serve(config: Config) -> None:
@@ -57,9 +54,7 @@ async def serve(config: Config) -> None:
             expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
-        await servicer.channels.close_all()
+        await servicer.close()
         await servicer.prefixes.close()
-        if servicer.tier is not None:
-            await servicer.tier.close()
         if endpoint is not None:
             await endpoint.stop()

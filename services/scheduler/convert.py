@@ -81,6 +81,8 @@ def worker_from_proto(msg: scheduler_pb2.RegisterWorkerRequest) -> WorkerInfo:
         max_batch_size=msg.max_batch_size,
         fingerprint=msg.fingerprint,
         default_max_tokens=msg.default_max_tokens or 256,
+        tier_address=msg.tier_address,
+        tier_node=msg.tier_node,
         load=load_from_proto(msg.load),
     )
 
@@ -98,4 +100,6 @@ def worker_status(w: WorkerInfo, now: float, batch_limit: int) -> scheduler_pb2.
         reserved_blocks=w.reserved_blocks,
         total_blocks=w.total_blocks,
         max_batch_size=batch_limit,
+        tier_address=w.tier_address,
+        tier_node=w.tier_node,
     )

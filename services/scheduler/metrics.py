@@ -72,7 +72,8 @@ def routing_outcome(
         return RoutingOutcome.AWAY_FROM_PREFIX
     if cached_blocks > 0:
         return RoutingOutcome.DEVICE_PREFIX
-    if prefix.tier and prefix.tier[0] is not None:
+    tiers = prefix.tier(chosen.tier_node)
+    if tiers and tiers[0] is not None:
         return RoutingOutcome.TIER_PREFIX
     return RoutingOutcome.NO_PREFIX
 

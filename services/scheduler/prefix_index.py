@@ -6,8 +6,9 @@ its reusable blocks once, exactly as the worker's engine does
 registered, and hands those hashes on to the worker it places the request on.
 One pipelined round trip then asks, per live worker,
 `SMISMEMBER {ns}:res:{worker} h_0 … h_k` (the blocks on its device, published by
-the worker each heartbeat) and, per block, `HGET {ns}:blk:{h} tier` (written by
-the tier service).
+the worker each heartbeat) and, per tier service those workers use and per block,
+`HGET {ns}:tier:{node}:blk:{h} tier` (written by that tier). On a Redis Cluster the
+pipeline is split by slot, and still one round trip per node.
 
 Redis is advisory here: an error or a timeout (`redis_timeout_s`) means "no
 information" — routing falls back to load alone — and Redis is left alone for
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from redis.exceptions import RedisError
 
+from wicore.config import RedisConfig
 from wicore.kv.block import StorageTier
 from wicore.kv.hashing import BlockHash, reusable_chain
 from wicore.redis_keys import block_key, residency_key
@@ -37,16 +39,15 @@ log = logging.getLogger(__name__)
 class PrefixIndex:
     def __init__(
         self,
-        redis_url: str,
-        namespace: str,
+        redis: RedisConfig,
         timeout_s: float,
         retry_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.namespace = namespace
+        self.namespace = redis.namespace
         self.retry_after_s = retry_after_s
         self.clock = clock
-        self._redis = fast_failing_client(redis_url, timeout_s)
+        self._redis = fast_failing_client(redis, timeout_s)
         self._down_until = 0.0
         self.failures = 0  # lookups routed without Redis' answer (see the module docstring)
 
@@ -62,39 +63,43 @@ class PrefixIndex:
             return PrefixInfo()
         bs = first.block_size
         hashes = tuple(reusable_chain(first.fingerprint, cache_salt, token_ids, bs))
-        group = [w.worker_id for w in workers if (w.fingerprint, w.block_size) == (first.fingerprint, bs)]
-        device, tier = await self.lookup(group, hashes)
-        return PrefixInfo(hashes, first.fingerprint, bs, device, tier)
+        group = [w for w in workers if (w.fingerprint, w.block_size) == (first.fingerprint, bs)]
+        nodes = sorted({w.tier_node for w in group if w.tier_node})
+        device, tiers = await self.lookup([w.worker_id for w in group], nodes, hashes)
+        return PrefixInfo(hashes, first.fingerprint, bs, device, tiers)
 
     async def lookup(
-        self, worker_ids: Sequence[str], hashes: Sequence[BlockHash]
-    ) -> tuple[dict[str, int], tuple[StorageTier | None, ...]]:
-        """Per worker, how many of `hashes` (from the first) it holds; per hash, its tier."""
+        self, worker_ids: Sequence[str], nodes: Sequence[str], hashes: Sequence[BlockHash]
+    ) -> tuple[dict[str, int], dict[str, tuple[StorageTier | None, ...]]]:
+        """Per worker, how many of `hashes` (from the first) it holds; per tier `node`, where
+        it holds each hash."""
         if not hashes:
-            return {}, ()
+            return {}, {}
         if self.clock() < self._down_until:
             self.failures += 1
-            return {}, ()
+            return {}, {}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for worker_id in worker_ids:
                     pipe.smismember(residency_key(self.namespace, worker_id), list(hashes))
-                for h in hashes:
-                    pipe.hget(block_key(self.namespace, h), "tier")
+                for node in nodes:
+                    for h in hashes:
+                        pipe.hget(block_key(self.namespace, node, h), "tier")
                 replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             self.failures += 1
             if self.clock() >= self._down_until:
                 log.warning("Redis did not answer (%s); routing by load alone for now", exc)
             self._down_until = self.clock() + self.retry_after_s
-            return {}, ()
+            return {}, {}
         device = {}
         for worker_id, flags in zip(worker_ids, replies, strict=False):
             n = 0
             while n < len(flags) and flags[n]:
                 n += 1
             device[worker_id] = n
-        tiers = tuple(_tier(v) for v in replies[len(worker_ids) :])
+        n, rest = len(hashes), replies[len(worker_ids) :]
+        tiers = {node: tuple(_tier(v) for v in rest[i * n : (i + 1) * n]) for i, node in enumerate(nodes)}
         return device, tiers
 
 

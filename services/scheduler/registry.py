@@ -39,6 +39,8 @@ class WorkerInfo:
     max_batch_size: int = 0
     fingerprint: str = ""  # root of its block hashes
     default_max_tokens: int = 256
+    tier_address: str = ""  # the tier service it spills to and loads from ("": none)
+    tier_node: str = ""  # that tier's name: only its blocks are loadable for this worker ("": unknown)
     load: WorkerLoad = field(default_factory=WorkerLoad)
     last_seen: float = 0.0
     registered_at: float = 0.0
@@ -85,14 +87,22 @@ class WorkerRegistry:
         self.workers[info.worker_id] = info
         self.models_seen.add(info.model)
 
-    def heartbeat(self, worker_id: str, load: WorkerLoad) -> bool:
+    def heartbeat(self, worker_id: str, load: WorkerLoad, tier_node: str | None = None) -> bool:
         """False when the worker is unknown (it must register again)."""
         info = self.workers.get(worker_id)
         if info is None:
             return False
         info.load = load
+        if tier_node is not None:
+            info.tier_node = tier_node
         info.last_seen = self.clock()
         return True
+
+    def tier_address(self, node: str) -> str:
+        """Where the tier named `node` answers, as its workers reach it ("" if none says)."""
+        return next(
+            (w.tier_address for w in self.workers.values() if w.tier_node == node and w.tier_address), ""
+        )
 
     def remove(self, worker_id: str) -> WorkerInfo | None:
         return self.workers.pop(worker_id, None)

@@ -13,8 +13,10 @@ the cheapest:
         uncomputed(w) = n - bs·(d_w + t_w) + bs·Σ price(tier of block i), i in [d_w, d_w + t_w)
         n = prompt tokens, d_w = prompt blocks resident on w's device (Redis
         `{ns}:res:{w}` plus the scheduler's placement hints), t_w = blocks after
-        those that the tier service holds (`{ns}:blk:{hash}` field `tier`), each
-        priced as a fraction of recomputing it: tier_cpu_cost, tier_nvme_cost.
+        those that w's own tier service holds (`{ns}:tier:{node}:blk:{hash}` field
+        `tier`, node = the tier w registered with), each priced as a fraction of
+        recomputing it: tier_cpu_cost, tier_nvme_cost. A block held only by another
+        node's tier is a miss for w: w cannot load it.
     queue(w)   = inflight(w) / batch_limit(w)              (occupancy of its batch)
     util(w)    = max(queue(w), kv_utilisation(w))
     a          = clamp(min(1, (n + max_new) / attention_scale_tokens) + 0.5 - θ, 0, 1)
@@ -91,7 +93,7 @@ class MoRRouter:
         prefix = request.prefix
         bs = prefix.block_size or worker.block_size or 1
         loaded, price = 0, 0.0
-        for tier in prefix.tier[resident:]:
+        for tier in prefix.tier(worker.tier_node)[resident:]:
             if tier is None:
                 break
             loaded += 1

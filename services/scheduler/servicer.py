@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -108,18 +108,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         dispatcher: Dispatcher,
         prefixes: PrefixIndex,
         hints: PlacementHints,
-        tier: TierClient | None = None,
-        auth: InternalAuth | None = None,  # the token its calls to workers carry
+        prefetch: bool = False,  # ask workers' tiers to promote a queued prompt's NVMe blocks
+        auth: InternalAuth | None = None,  # the token its calls to workers and tiers carry
         metrics: SchedulerMetrics | None = None,  # None: a registry of its own (served by no endpoint)
     ) -> None:
         self.config = config
-        self.tier = tier  # for Prefetch; None: no prefetching
+        self.prefetch = prefetch
+        self.tiers: dict[str, TierClient] = {}  # by address, made on first use, for Prefetch
+        self._auth = auth or InternalAuth()
         self._prefetches: set[asyncio.Task[None]] = set()
         self.registry = registry
         self.dispatcher = dispatcher
         self.prefixes = prefixes
         self.hints = hints
-        self.channels = Channels(auth or InternalAuth())
+        self.channels = Channels(self._auth)
         self.calls = _Calls()
         self.started = registry.clock()
         if metrics is None:
@@ -137,7 +139,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def Heartbeat(
         self, request: scheduler_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.HeartbeatResponse:
-        known = self.registry.heartbeat(request.worker_id, convert.load_from_proto(request.load))
+        known = self.registry.heartbeat(
+            request.worker_id, convert.load_from_proto(request.load), request.tier_node
+        )
         return scheduler_pb2.HeartbeatResponse(known=known)
 
     async def DeregisterWorker(
@@ -193,12 +197,26 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             reply.models.add(id=model, max_context=min(w.max_context for w in workers), workers=len(workers))
         return reply
 
-    def _prefetch(self, hashes: list[BlockHash]) -> None:
-        """Asks the tier, in the background, to promote these blocks from NVMe to CPU RAM."""
-        if hashes and self.tier is not None:
-            task = asyncio.create_task(self.tier.prefetch(hashes))
+    def _prefetch(self, wanted: Mapping[str, list[BlockHash]]) -> None:
+        """Asks each tier (by name), in the background, to promote these blocks from NVMe to
+        CPU RAM; a tier is reached at the address its workers registered."""
+        if not self.prefetch:
+            return
+        for node, hashes in wanted.items():
+            address = self.registry.tier_address(node)
+            if not address or not hashes:
+                continue
+            if address not in self.tiers:
+                self.tiers[address] = TierClient(address, timeout_s=2.0, auth=self._auth)
+            task = asyncio.create_task(self.tiers[address].prefetch(hashes))
             self._prefetches.add(task)
             task.add_done_callback(self._prefetches.discard)
+
+    async def close(self) -> None:
+        """Closes the channels to workers and tiers."""
+        await self.channels.close_all()
+        for client in self.tiers.values():
+            await client.close()
 
     async def _queued(
         self, tokenized: worker_pb2.TokenizedRequest, context: grpc.aio.ServicerContext
@@ -351,8 +369,12 @@ def _prefix_attributes(prefix: PrefixInfo) -> dict[str, int]:
     return {
         "wicore.prefix.blocks": len(prefix.hashes),
         "wicore.prefix.device_blocks": max(prefix.device.values(), default=0),
-        "wicore.prefix.cpu_blocks": sum(t is StorageTier.CPU for t in prefix.tier),
-        "wicore.prefix.nvme_blocks": sum(t is StorageTier.NVME for t in prefix.tier),
+        "wicore.prefix.cpu_blocks": max(
+            (tiers.count(StorageTier.CPU) for tiers in prefix.tiers.values()), default=0
+        ),
+        "wicore.prefix.nvme_blocks": max(
+            (tiers.count(StorageTier.NVME) for tiers in prefix.tiers.values()), default=0
+        ),
     }
 
 

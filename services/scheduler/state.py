@@ -40,40 +40,46 @@ class PrefixInfo:
     `hashes` are the chain hashes of the prompt's reusable full blocks (every full
     block but the one holding the last token, as the worker's engine reuses them);
     `device[w]` is how many of them, from the first, worker w holds on its device;
-    `tier[i]` is where the tier service holds block i (None: not there). Only
-    workers with the same fingerprint and block size can hold these blocks.
-    Empty when the scheduler has no tokenizer; `device` and `tier` are empty
-    when Redis did not answer.
+    `tiers[node][i]` is where the tier service named `node` holds block i (None: not
+    there). A worker can load only from its own tier (`WorkerInfo.tier_node`): a block
+    in another node's tier is, for it, a block to recompute. Only workers with the same
+    fingerprint and block size can hold these blocks. Empty when the scheduler has no
+    tokenizer; `device` and `tiers` are empty when Redis did not answer.
     """
 
     hashes: tuple[BlockHash, ...] = ()
     fingerprint: str = ""  # the model fingerprint the hashes were rooted in
     block_size: int = 0
     device: Mapping[str, int] = field(default_factory=dict)
-    tier: tuple[StorageTier | None, ...] = ()
+    tiers: Mapping[str, tuple[StorageTier | None, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.tier and len(self.tier) != len(self.hashes):
-            raise ValueError(f"tier has {len(self.tier)} entries for {len(self.hashes)} hashes")
+        for node, tiers in self.tiers.items():
+            if len(tiers) != len(self.hashes):
+                raise ValueError(f"tiers[{node!r}] has {len(tiers)} entries for {len(self.hashes)} hashes")
         for worker_id, n in self.device.items():
             if not 0 <= n <= len(self.hashes):
                 raise ValueError(f"device[{worker_id!r}] = {n} is outside [0, {len(self.hashes)}]")
 
-    def to_prefetch(self) -> list[BlockHash]:
-        """The NVMe blocks of the reusable prefix that no worker holds on its device.
+    def tier(self, node: str) -> tuple[StorageTier | None, ...]:
+        """Where the tier named `node` holds each block (() when unknown: nothing there)."""
+        return self.tiers.get(node, ())
 
-        The prefix runs while each block is on some device or in the tier; of it, the
-        blocks past the longest device prefix that sit on NVMe are worth promoting to CPU
-        RAM before the worker asks for them.
+    def to_prefetch(self) -> dict[str, list[BlockHash]]:
+        """Per tier, the NVMe blocks of the reusable prefix that no worker holds on its device.
+
+        In each tier the prefix runs while each block is on some device or in that tier; of
+        it, the blocks past the longest device prefix that sit on NVMe are worth promoting to
+        CPU RAM before a worker of that node asks for them.
         """
         on_device = max(self.device.values(), default=0)
-        wanted: list[BlockHash] = []
-        for i, block_hash in enumerate(self.hashes):
-            tier = self.tier[i] if i < len(self.tier) else None
-            if i >= on_device and tier is None:
-                break
-            if i >= on_device and tier is StorageTier.NVME:
-                wanted.append(block_hash)
+        wanted: dict[str, list[BlockHash]] = {}
+        for node, tiers in self.tiers.items():
+            for i, block_hash in enumerate(self.hashes):
+                if i >= on_device and tiers[i] is None:
+                    break
+                if i >= on_device and tiers[i] is StorageTier.NVME:
+                    wanted.setdefault(node, []).append(block_hash)
         return wanted
 
 

@@ -69,8 +69,8 @@ async def serve(config: Config) -> None:
     check_tier_config(tc)
     torch.set_num_threads(1)  # codec work: one thread beside the event loop, on a shared machine
     keep_freed_memory()
-    redis = fast_failing_client(config.redis.url, REDIS_TIMEOUT_S)
-    metadata = BlockMetadata(redis, config.redis.namespace)
+    redis = fast_failing_client(config.redis, REDIS_TIMEOUT_S)
+    metadata = BlockMetadata(redis, config.redis.namespace, tc.node)
     manager = TierManager(
         tc, config.a2cr_config, metadata, nvme_root(config) if tc.nvme_capacity_bytes else None
     )

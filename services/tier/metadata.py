@@ -1,12 +1,13 @@
 """Block metadata mirrored to Redis, so schedulers, workers and operators see what the tiers hold.
 
-Keys (see also docs/architecture.md), `ns` being `config.redis.namespace`:
+Keys (shared/redis_keys.py), `ns` being `config.redis.namespace` and `node` `config.tier.node`
+(every key of one tier shares the `{node}` hash tag: one Redis Cluster slot):
 
-    {ns}:blk:{hash}    hash: tier ("cpu" | "nvme", the faster copy), nvme_copy (0|1), bytes,
-                       codec, created, last_access, hits, attention, observations
-    {ns}:a2cr:cpu      sorted set: member = block hash, score = the CPU policy's score
-    {ns}:a2cr:nvme     sorted set: the same for blocks with an NVMe copy
-    {ns}:tier:epoch    sentinel: set by every full resync
+    {ns}:tier:{node}:blk:{hash}    hash: tier ("cpu" | "nvme", the faster copy), nvme_copy (0|1),
+                                   bytes, codec, created, last_access, hits, attention, observations
+    {ns}:tier:{node}:a2cr:cpu      sorted set: member = block hash, score = the CPU policy's score
+    {ns}:tier:{node}:a2cr:nvme     sorted set: the same for blocks with an NVMe copy
+    {ns}:tier:{node}:epoch         sentinel: set by every full resync
 
 Every write is one MULTI/EXEC pipeline, so a block's hash and its sorted-set
 memberships change together (a move between tiers is atomic). The tier process
@@ -74,13 +75,15 @@ class BlockMetadata:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | aioredis.RedisCluster,
         namespace: str,
+        node: str = "local",
         retry_after_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._redis = client
         self._ns = namespace
+        self._node = node
         self._retry_after_s = retry_after_s
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -94,14 +97,14 @@ class BlockMetadata:
         return self._ok
 
     def block_key(self, block_hash: BlockHash) -> str:
-        return block_key(self._ns, block_hash)
+        return block_key(self._ns, self._node, block_hash)
 
     def score_key(self, tier: StorageTier) -> str:
-        return score_key(self._ns, tier.value)
+        return score_key(self._ns, self._node, tier.value)
 
     @property
     def sentinel_key(self) -> str:
-        return tier_sentinel_key(self._ns)
+        return tier_sentinel_key(self._ns, self._node)
 
     async def write(self, changes: Changes) -> None:
         """Writes the records `changes()` returns and deletes the keys of its gone blocks, in one
@@ -172,7 +175,7 @@ class BlockMetadata:
         keep = {self.block_key(r.block_hash).encode() for r in records}
         stale = [
             k
-            async for k in self._redis.scan_iter(match=block_pattern(self._ns), count=BATCH)
+            async for k in self._redis.scan_iter(match=block_pattern(self._ns, self._node), count=BATCH)
             if k not in keep
         ]
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -176,4 +176,6 @@ class TierServicer(tier_pb2_grpc.TierServicer):
     async def Stats(
         self, request: tier_pb2.StatsRequest, context: grpc.aio.ServicerContext
     ) -> tier_pb2.StatsResponse:
-        return stats_to_proto(await self.manager.report())
+        reply = stats_to_proto(await self.manager.report())
+        reply.node = self.config.node
+        return reply

@@ -160,8 +160,7 @@ class Registration:
         self.interval = config.scheduler.heartbeat_interval_s
         self.timeout_s = config.scheduler.worker_timeout_s  # after this the scheduler drops us
         self.residency = ResidencyPublisher(
-            config.redis.url,
-            config.redis.namespace,
+            config.redis,
             request.worker_id,
             ttl_s=max(10.0, 3 * config.scheduler.worker_timeout_s),
         )
@@ -204,7 +203,9 @@ class Registration:
                         log.info("registered with the scheduler at %s", self.address)
                     else:
                         beat = scheduler_pb2.HeartbeatRequest(
-                            worker_id=self.request.worker_id, load=self._load()
+                            worker_id=self.request.worker_id,
+                            load=self._load(),
+                            tier_node=self.request.tier_node,
                         )
                         registered = (await stub.Heartbeat(beat, timeout=2.0)).known
                         if not registered:
@@ -220,6 +221,11 @@ class Registration:
 
     async def _publish_loop(self) -> None:
         while True:
+            offloader = self.engine.offloader
+            if offloader is not None and not self.request.tier_node:
+                # Which tier this worker reads (routing prices only its blocks as loadable);
+                # asked here, off the heartbeat loop, until the tier has answered once.
+                self.request.tier_node = await offloader.client.node()
             try:
                 hashes = await asyncio.wait_for(self.engine.resident_hashes(), timeout=self.interval + 1.0)
             except TimeoutError:  # the engine thread is stuck or gone: nothing to advertise
@@ -244,6 +250,11 @@ class Registration:
                 log.warning("could not deregister: %s", exc.code().name)
 
 
+def tier_address(config: Config) -> str:
+    """The tier service this worker uses: `worker.tier_address` (its node's, in Kubernetes)."""
+    return config.worker.tier_address or f"{config.tier.host}:{config.tier.port}"
+
+
 def make_offloader(config: Config) -> KvOffloader | None:
     wc = config.worker
     if not wc.kv_offload:
@@ -252,7 +263,7 @@ def make_offloader(config: Config) -> KvOffloader | None:
         raise ConfigError(
             f"worker.max_pending_offload_blocks: must be >= 1, got {wc.max_pending_offload_blocks}"
         )
-    client = TierClient(f"{config.tier.host}:{config.tier.port}", auth=InternalAuth.load(config.internal))
+    client = TierClient(tier_address(config), auth=InternalAuth.load(config.internal))
     return KvOffloader(client, wc.offload_codec, wc.max_pending_offload_blocks)
 
 
@@ -294,6 +305,7 @@ async def serve(config: Config) -> None:
             max_batch_size=wc.max_batch_size,
             fingerprint=loaded.fingerprint,
             default_max_tokens=defaults.default_max_tokens,
+            tier_address=tier_address(config) if offloader is not None else "",
         ),
         engine,
     )

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from redis.exceptions import RedisError
 
+from wicore.config import RedisConfig
 from wicore.kv.hashing import BlockHash
 from wicore.redis_keys import residency_key
 from wicore.redis_server import fast_failing_client
@@ -34,10 +35,10 @@ def _batches(items: list[BlockHash]) -> Iterable[list[BlockHash]]:
 
 
 class ResidencyPublisher:
-    def __init__(self, redis_url: str, namespace: str, worker_id: str, ttl_s: float, timeout_s: float = 1.0):
-        self.key = residency_key(namespace, worker_id)
+    def __init__(self, redis: RedisConfig, worker_id: str, ttl_s: float, timeout_s: float = 1.0):
+        self.key = residency_key(redis.namespace, worker_id)
         self.ttl_s = max(1, int(ttl_s))
-        self._redis = fast_failing_client(redis_url, timeout_s)
+        self._redis = fast_failing_client(redis, timeout_s)
         self._published: frozenset[BlockHash] | None = None  # None: rewrite whole next time
         self._ok = True
 

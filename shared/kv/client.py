@@ -1,5 +1,5 @@
-"""A client of the tier service (workers: Lookup, GetBlocks, PutBlocks, UpdateScores; the
-scheduler: Prefetch).
+"""A client of the tier service (workers: Lookup, GetBlocks, PutBlocks, UpdateScores, and
+Stats for the tier's name; the scheduler: Prefetch).
 
 The tier is an optimisation, never a dependency: a call that fails (the tier down,
 restarting, or slower than `timeout_s`) marks it unavailable for `retry_after_s`,
@@ -106,6 +106,15 @@ class TierClient:
             await self._stub.UpdateScores(observations_to_proto(observations), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             self._failed("UpdateScores", exc)
+
+    async def node(self) -> str:
+        """The tier's name (`tier.node`); "" when it does not answer (nothing is marked down:
+        a worker asks this before the tier has started, and asks again)."""
+        try:
+            reply = await self._stub.Stats(tier_pb2.StatsRequest(), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError:
+            return ""
+        return reply.node
 
     async def prefetch(self, hashes: Sequence[BlockHash]) -> None:
         if not hashes or not self.available:

@@ -32,7 +32,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., loaded_blocks: _Optional[_Mapping[str, int]] = ..., spilled_blocks: _Optional[int] = ..., spill_failed_blocks: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "device", "model", "max_context", "total_blocks", "block_size", "max_batch_size", "load", "fingerprint", "default_max_tokens")
+    __slots__ = ("worker_id", "address", "device", "model", "max_context", "total_blocks", "block_size", "max_batch_size", "load", "fingerprint", "default_max_tokens", "tier_address", "tier_node")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class RegisterWorkerRequest(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TIER_NODE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     device: str
@@ -55,7 +57,9 @@ class RegisterWorkerRequest(_message.Message):
     load: WorkerLoad
     fingerprint: str
     default_max_tokens: int
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., max_context: _Optional[int] = ..., total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., fingerprint: _Optional[str] = ..., default_max_tokens: _Optional[int] = ...) -> None: ...
+    tier_address: str
+    tier_node: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., max_context: _Optional[int] = ..., total_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., fingerprint: _Optional[str] = ..., default_max_tokens: _Optional[int] = ..., tier_address: _Optional[str] = ..., tier_node: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("heartbeat_interval_s",)
@@ -64,12 +68,14 @@ class RegisterWorkerResponse(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "load")
+    __slots__ = ("worker_id", "load", "tier_node")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    TIER_NODE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     load: WorkerLoad
-    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ...) -> None: ...
+    tier_node: str
+    def __init__(self, worker_id: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., tier_node: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)
@@ -92,7 +98,7 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "address", "device", "model", "load", "inflight", "seconds_since_heartbeat", "dispatched", "reserved_blocks", "total_blocks", "max_batch_size")
+    __slots__ = ("worker_id", "address", "device", "model", "load", "inflight", "seconds_since_heartbeat", "dispatched", "reserved_blocks", "total_blocks", "max_batch_size", "tier_address", "tier_node")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +110,8 @@ class WorkerStatus(_message.Message):
     RESERVED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TIER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TIER_NODE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     device: str
@@ -115,7 +123,9 @@ class WorkerStatus(_message.Message):
     reserved_blocks: int
     total_blocks: int
     max_batch_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., inflight: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., dispatched: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    tier_address: str
+    tier_node: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., model: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., inflight: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ..., dispatched: _Optional[int] = ..., reserved_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., tier_address: _Optional[str] = ..., tier_node: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers", "queued", "routing_policy")

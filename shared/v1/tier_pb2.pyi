@@ -184,7 +184,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[StorageTier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., evictions: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., pressure: _Optional[float] = ..., eviction_threshold: _Optional[float] = ..., time_decay_factor: _Optional[float] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tiers", "redis_ok", "policy", "blocks_demoted", "bytes_demoted", "blocks_promoted", "bytes_promoted", "corrupt_blocks", "nvme_write_errors")
+    __slots__ = ("tiers", "redis_ok", "policy", "blocks_demoted", "bytes_demoted", "blocks_promoted", "bytes_promoted", "corrupt_blocks", "nvme_write_errors", "node")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     REDIS_OK_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class StatsResponse(_message.Message):
     BYTES_PROMOTED_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NVME_WRITE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     redis_ok: bool
     policy: str
@@ -203,4 +204,5 @@ class StatsResponse(_message.Message):
     bytes_promoted: int
     corrupt_blocks: int
     nvme_write_errors: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., redis_ok: _Optional[bool] = ..., policy: _Optional[str] = ..., blocks_demoted: _Optional[int] = ..., bytes_demoted: _Optional[int] = ..., blocks_promoted: _Optional[int] = ..., bytes_promoted: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., nvme_write_errors: _Optional[int] = ...) -> None: ...
+    node: str
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., redis_ok: _Optional[bool] = ..., policy: _Optional[str] = ..., blocks_demoted: _Optional[int] = ..., bytes_demoted: _Optional[int] = ..., blocks_promoted: _Optional[int] = ..., bytes_promoted: _Optional[int] = ..., corrupt_blocks: _Optional[int] = ..., nvme_write_errors: _Optional[int] = ..., node: _Optional[str] = ...) -> None: ...

@@ -31,6 +31,7 @@ import grpc
 import pytest
 import redis
 
+from wicore.redis_keys import tier_sentinel_key
 from wicore.redis_server import find_redis_server, redis_answers
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, tier_pb2, tier_pb2_grpc
@@ -238,7 +239,7 @@ class Faults:
         """Redis back on its port, empty; the tier reports redis_ok and rewrites its mirror."""
         self.redis_proc = await asyncio.to_thread(start_tcp_redis, self.redis_dir, self.redis_port)
         await until(lambda: redis_ok(self.stack), "the tier to report redis_ok again", 30)
-        sentinel = f"{self.stack.namespace}:tier:epoch"
+        sentinel = tier_sentinel_key(self.stack.namespace, "local")
         with redis.Redis(port=self.redis_port) as r:
             await until(lambda: r.exists(sentinel), "the tier to rewrite its metadata", 30)
 

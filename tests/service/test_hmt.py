@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 
 from wicore.kv.hashing import reusable_chain
 from wicore.model_files import fingerprint, resolve_model
+from wicore.redis_keys import block_key
 from wicore.redis_server import start_private_redis
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc
@@ -209,7 +210,7 @@ async def test_attention_measured_on_the_device_reaches_the_tiers_scores(
     first = await generate(client, prompt)
     await push_out(client, prompt)
     chain = await in_tier(tier, tiny_llama_dir, prompt, full_blocks(first))
-    keys = [f"{stack.namespace}:blk:{h}" for h in chain]
+    keys = [block_key(stack.namespace, "local", h) for h in chain]
     with redis.Redis.from_url(redis_url, decode_responses=True) as r:
 
         async def observed() -> bool:
@@ -253,7 +254,7 @@ async def test_redis_stopped_and_restarted_offload_goes_on(
             with redis.Redis.from_url(private_url, decode_responses=True) as r:
 
                 async def mirrored() -> bool:
-                    return all(r.exists(f"{stack.namespace}:blk:{h}") for h in chain)
+                    return all(r.exists(block_key(stack.namespace, "local", h)) for h in chain)
 
                 await until(mirrored, "the tier to rewrite its metadata into the new Redis")
     finally:

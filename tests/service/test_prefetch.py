@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from wicore.config import load_config
 from wicore.kv.hashing import reusable_chain
+from wicore.redis_keys import block_key
 from wicore.scheduler.app import build_servicer
 from wicore.server import ServiceServer
 from wicore.v1 import inference_pb2 as pb
@@ -61,12 +62,12 @@ async def test_a_queued_requests_nvme_prefix_is_promoted_by_the_scheduler(
             tier_stub = tier_pb2_grpc.TierStub(channel)
             chunks = [c for h in [*chain, *fillers] for c in block_chunks(h, raw_of(h))]
             assert (await tier_stub.PutBlocks(iter(chunks), timeout=30)).stored == len(chain) + len(fillers)
-            assert {client.hget(f"{namespace}:blk:{h}", "tier") for h in chain} == {"nvme"}
+            assert {client.hget(block_key(namespace, "local", h), "tier") for h in chain} == {"nvme"}
 
             port = free_port()
             config = load_config(None, {}, {
                 "scheduler.port": port, "scheduler.heartbeat_interval_s": 0.1, "redis.url": redis_url,
-                "redis.namespace": namespace, "tier.port": int(tier.address.rsplit(":", 1)[1]),
+                "redis.namespace": namespace,
                 "state_dir": str(tmp_path / "state"),
             })  # fmt: skip
             servicer = build_servicer(config)
@@ -84,7 +85,7 @@ async def test_a_queued_requests_nvme_prefix_is_promoted_by_the_scheduler(
                 await stub.RegisterWorker(scheduler_pb2.RegisterWorkerRequest(
                     worker_id="w", address=f"127.0.0.1:{worker_port}", device="cpu", model="m",
                     max_context=4096, total_blocks=1000, block_size=16, max_batch_size=4,
-                    fingerprint=FINGERPRINT,
+                    fingerprint=FINGERPRINT, tier_address=tier.address, tier_node="local",
                 ))  # fmt: skip
                 request = worker_pb2.TokenizedRequest(
                     request=pb.GenerateRequest(max_tokens=1), prompt_token_ids=ids
@@ -104,10 +105,8 @@ async def test_a_queued_requests_nvme_prefix_is_promoted_by_the_scheduler(
             stats = await tier_stub.Stats(tier_pb2.StatsRequest(), timeout=10)
             assert stats.blocks_promoted >= len(chain)
             assert stats.tiers[0].hits == 0  # nobody read them: promoted, not served
-        await servicer.channels.close_all()
+        await servicer.close()
         await servicer.prefixes.close()
-        if servicer.tier is not None:
-            await servicer.tier.close()
     finally:
         for server in servers:
             with contextlib.suppress(Exception):

@@ -10,8 +10,10 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from transformers import AutoTokenizer
 
+from wicore.config import RedisConfig
 from wicore.kv.block import StorageTier
 from wicore.kv.hashing import BlockHash, chain_hashes, root_hash
+from wicore.redis_keys import block_key
 from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerInfo
 from wicore.worker.residency import ResidencyPublisher
@@ -29,7 +31,7 @@ async def test_publisher_sends_diffs_and_a_restart_rewrites_the_set(redis_url: s
     key = f"{ns}:res:w1"
     try:
         await client.sadd(key, h(99))  # left over from the worker's previous life
-        publisher = ResidencyPublisher(redis_url, ns, "w1", ttl_s=30)
+        publisher = ResidencyPublisher(RedisConfig(redis_url, ns), "w1", ttl_s=30)
         await publisher.publish(frozenset({h(1), h(2)}))
         assert await client.smembers(key) == {h(1).encode(), h(2).encode()}
         assert 0 < await client.ttl(key) <= 30
@@ -49,24 +51,30 @@ async def test_publisher_sends_diffs_and_a_restart_rewrites_the_set(redis_url: s
 async def test_lookup_counts_each_workers_resident_prefix_and_reads_tiers(redis_url: str) -> None:
     ns = f"wicore-test-{uuid.uuid4().hex[:8]}"
     client = aioredis.from_url(redis_url)
-    index = PrefixIndex(redis_url, ns, timeout_s=0.5)
+    index = PrefixIndex(RedisConfig(redis_url, ns), timeout_s=0.5)
     try:
         await client.sadd(f"{ns}:res:a", h(0), h(1), h(2))
         await client.sadd(f"{ns}:res:b", h(0), h(2))  # h(1) missing: its prefix is 1 block
-        await client.hset(f"{ns}:blk:{h(0)}", mapping={"tier": "cpu", "bytes": 1})
-        await client.hset(f"{ns}:blk:{h(1)}", mapping={"tier": "nvme"})
-        await client.hset(f"{ns}:blk:{h(2)}", mapping={"tier": "tape"})  # unknown: not usable
-        device, tiers = await index.lookup(["a", "b", "c"], [h(0), h(1), h(2), h(3)])
+        await client.hset(block_key(ns, "n1", h(0)), mapping={"tier": "cpu", "bytes": 1})
+        await client.hset(block_key(ns, "n1", h(1)), mapping={"tier": "nvme"})
+        await client.hset(block_key(ns, "n1", h(2)), mapping={"tier": "tape"})  # unknown: not usable
+        await client.hset(block_key(ns, "n2", h(0)), mapping={"tier": "nvme"})  # another node's tier
+        device, tiers = await index.lookup(["a", "b", "c"], ["n1", "n2", "n3"], [h(0), h(1), h(2), h(3)])
         assert device == {"a": 3, "b": 1, "c": 0}
-        assert tiers == (StorageTier.CPU, StorageTier.NVME, None, None)
+        assert tiers == {
+            "n1": (StorageTier.CPU, StorageTier.NVME, None, None),
+            "n2": (StorageTier.NVME, None, None, None),
+            "n3": (None, None, None, None),
+        }
     finally:
-        await client.delete(*[f"{ns}:res:{w}" for w in "ab"], *[f"{ns}:blk:{h(i)}" for i in range(3)])
+        keys = [block_key(ns, n, h(i)) for n in ("n1", "n2") for i in range(3)]
+        await client.delete(*[f"{ns}:res:{w}" for w in "ab"], *keys)
         await client.aclose()
         await index.close()
 
 
 async def test_describe_hashes_prompts_as_the_worker_does(tiny_llama_dir: Path, redis_url: str) -> None:
-    index = PrefixIndex(redis_url, f"wicore-test-{uuid.uuid4().hex[:8]}", timeout_s=0.5)
+    index = PrefixIndex(RedisConfig(redis_url, f"wicore-test-{uuid.uuid4().hex[:8]}"), timeout_s=0.5)
     w = WorkerInfo("w", "w:1", "cpu", "m", 4096, 100, 16, 8, fingerprint="fp")
     ids = AutoTokenizer.from_pretrained(tiny_llama_dir).encode(
         "Paged attention keeps the KV cache in fixed-size blocks. " * 4
@@ -82,15 +90,15 @@ async def test_describe_hashes_prompts_as_the_worker_does(tiny_llama_dir: Path, 
 
 
 async def test_redis_down_means_no_information_fast_and_no_error() -> None:
-    index = PrefixIndex(DEAD_REDIS, "x", timeout_s=0.2, retry_after_s=60.0)
+    index = PrefixIndex(RedisConfig(DEAD_REDIS, "x"), timeout_s=0.2, retry_after_s=60.0)
     started = time.monotonic()
     try:
-        assert await index.lookup(["a"], [h(0)]) == ({}, ())
-        assert await index.lookup(["a"], [h(0)]) == ({}, ())  # not even tried: Redis is resting
+        assert await index.lookup(["a"], ["n"], [h(0)]) == ({}, {})
+        assert await index.lookup(["a"], ["n"], [h(0)]) == ({}, {})  # not even tried: Redis is resting
     finally:
         await index.close()
     assert time.monotonic() - started < 1.0
-    publisher = ResidencyPublisher(DEAD_REDIS, "x", "w", ttl_s=10, timeout_s=0.2)
+    publisher = ResidencyPublisher(RedisConfig(DEAD_REDIS, "x"), "w", ttl_s=10, timeout_s=0.2)
     await publisher.publish(frozenset({h(1)}))  # logged, not raised
     await publisher.clear()
     await publisher.close()

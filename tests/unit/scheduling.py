@@ -9,6 +9,7 @@ from wicore.scheduler.state import PrefixInfo, Priority, QueuedRequest
 from wicore.workload import WorkloadType
 
 FP = "fingerprint"
+NODE = "local"  # the tier every hand-made worker uses, unless told otherwise
 
 
 def hashes(n: int, tag: str = "p") -> tuple[BlockHash, ...]:
@@ -24,6 +25,7 @@ def worker(
     reserved: int = 0,
     max_batch: int = 8,
     model: str = "m",
+    tier_node: str = NODE,
 ) -> WorkerInfo:
     return WorkerInfo(
         worker_id=worker_id,
@@ -36,6 +38,7 @@ def worker(
         max_batch_size=max_batch,
         fingerprint=FP,
         default_max_tokens=256,
+        tier_node=tier_node,
         inflight=inflight,
         reserved_blocks=reserved,
         load=WorkerLoad(free_blocks=total_blocks),  # as the worker reports an empty pool
@@ -56,8 +59,11 @@ def request(
     tag: str = "p",
     device: dict[str, int] | None = None,
     tier: tuple[StorageTier | None, ...] = (),
+    node: str = NODE,
 ) -> QueuedRequest:
-    prefix = PrefixInfo(hashes(blocks, tag), FP, 16, device or {}, tier) if blocks else PrefixInfo()
+    """`tier`: where the tier named `node` holds each prompt block."""
+    tiers = {node: tier} if tier else {}
+    prefix = PrefixInfo(hashes(blocks, tag), FP, 16, device or {}, tiers) if blocks else PrefixInfo()
     return QueuedRequest(
         request_id=request_id,
         seq=seq,

@@ -72,6 +72,18 @@ def test_tier_blocks_are_priced_by_where_they_sit() -> None:
     assert mor.uncomputed_tokens(gap, w, 0) == 330 - 16 * 1 + 16 * 0.2
 
 
+def test_a_tier_on_another_node_is_a_miss() -> None:
+    """A worker loads only from its own node's tier: blocks held by another node's tier are
+    recomputed, so routing must price them as such and prefer the worker that can load them."""
+    mor = MoRRouter(CONFIG)
+    r = request("r", prompt=330, blocks=20, tier=(StorageTier.CPU,) * 20, node="node-a")
+    near, far = worker("near", tier_node="node-a"), worker("far", tier_node="node-b")
+    assert mor.uncomputed_tokens(r, near, 0) == pytest.approx(330 - 16 * 20 + 16 * 20 * 0.2)
+    assert mor.uncomputed_tokens(r, far, 0) == 330
+    assert mor.uncomputed_tokens(r, worker("unknown", tier_node=""), 0) == 330  # its tier never answered
+    assert mor.choose(r, [far, near], {}).worker_id == "near"
+
+
 @pytest.mark.parametrize(
     ("workload", "device"),
     [

@@ -23,12 +23,13 @@ from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from wicore.config import A2crConfig, SchedulerConfig, TierConfig
+from wicore.config import A2crConfig, RedisConfig, SchedulerConfig, TierConfig
 from wicore.kv.block import Codec, EncodedBlock, StorageTier
 from wicore.kv.codecs import encode
 from wicore.kv.hashing import BlockHash, reusable_chain
 from wicore.kv.wire import block_chunks
 from wicore.metrics import service_registry
+from wicore.redis_keys import block_key
 from wicore.redis_server import fast_failing_client
 from wicore.scheduler import servicer as scheduler_servicer
 from wicore.scheduler.batcher import BatchOptimizer
@@ -49,7 +50,7 @@ from wicore.tier.servicer import TierServicer
 from wicore.v1 import inference_pb2, tier_pb2, worker_pb2
 
 from clocks import ManualClock
-from scheduling import FP, hashes, request, worker
+from scheduling import FP, NODE, hashes, request, worker
 
 DEAD_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 CPU, NVME = StorageTier.CPU, StorageTier.NVME
@@ -98,7 +99,7 @@ class SpanRecorder:
 
 
 def prefix_info(device: dict[str, int], tier: tuple[StorageTier | None, ...] = ()) -> PrefixInfo:
-    return PrefixInfo(hashes(4), FP, 16, device, tier or (None,) * 4)
+    return PrefixInfo(hashes(4), FP, 16, device, {NODE: tier or (None,) * 4})
 
 
 @pytest.mark.parametrize(
@@ -156,7 +157,7 @@ async def test_queue_workers_and_lookup_failures_are_read_at_scrape_time() -> No
     clock = ManualClock(100.0)
     registry = WorkerRegistry(5.0, clock)
     queue = RequestQueue(16, 5.0, clock)
-    prefixes = PrefixIndex(DEAD_REDIS, "x", timeout_s=0.2, retry_after_s=60.0, clock=clock)
+    prefixes = PrefixIndex(RedisConfig(DEAD_REDIS, "x"), timeout_s=0.2, retry_after_s=60.0, clock=clock)
     metrics = SchedulerMetrics("least_loaded", queue, registry, prefixes)
     try:
         queue.push(request("n1", priority=Priority.NORMAL))
@@ -174,9 +175,9 @@ async def test_queue_workers_and_lookup_failures_are_read_at_scrape_time() -> No
 
         queue.remove("u1")
         registry.remove("g0")
-        assert await prefixes.lookup(["c1"], []) == ({}, ())  # nothing to look up: no failure
-        assert await prefixes.lookup(["c1"], [hashes(1)[0]]) == ({}, ())  # refused
-        assert await prefixes.lookup(["c1"], [hashes(1)[0]]) == ({}, ())  # not asked: Redis rests
+        assert await prefixes.lookup(["c1"], [NODE], []) == ({}, {})  # nothing to look up: no failure
+        assert await prefixes.lookup(["c1"], [NODE], [hashes(1)[0]]) == ({}, {})  # refused
+        assert await prefixes.lookup(["c1"], [NODE], [hashes(1)[0]]) == ({}, {})  # not asked: Redis rests
         s = scrape(metrics.registry)
         assert by_label(s, "wicore:scheduler_queue_depth", "priority")["urgent"] == 0
         assert by_label(s, "wicore:workers", "device") == {"cpu": 1, "gpu": 1}
@@ -189,7 +190,7 @@ async def test_queue_workers_and_lookup_failures_are_read_at_scrape_time() -> No
 async def test_placements_are_counted_by_policy_and_outcome() -> None:
     clock = ManualClock(100.0)
     registry, queue = WorkerRegistry(5.0, clock), RequestQueue(16, 5.0, clock)
-    prefixes = PrefixIndex(DEAD_REDIS, "x", timeout_s=0.2)
+    prefixes = PrefixIndex(RedisConfig(DEAD_REDIS, "x"), timeout_s=0.2)
     metrics = SchedulerMetrics("mor", queue, registry, prefixes)
     try:
         metrics.placed(0.003, RoutingOutcome.DEVICE_PREFIX)
@@ -229,7 +230,7 @@ async def test_a_placement_away_from_the_prefix_is_counted_and_traced(
     registry, hints = WorkerRegistry(5.0), PlacementHints(ttl_s=3.0)
     queue = RequestQueue(config.max_queue_size, config.aging_interval_s, registry.clock)
     batcher = BatchOptimizer(config, make_router(config), hints, orphan_timeout_s=5.0)
-    prefixes = PrefixIndex(redis_url, ns, timeout_s=0.5)
+    prefixes = PrefixIndex(RedisConfig(redis_url, ns), timeout_s=0.5)
     servicer = SchedulerServicer(config, registry, Dispatcher(registry, queue, batcher), prefixes, hints)
     registry.register(worker("a"))
     registry.register(worker("b", inflight=8))  # 8 of its 8 slots taken
@@ -238,8 +239,8 @@ async def test_a_placement_away_from_the_prefix_is_counted_and_traced(
     client = aioredis.from_url(redis_url)
     try:
         await client.sadd(f"{ns}:res:b", *chain[:3])
-        await client.hset(f"{ns}:blk:{chain[0]}", "tier", "cpu")
-        await client.hset(f"{ns}:blk:{chain[1]}", "tier", "nvme")
+        await client.hset(block_key(ns, NODE, chain[0]), "tier", "cpu")
+        await client.hset(block_key(ns, NODE, chain[1]), "tier", "nvme")
         tokenized = worker_pb2.TokenizedRequest(
             request=inference_pb2.GenerateRequest(request_id="r1", max_tokens=8), prompt_token_ids=ids
         )
@@ -249,7 +250,7 @@ async def test_a_placement_away_from_the_prefix_is_counted_and_traced(
         s = scrape(servicer.metrics.registry)
         servicer.dispatcher.finished(placed)
     finally:
-        await client.delete(f"{ns}:res:b", *(f"{ns}:blk:{h}" for h in chain))
+        await client.delete(f"{ns}:res:b", *(block_key(ns, NODE, h) for h in chain))
         await client.aclose()
         await prefixes.close()
     assert value(s, "wicore:routing_decisions_total", policy="mor", outcome="away_from_prefix") == 1
