@@ -1,5 +1,5 @@
-"""The Grafana dashboard (deploy/grafana/wicore-dashboard.json) against a real stack: every
-series a panel queries is one some service's /metrics exports.
+"""The Grafana dashboard (deploy/helm/wicore/dashboards/wicore-overview.json, shipped by the Helm
+chart) against a real stack: every series a panel queries is one some service's /metrics exports.
 
 The names are taken from each target's PromQL as written (`..._bucket`, `_sum`, `_count` and
 `_total` included: those are the sample names Prometheus stores), then looked for among the
@@ -25,7 +25,8 @@ from wicore.v1 import inference_pb2_grpc
 
 from stack import free_port, start_stack
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "wicore-dashboard.json"
+CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "wicore"
+DASHBOARD = CHART / "dashboards" / "wicore-overview.json"
 # Prometheus names may hold digits (`wicore:e2e_request_latency_seconds`): [a-z_:] alone would cut them.
 METRIC_NAME = re.compile(r"(?<![\w:])(?:wicore:[a-z0-9_:]+|process_[a-z0-9_]+)")
 PANEL_TYPES = {"timeseries", "stat"}
