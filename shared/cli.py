@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -152,6 +153,17 @@ def _exit_status() -> Iterator[None]:
         sys.exit(130)
 
 
+def instance_id(config: Config, name: str) -> str:
+    """This process among its service's others (traces' `service.instance.id`): the worker's
+    advertised address, else host:port, with this machine's name (a pod's, on Kubernetes)
+    for a wildcard host, which every replica shares."""
+    section = getattr(config, name)
+    if name == "worker" and config.worker.advertise_address:
+        return config.worker.advertise_address
+    host = socket.gethostname() if section.host in ("0.0.0.0", "::", "") else section.host
+    return f"{host}:{section.port}"
+
+
 def run_service(name: str, serve: Callable[[Config], Coroutine[Any, Any, None]]) -> None:
     """A service's entry point (`python -m wicore.NAME`): its flags, logging, then `serve(config)`.
     The service passes its own `serve`: shared code never imports a service."""
@@ -163,8 +175,7 @@ def run_service(name: str, serve: Callable[[Config], Coroutine[Any, Any, None]])
     with _exit_status():
         config = load(args)
         setup_logging(name, config.log_level, config.observability.log_format)
-        section = getattr(config, name)
-        setup_tracing(name, config.observability, instance=f"{section.host}:{section.port}")
+        setup_tracing(name, config.observability, instance=instance_id(config, name))
         try:
             asyncio.run(serve(config))
         finally:

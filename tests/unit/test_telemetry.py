@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +21,7 @@ from otlp_receiver import OtlpReceiver
 from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from wicore.cli import instance_id
 from wicore.config import LogFormat, load_config
 from wicore.errors import ConfigError
 from wicore.launcher import metrics_ports
@@ -173,3 +175,13 @@ async def test_a_request_scope_in_a_stream_closed_from_another_task_ends_quietly
 
     assert await asyncio.create_task(first()) == 1
     await s.aclose()  # another task's context: resetting the id there must not raise
+
+
+def test_each_replica_has_its_own_trace_instance_id() -> None:
+    """Pods bind 0.0.0.0 and share one config file: the id names the pod (its host name), and a
+    worker by the address it advertises."""
+    pod = load_config(None, {}, {"scheduler.host": "0.0.0.0"})
+    assert instance_id(pod, "scheduler") == f"{socket.gethostname()}:50052"
+    assert instance_id(load_config(), "tier") == "127.0.0.1:50053"
+    worker = load_config(None, {}, {"worker.host": "0.0.0.0", "worker.advertise_address": "10.1.2.3:50060"})
+    assert instance_id(worker, "worker") == "10.1.2.3:50060"
