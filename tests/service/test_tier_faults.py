@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from wicore.kv.hashing import BlockHash
+from wicore.redis_keys import block_pattern, score_key
 from wicore.redis_server import start_private_redis
 from wicore.server import CHANNEL_OPTIONS
 from wicore.v1 import tier_pb2, tier_pb2_grpc
@@ -64,7 +65,8 @@ def raw_tier(tmp: Path, redis_url: str, namespace: str, cpu_blocks: int) -> Tier
 
 def described(client: redis.Redis, namespace: str) -> dict[str, dict[str, str]]:
     return {
-        key.split(":blk:")[1]: client.hgetall(key) for key in client.scan_iter(match=f"{namespace}:blk:*")
+        key.split(":blk:")[1]: client.hgetall(key)
+        for key in client.scan_iter(match=block_pattern(namespace, "local"))
     }
 
 
@@ -191,8 +193,8 @@ async def test_redis_flushed_while_running_is_rewritten(
             for block_hash, fields in described(redis_client, namespace).items():
                 lookup = await stub.Lookup(tier_pb2.LookupRequest(block_hashes=[block_hash]), timeout=10)
                 assert fields["tier"] == names[lookup.tiers[0]]
-        cpu_scores = redis_client.zcard(f"{namespace}:a2cr:cpu")
-        assert 1 <= cpu_scores <= 2 and redis_client.zcard(f"{namespace}:a2cr:nvme") >= 2
+        cpu_scores = redis_client.zcard(score_key(namespace, "local", "cpu"))
+        assert 1 <= cpu_scores <= 2 and redis_client.zcard(score_key(namespace, "local", "nvme")) >= 2
     finally:
         stop(tier)
         delete_namespace(redis_client, namespace)

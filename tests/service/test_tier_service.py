@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from wicore.kv.hashing import payload_checksum
+from wicore.redis_keys import block_key, block_pattern, score_key
 from wicore.server import CHANNEL_OPTIONS
 from wicore.v1 import tier_pb2, tier_pb2_grpc
 
@@ -72,11 +73,11 @@ async def test_put_get_round_trip_is_byte_identical(
     got = await get(stub, [b, new_hash(), a])  # the absent one is skipped
     assert got == {a: (raw_of(a), tier_pb2.STORAGE_TIER_CPU), b: (raw_of(b), tier_pb2.STORAGE_TIER_CPU)}
 
-    fields = redis_client.hgetall(f"{tier.namespace}:blk:{a}")
+    fields = redis_client.hgetall(block_key(tier.namespace, "local", a))
     assert fields["tier"] == "cpu" and fields["codec"] == "raw" and fields["nvme_copy"] == "0"
     assert int(fields["bytes"]) == BLOCK_BYTES and int(fields["hits"]) == 2  # the put and the get
     assert float(fields["last_access"]) >= float(fields["created"]) > 0
-    assert redis_client.zscore(f"{tier.namespace}:a2cr:cpu", a) is not None
+    assert redis_client.zscore(score_key(tier.namespace, "local", "cpu"), a) is not None
 
 
 async def test_overflow_demotes_to_nvme_as_q4_and_a_get_promotes(
@@ -90,10 +91,10 @@ async def test_overflow_demotes_to_nvme_as_q4_and_a_get_promotes(
     assert tier_pb2.STORAGE_TIER_NVME in lookup.tiers and lookup.tiers[-1] == tier_pb2.STORAGE_TIER_CPU
     first_on_nvme = hashes[list(lookup.tiers).index(tier_pb2.STORAGE_TIER_NVME)]
 
-    fields = redis_client.hgetall(f"{tier.namespace}:blk:{first_on_nvme}")
+    fields = redis_client.hgetall(block_key(tier.namespace, "local", first_on_nvme))
     assert fields["tier"] == "nvme" and fields["codec"] == "q4"
-    assert redis_client.zscore(f"{tier.namespace}:a2cr:nvme", first_on_nvme) is not None
-    assert redis_client.zscore(f"{tier.namespace}:a2cr:cpu", first_on_nvme) is None
+    assert redis_client.zscore(score_key(tier.namespace, "local", "nvme"), first_on_nvme) is not None
+    assert redis_client.zscore(score_key(tier.namespace, "local", "cpu"), first_on_nvme) is None
 
     ((block, source),) = (await get(stub, [first_on_nvme])).values()
     assert source == tier_pb2.STORAGE_TIER_NVME
@@ -151,13 +152,13 @@ async def test_prefetch_update_scores_and_drop(
         timeout=10,
     )
     assert (reply.updated, reply.unknown) == (1, 1)
-    assert float(redis_client.hget(f"{tier.namespace}:blk:{a}", "attention") or 0) > 0.6
+    assert float(redis_client.hget(block_key(tier.namespace, "local", a), "attention") or 0) > 0.6
     prefetch = await stub.Prefetch(tier_pb2.PrefetchRequest(block_hashes=[a, missing]), timeout=10)
     assert (prefetch.promoted, prefetch.already_cpu, prefetch.missing) == (0, 1, 1)
     dropped = await stub.Drop(tier_pb2.DropRequest(block_hashes=[a, missing]), timeout=10)
     assert dropped.dropped == 1
     assert await get(stub, [a, b]) == {b: (raw_of(b), tier_pb2.STORAGE_TIER_CPU)}
-    assert redis_client.exists(f"{tier.namespace}:blk:{a}") == 0
+    assert redis_client.exists(block_key(tier.namespace, "local", a)) == 0
 
 
 @pytest.mark.parametrize(
@@ -245,13 +246,14 @@ async def test_sigterm_exits_zero_and_keeps_only_nvme_blocks(
         first, second = new_hash(), new_hash()
         async with grpc.aio.insecure_channel(running.address, options=CHANNEL_OPTIONS) as channel:
             assert (await put(tier_pb2_grpc.TierStub(channel), first, second)).stored == 2  # first demoted
-        assert redis_client.exists(f"{running.namespace}:blk:{second}") == 1
+        assert redis_client.exists(block_key(running.namespace, "local", second)) == 1
         started = time.monotonic()
         running.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(running.proc.wait, 10) == 0
         assert time.monotonic() - started < 5
         # The CPU copy died with the process; the NVMe one is still described.
-        blocks = {k.split(":blk:")[1] for k in redis_client.scan_iter(match=f"{running.namespace}:blk:*")}
+        keys = redis_client.scan_iter(match=block_pattern(running.namespace, "local"))
+        blocks = {k.split(":blk:")[1] for k in keys}
         assert blocks == {first}
     finally:
         stop(running)
@@ -299,7 +301,7 @@ async def test_attention_observations_change_the_eviction_order(
             ]
             for _ in range(3):
                 await stub.UpdateScores(tier_pb2.UpdateScoresRequest(observations=observations), timeout=10)
-            key = f"{namespace}:a2cr:cpu"
+            key = score_key(namespace, "local", "cpu")
             assert (redis_client.zscore(key, a) or 0) > (redis_client.zscore(key, b) or 0)
             await put(stub, c)
             await put(stub, d)  # 4 blocks into 3: the two lowest scores go to NVMe, b first
@@ -309,7 +311,7 @@ async def test_attention_observations_change_the_eviction_order(
                 tiers[h] = list(lookup.tiers)
             assert tiers[a] == [tier_pb2.STORAGE_TIER_CPU] and tiers[b] == [tier_pb2.STORAGE_TIER_NVME]
             assert tiers[d] == [tier_pb2.STORAGE_TIER_CPU]
-        assert redis_client.hget(f"{namespace}:blk:{b}", "tier") == "nvme"
+        assert redis_client.hget(block_key(namespace, "local", b), "tier") == "nvme"
     finally:
         stop(running)
         delete_namespace(redis_client, namespace)
