@@ -23,6 +23,7 @@ from redis.retry import Retry
 from wicore.config import RedisConfig
 
 AsyncClient = aioredis.Redis | aioredis.RedisCluster
+MAX_CONNECTIONS = 16  # per client (process and purpose): Redis calls are short and pipelined
 
 
 def connection_options(config: RedisConfig, timeout_s: float) -> dict[str, Any]:
@@ -65,7 +66,16 @@ def fast_failing_client(config: RedisConfig | str, timeout_s: float) -> AsyncCli
     options = connection_options(config, timeout_s)
     if config.cluster:
         return aioredis.RedisCluster.from_url(config.url, retry=AsyncRetry(NoBackoff(), 0), **options)
-    return aioredis.from_url(config.url, retry=AsyncRetry(NoBackoff(), 0), **options)
+    # A bounded pool: a burst of lookups waits (up to timeout_s) for a connection instead of
+    # opening one socket per concurrent call, so a process holds at most MAX_CONNECTIONS.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        config.url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_s,
+        retry=AsyncRetry(NoBackoff(), 0),
+        **options,
+    )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: closing the client closes it
 
 
 def find_redis_server() -> str | None:

@@ -3,6 +3,7 @@ and what happens when Redis does not answer."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ from wicore.config import RedisConfig
 from wicore.kv.block import StorageTier
 from wicore.kv.hashing import BlockHash, chain_hashes, root_hash
 from wicore.redis_keys import block_key
+from wicore.redis_server import MAX_CONNECTIONS
 from wicore.scheduler.prefix_index import PrefixIndex
 from wicore.scheduler.registry import WorkerInfo
 from wicore.worker.residency import ResidencyPublisher
@@ -102,3 +104,18 @@ async def test_redis_down_means_no_information_fast_and_no_error() -> None:
     await publisher.publish(frozenset({h(1)}))  # logged, not raised
     await publisher.clear()
     await publisher.close()
+
+
+async def test_a_burst_of_lookups_shares_a_bounded_pool(redis_url: str) -> None:
+    """64 lookups at once through a pool of MAX_CONNECTIONS: each waits for a connection, none
+    fails, and the process never holds more sockets than the bound (the stress test's fd check)."""
+    index = PrefixIndex(RedisConfig(redis_url, f"wicore-test-{uuid.uuid4().hex[:8]}"), timeout_s=2.0)
+    pool = index._redis.connection_pool
+    try:
+        replies = await asyncio.gather(*(index.lookup(["a"], ["n"], [h(i)]) for i in range(64)))
+        assert all(device == {"a": 0} for device, _ in replies)
+        assert index.failures == 0
+        assert pool.max_connections == MAX_CONNECTIONS
+        assert len(pool._available_connections) + len(pool._in_use_connections) <= MAX_CONNECTIONS
+    finally:
+        await index.close()
