@@ -294,6 +294,13 @@ class TierConfig:
             raise ConfigError(f"node: letters, digits, '.', '_' or '-' only, got {self.node!r}")
 
 
+def redacted_url(url: str) -> str:
+    """`url` with any credentials replaced by *** (for messages and logs)."""
+    scheme, sep, rest = url.partition("://")
+    _, at, location = rest.rpartition("@")
+    return f"{scheme}{sep}{'***@' if at else ''}{location}" if sep else url.rpartition("@")[2]
+
+
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     """Where the shared metadata lives. The URL may carry credentials and TLS (`rediss://`);
@@ -310,9 +317,10 @@ class RedisConfig:
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(
-                f"url: expected redis://, rediss:// or unix://, got {self.url.split('@')[-1]!r}"
-            )
+            raise ConfigError(f"url: expected redis://, rediss:// or unix://, got {redacted_url(self.url)!r}")
+        tls = [n for n in ("tls_ca_file", "tls_cert_file", "tls_key_file") if getattr(self, n)]
+        if tls and not self.url.startswith("rediss://"):
+            raise ConfigError(f"{tls[0]}: TLS needs a rediss:// url, got {redacted_url(self.url)!r}")
         if self.cluster and self.url.startswith("unix://"):
             raise ConfigError("cluster: a Redis Cluster is reached over TCP, not a unix socket")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -50,7 +50,7 @@ from wicore.channels import (
 )
 from wicore.child import PARENT_PID_ENV
 from wicore.cli import SERVICES
-from wicore.config import Config, to_dict
+from wicore.config import Config, RedisConfig, redacted_url, to_dict
 from wicore.errors import ConfigError
 from wicore.model_files import resolve_model
 from wicore.redis_server import redis_answers, start_private_redis
@@ -228,10 +228,12 @@ def run_up(config: Config, workers: int = 1, devices: str | None = None) -> int:
         config = with_internal_token(config, state)
         config, device_names = prepare(config, devices)
         if not redis_answers(config.redis):
-            _say(f"no Redis answers at {config.redis.url}; starting a private one in {state}")
+            _say(f"no Redis answers at {redacted_url(config.redis.url)}; starting a private one in {state}")
             proc, url = start_private_redis(state)
             children.append(Child("redis", proc, None))
-            config = dataclasses.replace(config, redis=dataclasses.replace(config.redis, url=url))
+            # The private server: a plain socket, no credentials, no TLS, no cluster.
+            private = RedisConfig(url=url, namespace=config.redis.namespace)
+            config = dataclasses.replace(config, redis=private)
         config_path = state / "config.yaml"
         write_private(config_path, yaml.safe_dump(to_dict(config), sort_keys=False))
         base = ["--config", str(config_path)]

@@ -18,12 +18,19 @@ import redis.asyncio as aioredis
 import redis.cluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from wicore.config import RedisConfig
 
 AsyncClient = aioredis.Redis | aioredis.RedisCluster
-MAX_CONNECTIONS = 16  # per client (process and purpose): Redis calls are short and pipelined
+# What a call to an unreachable or refusing Redis raises: the callers treat it as "no answer".
+# (A cluster that cannot be reached raises RedisClusterException, which is no RedisError.)
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+PROBE_FAILURES: tuple[type[Exception], ...] = (*REDIS_DOWN, ValueError)  # ValueError: a bad URL
+# Connections per non-cluster client (one per process and purpose): calls are short and
+# pipelined, so a burst waits briefly for one instead of opening a socket per concurrent call.
+MAX_CONNECTIONS = 32
 
 
 def connection_options(config: RedisConfig, timeout_s: float) -> dict[str, Any]:
@@ -53,7 +60,7 @@ def redis_answers(config: RedisConfig | str, timeout_s: float = 0.5) -> bool:
                 return bool(c.ping())
         with redis.Redis.from_url(config.url, **options) as client:
             return bool(client.ping())
-    except (redis.RedisError, OSError, ValueError):
+    except PROBE_FAILURES:
         return False
 
 
@@ -67,7 +74,8 @@ def fast_failing_client(config: RedisConfig | str, timeout_s: float) -> AsyncCli
     if config.cluster:
         return aioredis.RedisCluster.from_url(config.url, retry=AsyncRetry(NoBackoff(), 0), **options)
     # A bounded pool: a burst of lookups waits (up to timeout_s) for a connection instead of
-    # opening one socket per concurrent call, so a process holds at most MAX_CONNECTIONS.
+    # opening one socket per concurrent call. (A cluster client keeps redis-py's own per-node
+    # limit, and raises at once when it is reached.)
     pool = aioredis.BlockingConnectionPool.from_url(
         config.url,
         max_connections=MAX_CONNECTIONS,

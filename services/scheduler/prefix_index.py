@@ -23,13 +23,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from redis.exceptions import RedisError
-
 from wicore.config import RedisConfig
 from wicore.kv.block import StorageTier
 from wicore.kv.hashing import BlockHash, reusable_chain
 from wicore.redis_keys import block_key, residency_key
-from wicore.redis_server import fast_failing_client
+from wicore.redis_server import REDIS_DOWN, fast_failing_client
 from wicore.scheduler.registry import WorkerInfo
 from wicore.scheduler.state import PrefixInfo
 
@@ -86,7 +84,7 @@ class PrefixIndex:
                     for h in hashes:
                         pipe.hget(block_key(self.namespace, node, h), "tier")
                 replies = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             self.failures += 1
             if self.clock() >= self._down_until:
                 log.warning("Redis did not answer (%s); routing by load alone for now", exc)

@@ -32,19 +32,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from wicore.kv.block import Codec, StorageTier
 from wicore.kv.hashing import BlockHash
 from wicore.redis_keys import block_key, block_pattern, score_key, tier_sentinel_key
+from wicore.redis_server import REDIS_DOWN  # unreachable or refusing (OOM, READONLY...): serve on
 
 log = logging.getLogger(__name__)
 
 Scores = Mapping[StorageTier, Mapping[BlockHash, float]]  # per tier: block -> policy score
 
-# Unreachable (ConnectionError, TimeoutError) or refusing (OOM, READONLY...): serve on regardless.
-REDIS_DOWN = (RedisError, OSError)
 BATCH = 1000  # keys per command or pipeline when many blocks are written, read or deleted
 SCORED_TIERS = (StorageTier.CPU, StorageTier.NVME)  # the tiers with a score set
 

@@ -17,12 +17,10 @@ import contextlib
 import logging
 from collections.abc import Iterable
 
-from redis.exceptions import RedisError
-
 from wicore.config import RedisConfig
 from wicore.kv.hashing import BlockHash
 from wicore.redis_keys import residency_key
-from wicore.redis_server import fast_failing_client
+from wicore.redis_server import REDIS_DOWN, fast_failing_client
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ class ResidencyPublisher:
                     pipe.srem(self.key, *batch)
                 pipe.expire(self.key, self.ttl_s)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_DOWN as exc:
             if self._ok:
                 log.warning("cannot publish residency to Redis (%s); routing ignores its cache", exc)
             self._ok, self._published = False, None
@@ -67,7 +65,7 @@ class ResidencyPublisher:
 
     async def clear(self) -> None:
         """Removes the key (the worker is leaving); errors are ignored."""
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_DOWN):
             await self._redis.delete(self.key)
 
     async def close(self) -> None:

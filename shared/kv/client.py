@@ -107,11 +107,11 @@ class TierClient:
         except grpc.aio.AioRpcError as exc:
             self._failed("UpdateScores", exc)
 
-    async def node(self) -> str:
+    async def node(self, timeout_s: float = 1.0) -> str:
         """The tier's name (`tier.node`); "" when it does not answer (nothing is marked down:
         a worker asks this before the tier has started, and asks again)."""
         try:
-            reply = await self._stub.Stats(tier_pb2.StatsRequest(), timeout=self._timeout_s)
+            reply = await self._stub.Stats(tier_pb2.StatsRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return ""
         return reply.node

@@ -194,6 +194,27 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, A
         proc.wait(timeout=10)
 
 
+def test_an_unreachable_cluster_is_no_answer_not_a_crash() -> None:
+    """redis-py's cluster client raises RedisClusterException (no RedisError) when no node answers:
+    `wicore up`'s probe and every service's calls must take it as "Redis is down"."""
+    dead = RedisConfig(f"redis://127.0.0.1:{free_port()}/0", cluster=True)
+    assert not redis_answers(dead)
+
+
+async def test_an_unreachable_cluster_degrades_the_services() -> None:
+    dead = RedisConfig(f"redis://127.0.0.1:{free_port()}/0", namespace="wicore-test-x", cluster=True)
+    index = PrefixIndex(dead, timeout_s=0.5)
+    assert await index.lookup(["w"], ["local"], [BlockHash(uuid.uuid4().hex)]) == ({}, {})
+    assert index.failures == 1
+    await index.close()
+    metadata = BlockMetadata(fast_failing_client(dead, 0.5), dead.namespace)
+    await metadata.write(lambda: ([record(BlockHash(uuid.uuid4().hex))], []))
+    assert not metadata.redis_ok
+    publisher = ResidencyPublisher(dead, "w", ttl_s=10, timeout_s=0.5)
+    await publisher.publish(frozenset({BlockHash(uuid.uuid4().hex)}))  # logged, not raised
+    await publisher.clear()
+
+
 def test_tls_needs_the_ca_that_signed_the_server(tls_redis: tuple[int, Authority, Path]) -> None:
     port, ca, folder = tls_redis
     assert redis_answers(RedisConfig(f"rediss://127.0.0.1:{port}/0", tls_ca_file=str(ca.pem.cert)))
@@ -221,9 +242,11 @@ async def test_the_services_work_over_tls_with_a_client_certificate(
 
 def test_bad_redis_settings_are_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="tls_cert_file and tls_key_file"):
-        load_config(None, {}, {"redis.tls_cert_file": "/c.pem"})
-    with pytest.raises(ConfigError, match=r"redis\.url: expected redis://.*'host:1'"):
+        load_config(None, {}, {"redis.url": "rediss://h:1/0", "redis.tls_cert_file": "/c.pem"})
+    with pytest.raises(ConfigError, match=r"redis\.url: expected redis://.*'http://\*\*\*@host:1'"):
         load_config(None, {}, {"redis.url": "http://user:pw@host:1"})  # the password is not echoed
+    with pytest.raises(ConfigError, match=r"redis\.tls_ca_file: TLS needs a rediss:// url"):
+        load_config(None, {}, {"redis.tls_ca_file": "/ca.pem"})
     with pytest.raises(ConfigError, match=r"redis\.cluster: .*unix socket"):
         load_config(None, {}, {"redis.url": "unix:///tmp/r.sock", "redis.cluster": True})
     with pytest.raises(ConfigError, match=r"tier\.node: letters"):
