@@ -36,12 +36,15 @@ Verdict. FAIL (exit status 1), with each reason printed, when any of these holds
   - a request failed (any gRPC status but OK; the count per code is printed);
   - no request completed at all;
   - a service's RSS at the end sample exceeds its RSS at the baseline sample by more than
-    `--rss_growth_limit_mib` MiB (default 64);
+    `--rss_growth_limit_mib` MiB (default 64), not counting, for the tier service, the growth of
+    the blocks its CPU tier holds (`wicore:tier_used_bytes{tier="cpu"}`: a cache bounded by
+    `tier.cpu_capacity_bytes`, filling up, is not a leak; its allocator overhead is counted);
   - a service's open fds at the end sample exceed those at the baseline by more than
-    `--fd_growth_limit` (default 0: not a single descriptor more once idle). For a local process
-    the reason names the kinds that grew (socket, pipe, file, anon_inode:[eventfd], ...); a pool
-    that grows to the peak of its concurrent use and stays there (the scheduler's Redis
-    connections) shows as sockets when the warm-up is too short for it to reach that plateau;
+    `--fd_growth_limit` (default 0) AND exceed by more than that the highest count in the first
+    half (by time) of the baseline-to-end window: a pool that grows to the peak of its use and
+    stays there (the scheduler's Redis connections, bounded) is a step, a leak keeps growing
+    through the second half. For a local process the reason names the kinds that grew (socket,
+    pipe, file, anon_inode:[eventfd], ...);
   - a service's process disappeared or restarted: its pid or its start time changed between two
     samples, or a local process was gone in any sample (a remote one: its /metrics did not answer
     at the end sample; a missed scrape before that is only noted);
@@ -174,22 +177,29 @@ def judge(
             "threads_baseline": base.get("threads"),
             "threads_end": last.get("threads"),
         }
+        cache_base, cache_end = _ram_cache(base), _ram_cache(last)
+        cache = (cache_end - cache_base) / MIB if cache_base is not None and cache_end is not None else 0.0
+        row["cache_growth_mib"] = cache
         if row["rss_baseline_mib"] is not None and row["rss_end_mib"] is not None:
             growth = row["rss_growth_mib"] = row["rss_end_mib"] - row["rss_baseline_mib"]
-            if growth > rss_growth_limit_mib:
+            if growth - cache > rss_growth_limit_mib:
+                cached = f", {cache:.1f} MiB of it the blocks its CPU tier holds" if cache else ""
                 reasons.append(
                     f"{name}: RSS grew {growth:.1f} MiB ({row['rss_baseline_mib']:.1f} -> "
-                    f"{row['rss_end_mib']:.1f} MiB) from the baseline to the end, above the "
-                    f"{rss_growth_limit_mib:g} MiB bound"
+                    f"{row['rss_end_mib']:.1f} MiB) from the baseline to the end{cached}: "
+                    f"{growth - cache:.1f} MiB above the {rss_growth_limit_mib:g} MiB bound"
                 )
         elif baseline is not None:
             notes.append(f"{name}: RSS not measured at the baseline and the end; growth not judged")
         if row["fds_baseline"] is not None and row["fds_end"] is not None:
             fd_growth = row["fds_growth"] = row["fds_end"] - row["fds_baseline"]
-            if fd_growth > fd_growth_limit:
+            plateau = _first_half_max(after, name, "open_fds")
+            row["fds_first_half_max"] = plateau
+            if fd_growth > fd_growth_limit and row["fds_end"] - plateau > fd_growth_limit:
                 reasons.append(
                     f"{name}: open fds grew by {fd_growth} ({row['fds_baseline']} -> {row['fds_end']}) "
-                    f"from the baseline to the end, above the bound of {fd_growth_limit}"
+                    f"from the baseline to the end, and by {row['fds_end'] - plateau} in the second half "
+                    f"of it, above the bound of {fd_growth_limit}"
                     + _kinds_grown(base.get("fd_kinds"), last.get("fd_kinds"))
                 )
         elif baseline is not None:
@@ -204,6 +214,25 @@ def judge(
     if not names:
         notes.append("no service was measured (a remote target: give --metrics NAME=HOST:PORT,...)")
     return Verdict(not reasons, reasons, notes, table)
+
+
+def _ram_cache(service: dict[str, Any]) -> float | None:
+    """Bytes of blocks a tier service holds in its CPU tier (None: not a tier, or not measured)."""
+    used = service.get("tier_used_bytes") or {}
+    value = used.get("cpu")
+    return float(value) if value is not None else None
+
+
+def _first_half_max(after: Sequence[dict[str, Any]], name: str, key: str) -> int:
+    """The highest `key` of service `name` in the samples of the first half (by time) of `after`
+    (the baseline sample first, the end sample last)."""
+    middle = (after[0]["t"] + after[-1]["t"]) / 2
+    values = [
+        v
+        for s in after
+        if s["t"] <= middle and (v := s.get("services", {}).get(name, {}).get(key)) is not None
+    ]
+    return max(values) if values else 0
 
 
 def _kinds_grown(before: dict[str, int] | None, after: dict[str, int] | None) -> str:
@@ -550,11 +579,11 @@ def _idle(workers: list[str], gateway: str | None) -> bool:
 def service_table(verdict: Verdict) -> str:
     rows = [
         [name, r["rss_baseline_mib"], r["rss_end_mib"], r["rss_max_mib"], r["rss_growth_mib"],
-         r["fds_baseline"], r["fds_end"], r["threads_baseline"], r["threads_end"]]
+         r.get("cache_growth_mib"), r["fds_baseline"], r["fds_end"], r["threads_baseline"], r["threads_end"]]
         for name, r in verdict.services.items()
     ]  # fmt: skip
     headers = ["service", "RSS base MiB", "RSS end MiB", "RSS max MiB", "RSS growth MiB",
-               "fds base", "fds end", "threads base", "threads end"]  # fmt: skip
+               "of it cached blocks MiB", "fds base", "fds end", "threads base", "threads end"]  # fmt: skip
     return serving.markdown_table(headers, rows)
 
 

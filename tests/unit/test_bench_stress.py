@@ -86,12 +86,43 @@ def test_rss_growth_above_the_limit_fails_naming_the_service() -> None:
     assert judge(series(rss={"tier": rss}), rss_growth_limit_mib=128).passed
 
 
+def test_a_pool_that_grows_to_a_plateau_passes_a_steady_leak_does_not() -> None:
+    """A connection pool reaching the peak of its use after the baseline is a step, then flat; a
+    leak keeps growing through the second half of the window too."""
+    plateau = [40, 40, 40, 40, 40, 41, 42, 42, 42, 42]  # baseline at 4 (t=4), end t=9, middle t=6.5
+    verdict = judge(series(fds={"scheduler": plateau}))
+    assert verdict.passed, verdict.reasons
+    assert verdict.services["scheduler"]["fds_growth"] == 2
+    assert verdict.services["scheduler"]["fds_first_half_max"] == 42
+    late = [40, 40, 40, 40, 40, 40, 40, 40, 41, 41]  # grew only in the second half: judged
+    assert not judge(series(fds={"scheduler": late})).passed
+
+
+def test_the_tiers_cached_blocks_are_not_a_leak() -> None:
+    """The tier's RSS grows with the blocks its CPU tier holds (bounded by its capacity): that part
+    of the growth is subtracted; what is left is judged."""
+    rss = [300.0] * 5 + [350.0, 400.0, 450.0, 500.0, 550.0]  # +250 MiB after the baseline
+    samples = series(rss={"tier": rss})
+    for i, sample in enumerate(samples):
+        sample["services"]["tier"]["tier_used_bytes"] = {"cpu": max(0, i - 4) * 50 * MIB, "nvme": 0}
+    verdict = judge(samples, rss_growth_limit_mib=64)
+    assert verdict.passed, verdict.reasons
+    assert verdict.services["tier"]["cache_growth_mib"] == pytest.approx(250)
+    samples[-1]["services"]["tier"]["rss_bytes"] = 700 * MIB  # 150 MiB more than its blocks
+    reasons = judge(samples, rss_growth_limit_mib=64).reasons
+    assert reasons == [
+        "tier: RSS grew 400.0 MiB (300.0 -> 700.0 MiB) from the baseline to the end, 250.0 MiB of it "
+        "the blocks its CPU tier holds: 150.0 MiB above the 64 MiB bound"
+    ]
+
+
 def test_an_fd_leak_fails() -> None:
     fds = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
     verdict = judge(series(fds={"gateway": fds}), fd_growth_limit=0)
     assert not verdict.passed
     assert verdict.reasons == [
-        "gateway: open fds grew by 5 (44 -> 49) from the baseline to the end, above the bound of 0"
+        "gateway: open fds grew by 5 (44 -> 49) from the baseline to the end, and by 3 in the second "
+        "half of it, above the bound of 0"
     ]
     assert judge(series(fds={"gateway": fds}), fd_growth_limit=5).passed
     # Where the kinds of descriptor were sampled (a local process), the reason says which grew.
