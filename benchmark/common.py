@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import random
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,10 +82,64 @@ def report(name: str, results: dict[str, list[ModeResult]], params: dict[str, An
 
 
 def write_json(path: str | None, data: dict) -> None:
+    """`data` as indented JSON (dataclasses as objects, paths as strings) at `path`, if given."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        Path(path).write_text(json.dumps(data, indent=2, default=_plain) + "\n")
         print(f"wrote {path}", file=sys.stderr)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--set SECTION.KEY=VALUE` flags as dotted settings, values parsed as YAML scalars."""
+    import yaml
+
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: expected SECTION.KEY=VALUE, got {pair!r}")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
+def service_pids(stack: Stack) -> dict[str, int]:
+    """The pid of each service of a stack (gateway, scheduler, tier, worker-i), by its port."""
+    from stack import pid_listening_on
+
+    addresses = {"gateway": stack.gateway, "scheduler": stack.scheduler, "tier": stack.tier}
+    addresses |= {f"worker-{i}": a for i, a in enumerate(stack.workers)}
+    return {name: pid_listening_on(stack.proc.pid, int(a.rsplit(":", 1)[1])) for name, a in addresses.items()}
+
+
+@dataclass(frozen=True)
+class ProcessSample:
+    rss_bytes: int
+    open_fds: int
+    threads: int
+    cpu_s: float  # user + system, since the process started
+
+
+def sample_process(pid: int) -> ProcessSample | None:
+    """A process' RSS, open descriptors, threads and CPU time, from /proc (Linux); None when gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    after_name = stat.rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(after_name[11]) + int(after_name[12])) / ticks  # utime, stime
+    return ProcessSample(int(fields["VmRSS"].split()[0]) * 1024, fds, int(fields["Threads"]), cpu)
 
 
 @contextmanager

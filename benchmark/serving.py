@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import sys
@@ -31,11 +30,14 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ProcessSample, parse_settings, sample_process, service_pids, write_json
+
+__all__ = ["ProcessSample", "parse_settings", "sample_process", "write_json"]  # the scripts use them here
 
 EXIT_NO_TARGET = 2
 HTTP_TO_GRPC = {
@@ -234,18 +236,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    settings: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set: expected SECTION.KEY=VALUE, got {pair!r}")
-        settings[key] = yaml.safe_load(value)
-    return settings
-
-
 def parse_metrics(spec: str) -> dict[str, str]:
     out = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -323,28 +313,16 @@ def open_target(args: argparse.Namespace) -> Iterator[Target]:
         return
     from common import running_stack
 
-    from stack import pid_listening_on
-
     settings = parse_settings(args.set)
     with tempfile.TemporaryDirectory(prefix="wicore-bench-") as tmp:
         print(f"starting a stack serving {args.model} ({args.workers} worker(s))...", file=sys.stderr)
         with running_stack(model_dir, Path(tmp), settings, workers=args.workers) as stack:
-            ports = {
-                "gateway": stack.gateway,
-                "scheduler": stack.scheduler,
-                "tier": stack.tier,
-                **{f"worker-{i}": w for i, w in enumerate(stack.workers)},
-            }
-            pids = {
-                name: pid_listening_on(stack.proc.pid, int(address.rsplit(":", 1)[1]))
-                for name, address in ports.items()
-            }
             yield Target(
                 f"grpc://{stack.gateway} (started here)",
                 lambda: GrpcClient(stack.gateway),
                 model_dir,
                 metrics=dict(stack.metrics),
-                pids={k: v for k, v in pids.items() if v},
+                pids=service_pids(stack),
             )
 
 
@@ -412,31 +390,6 @@ def summarize(
 
 
 # --- resources: local processes and /metrics ---
-
-
-@dataclass(frozen=True)
-class ProcessSample:
-    rss_bytes: int
-    open_fds: int
-    threads: int
-    cpu_s: float  # user + system, since the process started
-
-
-def sample_process(pid: int) -> ProcessSample | None:
-    """From /proc (Linux); None when the process is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    rss = int(fields["VmRSS"].split()[0]) * 1024
-    threads = int(fields["Threads"])
-    after_name = stat.rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(after_name[11]) + int(after_name[12])) / ticks  # utime, stime
-    return ProcessSample(rss, fds, threads, cpu)
 
 
 def scrape(address: str, timeout_s: float = 2.0) -> dict[str, float]:
@@ -563,21 +516,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def write_json(path: str | None, data: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2, default=_plain) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, RequestRecord):
-        return asdict(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def pyplot() -> Any:

@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import statistics
 import sys
@@ -45,14 +44,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import parse_settings, sample_process, service_pids
 
 from wicore.v1 import inference_pb2 as pb
 from wicore.v1 import inference_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, tier_pb2, tier_pb2_grpc
 
-from stack import Stack, pid_listening_on, start_stack
+from stack import Stack, start_stack
 
 KINDS = {"generate": 0.35, "stream": 0.25, "chat": 0.2, "cancel": 0.1, "invalid": 0.1}
 _WORD_TEXT = (
@@ -141,21 +142,12 @@ EXPECTED = {"generate": {"ok"}, "stream": {"ok"}, "chat": {"ok"}, "cancel": {"ca
 # --- watching the processes -------------------------------------------------------------------
 
 
-def service_pids(stack: Stack) -> dict[str, int]:
-    addresses = {"gateway": stack.gateway, "scheduler": stack.scheduler, "tier": stack.tier}
-    addresses |= {f"worker-{i}": a for i, a in enumerate(stack.workers)}
-    return {name: pid_listening_on(stack.proc.pid, int(a.rsplit(":", 1)[1])) for name, a in addresses.items()}
-
-
 def sample(pid: int) -> dict[str, int]:
     """VmRSS (KiB), open descriptors and threads of a process; empty if it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
+    found = sample_process(pid)
+    if found is None:
         return {}
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {"rss_kib": int(fields["VmRSS"].split()[0]), "fds": fds, "threads": int(fields["Threads"])}
+    return {"rss_kib": found.rss_bytes // 1024, "fds": found.open_fds, "threads": found.threads}
 
 
 @dataclass
@@ -361,14 +353,6 @@ def table(report: Report) -> str:
 
 
 # --- the command line -----------------------------------------------------------------------------
-
-
-def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    settings: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        settings[key] = yaml.safe_load(value)
-    return settings
 
 
 def main() -> int:
