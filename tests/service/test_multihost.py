@@ -52,10 +52,6 @@ SETTINGS: dict[str, object] = {
     "worker.cpu_kernels": "default",
     "tier.cpu_codec": "raw",
     "tier.nvme_capacity_bytes": 0,
-    # The pushed-out worker's pool is full of reclaimable blocks, which MoR's device term counts as
-    # occupancy (up to 0.3); the tier's advantage here is 0.23 of a prefill at the default weight.
-    # Weigh the prefill 4x so this test is about where the blocks are, not that balance.
-    "scheduler.prefix_weight": 4.0,
 }
 NODE_2_HOST = "127.0.0.2"  # the second node's "pod IP": loopback, but not the address the worker binds
 
