@@ -4,7 +4,10 @@ own continuous batching (`generate_batch`), on identical prompts, fp32, greedy,
 exactly --new-tokens each, all requests arriving at once.
 
     python benchmark/engine_bench.py --model smollm2 --requests 16 --prompt-tokens 128 \\
-        --new-tokens 64 [--shared-prefix-tokens N] --runs 3 --json OUT
+        --new-tokens 64 [--shared-prefix-tokens N] --runs 3 --json OUT \\
+        [--set worker.attention_backend=gather ...]
+
+`--set` applies to the engine and to the stack (not to transformers' baselines).
 """
 
 from __future__ import annotations
@@ -21,7 +24,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ModeResult, make_prompts, percentile, report, resolve_model_dir, running_stack, write_json
+from common import (
+    ModeResult,
+    make_prompts,
+    parse_settings,
+    percentile,
+    report,
+    resolve_model_dir,
+    running_stack,
+    write_json,
+)
 
 MODES = ("wicore_engine", "wicore_stack", "hf_sequential", "hf_static_batch", "hf_generate_batch")
 
@@ -155,7 +167,7 @@ def stack_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "worker.block_size": args.block_size, "worker.max_num_batched_tokens": args.max_batched_tokens,
         "redis.namespace": f"bench-{os.getpid()}",
-    }  # fmt: skip
+    } | parse_settings(args.set)  # fmt: skip
 
 
 async def run_stack_once(address: str, prompts: list[str], new: int) -> ModeResult:
@@ -208,6 +220,7 @@ def main() -> int:
         "--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
     )
     parser.add_argument("--soak", type=int, default=0, help="also run N short requests and report memory")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--json")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
@@ -233,7 +246,7 @@ def main() -> int:
             "worker.model": str(model_dir),
             "worker.block_size": args.block_size,
             "worker.max_num_batched_tokens": args.max_batched_tokens,
-        }
+        } | parse_settings(args.set)
         config = load_config(None, {}, overrides)
         loaded = load_model(config)
         for run in range(args.runs):

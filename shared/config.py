@@ -69,6 +69,14 @@ class CpuKernels(enum.StrEnum):
     DEFAULT = "default"
 
 
+class AttentionBackend(enum.StrEnum):
+    """`worker.attention_backend`: `cascade` reads a prefix shared by several running sequences
+    once for all of them; `gather` copies each sequence's whole context (the reference)."""
+
+    CASCADE = "cascade"
+    GATHER = "gather"
+
+
 class MixedPrecision(enum.StrEnum):
     """`gpu_config.cuda_optimization.mixed_precision`: the weights' and KV's dtype on a GPU
     worker whose worker.dtype is auto (fp32: float32, fp16: float16, bf16: bfloat16)."""
@@ -123,19 +131,32 @@ class CudaOptimization:
 
     enable_cudnn: bool = True  # torch.backends.cudnn.enabled
     enable_tensor_cores: bool = False  # true: float32 matmuls and convolutions may use TF32
-    mixed_precision: MixedPrecision = MixedPrecision.FP32  # the dtype when worker.dtype is auto
+    mixed_precision: MixedPrecision = MixedPrecision.BF16  # the dtype when worker.dtype is auto
 
 
 @dataclass(frozen=True, slots=True)
 class GpuConfig:
     target_devices: tuple[str, ...] = ("cpu",)  # `wicore up`'s devices if not --device or worker.device
-    memory_limit_per_gpu: float = 16.0  # GiB of KV pool per device
+    # The share of the device's memory a GPU worker may use: weights, one step's activations and
+    # the KV pool, which takes what is left (as vLLM's gpu_memory_utilization).
+    gpu_memory_utilization: float = 0.9
+    memory_limit_per_gpu: float = 0.0  # GiB: a cap on the KV pool per device; 0: no cap (the above)
     enable_p2p: bool = False  # accepted, no effect: KV moves between workers through the tier service
     cuda_optimization: CudaOptimization = field(default_factory=CudaOptimization)
 
     def __post_init__(self) -> None:
         if not is_device_spec(",".join(self.target_devices)):
             raise ConfigError(f"target_devices: expected {DEVICES_HELP}, got {list(self.target_devices)!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"gpu_memory_utilization: must be in (0, 1] (a share of the device's memory), "
+                f"got {self.gpu_memory_utilization}"
+            )
+        if not self.memory_limit_per_gpu >= 0.0:
+            raise ConfigError(
+                f"memory_limit_per_gpu: must be >= 0 GiB (0: no cap, gpu_memory_utilization decides), "
+                f"got {self.memory_limit_per_gpu}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,9 +275,10 @@ class WorkerConfig:
     max_batch_size: int = 64  # sequences running at once
     default_max_tokens: int = 256
     block_size: int = 16  # tokens per KV block
-    kv_cache_bytes: int = 1 * GiB  # KV pool on CPU; on a GPU gpu_config.memory_limit_per_gpu
+    kv_cache_bytes: int = 1 * GiB  # KV pool on CPU; on a GPU gpu_config.gpu_memory_utilization decides
     max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
     cpu_kernels: CpuKernels = CpuKernels.ONEDNN
+    attention_backend: AttentionBackend = AttentionBackend.CASCADE
     num_threads: int = 0  # torch threads on CPU; 0: torch's default (`wicore up` splits the cores)
     kv_offload: bool = True  # spill reclaimed prefix blocks to the tier service and load them back
     offload_codec: Codec = Codec.RAW  # how blocks travel to the tier (it stores them in its tiers' codecs)

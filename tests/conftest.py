@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: a tiny model directory, a real Redis."""
+"""Fixtures shared by every test: a tiny model directory, a real Redis; tests marked `cuda`
+skipped, with the reason, where torch sees no CUDA device."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ DEFAULT_TEST_REDIS = "redis://127.0.0.1:6379/0"
 # Services a test starts by hand serve no /metrics (several would want the default port);
 # `launch` (tests/stack.py) gives each stack free metrics ports on its command line, which wins.
 os.environ["WICORE_OBSERVABILITY__METRICS_PORT"] = "0"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs_cuda = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not needs_cuda:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in needs_cuda:
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -100,3 +100,37 @@ def save_tiny(family: str, path: Path, seed: int = 0, max_context: int = 1024) -
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_tiny_gemma3_multimodal(path: Path, seed: int = 0, tie_word_embeddings: bool = True) -> Path:
+    """A tiny Gemma3ForConditionalGeneration (model_type gemma3: the tiny gemma3 text model plus
+    a one-layer SigLIP vision tower and its projector), saved like the Hub's Gemma 3 checkpoints."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    tokenizer = build_tokenizer()
+    text = _config("gemma3", tokenizer, 1024)
+    vision = SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,  # 2 x 2 patches per image, pooled 1:1
+        image_token_index=len(tokenizer),  # outside the vocabulary: text prompts never hold it
+        boi_token_index=tokenizer.bos_token_id,
+        eoi_token_index=tokenizer.eos_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

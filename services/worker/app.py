@@ -14,7 +14,15 @@ import grpc
 import torch
 
 from wicore.channels import InternalAuth, internal_channel, internal_server
-from wicore.config import Config, CpuKernels, GiB, GpuPoolConfig, MixedPrecision, WorkerDtype, is_device
+from wicore.config import (
+    Config,
+    CpuKernels,
+    CudaOptimization,
+    GpuPoolConfig,
+    MixedPrecision,
+    WorkerDtype,
+    is_device,
+)
 from wicore.errors import ConfigError
 from wicore.kv.client import TierClient
 from wicore.kv.codecs import DTYPES
@@ -22,8 +30,10 @@ from wicore.metrics import start_metrics
 from wicore.model_files import fingerprint, resolve_model
 from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
+from wicore.worker.checkpoints import load_causal_lm
 from wicore.worker.convert import ModelDefaults
 from wicore.worker.cpu_kernels import use_onednn_linears
+from wicore.worker.kv_budget import cuda_memory, gpu_kv_blocks
 from wicore.worker.metrics import WorkerMetrics
 from wicore.worker.model_runner import check_supported, kv_layout
 from wicore.worker.offload import KvOffloader
@@ -44,7 +54,7 @@ class LoadedModel:
 
 
 def load_model(config: Config) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     wc = config.worker
     device = torch_device(wc.device)
@@ -57,9 +67,9 @@ def load_model(config: Config) -> LoadedModel:
     dtype = model_dtype(config, device)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype])
+    model = load_causal_lm(source.path, DTYPES[dtype])  # a multimodal Gemma 3: its text model
     check_supported(model)
-    model = model.to(device).eval()  # type: ignore[arg-type]
+    model = model.to(device).eval()
     if wc.cpu_kernels == CpuKernels.ONEDNN and wc.device == "cpu" and model.dtype == torch.float32:
         use_onednn_linears(model)
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
@@ -97,12 +107,13 @@ def ignored_gpu_settings(config: Config, device: torch.device) -> list[str]:
     if changed:
         reasons.append(
             f"gpu_pool_config ({', '.join(changed)}): has no effect here: each worker preallocates its "
-            "KV pool once, whole (gpu_config.memory_limit_per_gpu GiB on a GPU, worker.kv_cache_bytes "
-            "on CPU), as equal blocks of worker.block_size tokens, so it never grows, is not aligned "
-            "by hand and does not fragment"
+            "KV pool once, whole (on a GPU what gpu_config.gpu_memory_utilization leaves, at most "
+            "gpu_config.memory_limit_per_gpu GiB if set; worker.kv_cache_bytes on CPU), as equal blocks "
+            "of worker.block_size tokens, so it never grows, is not aligned by hand and does not fragment"
         )
     precision = gpu.cuda_optimization.mixed_precision
-    if device.type == "cuda" and precision != MixedPrecision.FP32 and config.worker.dtype != WorkerDtype.AUTO:
+    changed = precision != CudaOptimization().mixed_precision
+    if device.type == "cuda" and changed and config.worker.dtype != WorkerDtype.AUTO:
         reasons.append(
             f"gpu_config.cuda_optimization.mixed_precision: {precision} has no effect: worker.dtype is "
             f"set ({config.worker.dtype}); worker.dtype: auto uses it"
@@ -125,20 +136,27 @@ def apply_gpu_config(config: Config, device: torch.device) -> None:
 
 
 def engine_config(config: Config, model: Any) -> EngineConfig:
-    """Sizes the KV pool from the byte budget: memory_limit_per_gpu on a GPU, kv_cache_bytes on CPU."""
+    """Sizes the KV pool: worker.kv_cache_bytes on CPU; on a GPU what gpu_memory_utilization of the
+    device leaves after the loaded weights and one step's activations (kv_budget.py)."""
     wc = config.worker
-    budget = wc.kv_cache_bytes if wc.device == "cpu" else int(config.gpu_config.memory_limit_per_gpu * GiB)
     layers, kv_heads, head_dim = kv_layout(model)
     per_block = KVPool.bytes_per_block(layers, wc.block_size, kv_heads, head_dim, model.dtype)
-    num_blocks = budget // per_block
-    if num_blocks < 1:
-        raise ConfigError(f"worker.kv_cache_bytes: {budget} bytes hold no block of {per_block} bytes")
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        num_blocks = gpu_kv_blocks(config, model, per_block, cuda_memory(device))
+    else:
+        num_blocks = wc.kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise ConfigError(
+                f"worker.kv_cache_bytes: {wc.kv_cache_bytes} bytes hold no block of {per_block} bytes"
+            )
     return EngineConfig(
         num_blocks=num_blocks,
         block_size=wc.block_size,
         max_running=wc.max_batch_size,
         max_num_batched_tokens=wc.max_num_batched_tokens,
         attention_sample_every=wc.attention_sample_every,
+        attention_backend=wc.attention_backend,
     )
 
 

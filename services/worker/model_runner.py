@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+from wicore.config import AttentionBackend
 from wicore.errors import ConfigError
 from wicore.worker.batch_scheduler import ScheduledSeq
+from wicore.worker.cascade import Cascade, SharedPrefix, shared_prefixes
 from wicore.worker.paged_attention import KVPool, PagedCache, StepMetadata, register
 
 # Families whose attention the paged path reproduces exactly (tested against generate()).
@@ -43,8 +45,15 @@ def kv_layout(model: Any) -> tuple[int, int, int]:
 class ModelRunner:
     """Owns the model and the KV pool; turns a scheduled batch into next-token logits."""
 
-    def __init__(self, model: Any, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        num_blocks: int,
+        block_size: int,
+        attention_backend: AttentionBackend = AttentionBackend.CASCADE,
+    ) -> None:
         check_supported(model)
+        self.attention_backend = AttentionBackend(attention_backend)
         self.model = model
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_layout(model)
@@ -68,6 +77,7 @@ class ModelRunner:
         rows: list[int] = []
         seq_of_token: list[int] = []
         tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)
+        block_lists: list[list[int]] = []
         query_positions = torch.full((num_seqs, max_query), -1, dtype=torch.long)
         for i, item in enumerate(batch):
             seq, start, n = item.seq, item.seq.num_computed, item.num_tokens
@@ -76,7 +86,8 @@ class ModelRunner:
             to_grid += range(i * max_query, i * max_query + n)
             seq_of_token += [i] * n
             needed = -(-kv_lens[i] // bs)
-            tables[i, :needed] = torch.tensor(seq.block_ids[:needed], dtype=torch.long)
+            block_lists.append(seq.block_ids[:needed])
+            tables[i, :needed] = torch.tensor(block_lists[-1], dtype=torch.long)
             query_positions[i, :n] = torch.arange(start, start + n)
             if item.samples:
                 rows.append(len(tokens) - 1)
@@ -97,8 +108,52 @@ class ModelRunner:
             max_query=max_query,
             max_kv=max_kv,
         )
+        if self.attention_backend is AttentionBackend.CASCADE:
+            computed = [item.seq.num_computed for item in batch]
+            groups = shared_prefixes(block_lists, computed, bs)
+            if groups:
+                meta.cascade = self.cascade(groups, block_lists, kv_lens, meta.query_positions)
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         return ids, pos.to(dev), meta, torch.tensor(rows, dtype=torch.long, device=dev)
+
+    def cascade(
+        self,
+        groups: list[tuple[list[int], int]],
+        tables: list[list[int]],
+        kv_lens: list[int],
+        query_positions: torch.Tensor,
+    ) -> Cascade:
+        """The step's shared prefixes and each sequence's own blocks after its prefix."""
+        bs, dev = self.block_size, self.device
+        shared = [0] * len(tables)
+        prefixes = []
+        for members, n in groups:
+            for i in members:
+                shared[i] = n
+            ids = tables[members[0]][:n]
+            consecutive = ids == list(range(ids[0], ids[0] + n))
+            seqs = torch.tensor(members, dtype=torch.long, device=dev)
+            prefixes.append(
+                SharedPrefix(
+                    seqs=seqs,
+                    block_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+                    first=ids[0] if consecutive else None,
+                    num_blocks=n,
+                    tokens=n * bs,
+                    query_positions=query_positions.index_select(0, seqs),
+                )
+            )
+        own_blocks = max(len(t) - shared[i] for i, t in enumerate(tables))
+        own = torch.zeros(len(tables), own_blocks, dtype=torch.long)
+        for i, table in enumerate(tables):
+            rest = table[shared[i] :]
+            own[i, : len(rest)] = torch.tensor(rest, dtype=torch.long)
+        return Cascade(
+            prefixes=prefixes,
+            own_tables=own.view(-1).to(dev),
+            own_start=torch.tensor([n * bs for n in shared], dtype=torch.long, device=dev),
+            max_own=max(kv - n * bs for kv, n in zip(kv_lens, shared, strict=True)),
+        )
 
     @property
     def probe_layer(self) -> int:

@@ -14,6 +14,10 @@ the block tables, much cheaper than one index per token), and runs SDPA with
 a mask that is causal by absolute position, hides padding, and for sliding-window
 layers (Gemma 3, Mistral) hides keys at or beyond `window` positions back.
 Masks and index tensors are built once per step and shared by all layers.
+
+That gather copies a prefix shared by many sequences once per sequence; the `cascade`
+backend (cascade.py, the default) reads it once for all of them. `gather` is the
+reference.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from wicore.worker.cascade import Cascade, cascade_attention
 
 ATTENTION_NAME = "wicore_paged"
 
@@ -84,6 +90,7 @@ class StepMetadata:
     max_kv: int  # Lmax: keys gathered per sequence (whole blocks, then cut to this)
     probe_layer: int | None = None  # measure attention on this layer (A²CR), None: not this step
     key_mass: torch.Tensor | None = None  # [S, Lmax] attention mass per key, set by the probe
+    cascade: Cascade | None = None  # shared prefixes to read once (cascade backend); None: gather all
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor:
@@ -152,28 +159,42 @@ def paged_attention(
         grid.index_copy_(0, meta.packed_to_grid, packed)
         grid = grid.view(s, qmax, heads, head_dim)
     layer = int(module.layer_idx)  # type: ignore[arg-type]
-    # Whole blocks at a time: [S, max_blocks, B, Hkv, D] -> [S, Hkv, Lmax, D]
-    # (index_select over the flat table is ~4x faster than advanced indexing here).
-    k_blocks, v_blocks = meta.pool.blocks(layer)
-    gathered = (s, -1, *k_blocks.shape[2:])
-    keys = k_blocks.index_select(0, meta.flat_tables).view(gathered)[:, : meta.max_kv].transpose(1, 2)
-    values = v_blocks.index_select(0, meta.flat_tables).view(gathered)[:, : meta.max_kv].transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        grid.transpose(1, 2),
-        keys,
-        values,
-        attn_mask=meta.mask(sliding_window),
-        scale=scaling,
-        enable_gqa=keys.shape[1] != heads,
-    )  # [S, H, Qmax, D]
+    scale = scaling if scaling is not None else head_dim**-0.5
+    keys: torch.Tensor | None = None
+    if meta.cascade is not None:
+        out = cascade_attention(
+            grid, meta.cascade, meta.pool, layer, meta.query_positions, meta.kv_lens, scale, sliding_window
+        ).reshape(s * qmax, heads, head_dim)
+    else:
+        keys, values = gather(meta, layer)
+        out = F.scaled_dot_product_attention(
+            grid.transpose(1, 2),
+            keys,
+            values,
+            attn_mask=meta.mask(sliding_window),
+            scale=scale,
+            enable_gqa=keys.shape[1] != heads,
+        )  # [S, H, Qmax, D]
+        out = out.transpose(1, 2).reshape(s * qmax, heads, head_dim)
     if layer == meta.probe_layer:
-        meta.key_mass = key_mass(
-            grid.transpose(1, 2), keys, meta.mask(sliding_window), meta.query_positions, scaling
-        )
-    out = out.transpose(1, 2).reshape(s * qmax, heads, head_dim)
+        if keys is None:
+            keys, _ = gather(meta, layer)
+        mask = meta.mask(sliding_window)
+        meta.key_mass = key_mass(grid.transpose(1, 2), keys, mask, meta.query_positions, scale)
     if not (qmax == 1 and tokens == s):
         out = out.index_select(0, meta.packed_to_grid)
     return out.unsqueeze(0), None
+
+
+def gather(meta: StepMetadata, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence's keys and values 0..Lmax-1, whole blocks at a time:
+    [S, max_blocks, B, Hkv, D] -> [S, Hkv, Lmax, D] (index_select over the flat table is ~4x
+    faster than advanced indexing here)."""
+    k_blocks, v_blocks = meta.pool.blocks(layer)
+    gathered = (meta.num_seqs, -1, *k_blocks.shape[2:])
+    keys = k_blocks.index_select(0, meta.flat_tables).view(gathered)[:, : meta.max_kv].transpose(1, 2)
+    values = v_blocks.index_select(0, meta.flat_tables).view(gathered)[:, : meta.max_kv].transpose(1, 2)
+    return keys, values
 
 
 def key_mass(

@@ -31,7 +31,8 @@ def test_defaults_keep_the_seed_section_names() -> None:
     c = load_config()
     assert c == Config()
     assert c.a2cr_config.attention_weight == 0.4 and c.a2cr_config.time_decay_factor == 0.05
-    assert c.gpu_config.cuda_optimization.mixed_precision == "fp32"
+    assert c.gpu_config.cuda_optimization.mixed_precision == "bf16"  # as vLLM and TGI on GPUs
+    assert c.gpu_config.gpu_memory_utilization == 0.9 and c.gpu_config.memory_limit_per_gpu == 0.0
     assert c.gateway.port == 50051
 
 

@@ -68,7 +68,9 @@ def test_the_default_config_is_silent_and_changes_nothing(
         torch.backends.cudnn.allow_tf32,
     )
     assert after == before
-    assert model_dtype(Config(), device) is WorkerDtype.FLOAT32  # auto: float32, as before
+    # auto: bfloat16 on a GPU (as vLLM and TGI), float32 on CPU (bf16 changes greedy output there).
+    expected = WorkerDtype.BFLOAT16 if device.type == "cuda" else WorkerDtype.FLOAT32
+    assert model_dtype(Config(), device) is expected
 
 
 def test_the_guides_blocks_warn_once_for_each_setting_without_effect(
@@ -99,18 +101,29 @@ def test_cudnn_can_be_turned_off(cuda_flags: None) -> None:
 
 def test_an_explicit_dtype_wins_over_mixed_precision_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     config = load_config(
-        None, {}, {"gpu_config.cuda_optimization.mixed_precision": "bf16", "worker.dtype": "float32"}
+        None, {}, {"gpu_config.cuda_optimization.mixed_precision": "fp16", "worker.dtype": "float32"}
     )
     assert model_dtype(config, GPU) is WorkerDtype.FLOAT32
     with caplog.at_level(logging.WARNING):
         apply_gpu_config(config, GPU)
     (message,) = warnings(caplog)
     assert message == (
-        "gpu_config.cuda_optimization.mixed_precision: bf16 has no effect: worker.dtype is set (float32); "
+        "gpu_config.cuda_optimization.mixed_precision: fp16 has no effect: worker.dtype is set (float32); "
         "worker.dtype: auto uses it"
     )
-    auto = load_config(None, {}, {"gpu_config.cuda_optimization.mixed_precision": "bf16"})
-    assert model_dtype(auto, GPU) is WorkerDtype.BFLOAT16
+    auto = load_config(None, {}, {"gpu_config.cuda_optimization.mixed_precision": "fp16"})
+    assert model_dtype(auto, GPU) is WorkerDtype.FLOAT16
+    fp32 = load_config(None, {}, {"gpu_config.cuda_optimization.mixed_precision": "fp32"})
+    assert model_dtype(fp32, GPU) is WorkerDtype.FLOAT32
+
+
+def test_an_explicit_dtype_beside_the_default_precision_is_silent(
+    caplog: pytest.LogCaptureFixture, cuda_flags: None
+) -> None:
+    config = load_config(None, {}, {"worker.dtype": "float16"})
+    with caplog.at_level(logging.WARNING):
+        apply_gpu_config(config, GPU)
+    assert warnings(caplog) == [] and model_dtype(config, GPU) is WorkerDtype.FLOAT16
 
 
 def test_a_worker_runs_on_one_device() -> None:

@@ -1,0 +1,203 @@
+"""Cascade attention: a prefix shared by several sequences is read once for all of them.
+
+The gather path (paged_attention.py) copies every sequence's whole context out of the
+pool in every layer, so a prefix held by 16 sequences is copied 16 times per layer.
+Here the sequences that share leading blocks (prefix-cache hits of one prompt) attend
+them together, and each sequence then attends only its own blocks:
+
+    seq a: [ p0 p1 p2 | a3 a4 ]     p0..p2: the same pool blocks
+    seq b: [ p0 p1 p2 | b3 ]
+    seq c: [ c0 c1 ]                shares nothing: its whole context is its own part
+
+    shared part: the queries of a and b, every query head of one KV head stacked as
+                 rows, against p0..p2 in one GEMM-shaped attention; the blocks are a
+                 view of the pool when their ids are consecutive, one copy otherwise
+    own part:    each sequence against its own blocks (gathered, as the gather path does)
+    merge:       the two partial softmaxes combined by their log-sum-exp
+
+The merge is exact up to rounding order. Every real query attends its own key, which
+is never in a shared prefix, so the own part never has an empty row; the shared part
+can (a sliding window may end before the prefix does) and then weighs nothing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from wicore.worker.paged_attention import KVPool
+
+# A prefix shorter than this (in blocks) is attended as part of each sequence's own part.
+MIN_SHARED_BLOCKS = 2
+
+
+def shared_prefixes(
+    tables: Sequence[Sequence[int]],
+    computed: Sequence[int],
+    block_size: int,
+    min_blocks: int = MIN_SHARED_BLOCKS,
+) -> list[tuple[list[int], int]]:
+    """Groups of two or more sequences whose block tables start with the same blocks, as
+    (their batch indices, how many blocks they share). Only blocks computed before this step
+    count (a block written this step belongs to one sequence); at least `min_blocks`."""
+    by_first: dict[int, list[int]] = defaultdict(list)
+    for i, table in enumerate(tables):
+        if table and computed[i] >= min_blocks * block_size:
+            by_first[table[0]].append(i)
+    groups = []
+    for members in by_first.values():
+        if len(members) < 2:
+            continue
+        limit = min(computed[i] // block_size for i in members)
+        first = tables[members[0]]
+        n = 0
+        while n < limit and all(tables[i][n] == first[n] for i in members):
+            n += 1
+        if n >= min_blocks:
+            groups.append((members, n))
+    return groups
+
+
+@dataclass(slots=True)
+class SharedPrefix:
+    """The first `num_blocks` blocks of the tables of the sequences `seqs`."""
+
+    seqs: torch.Tensor  # [Sg] batch indices
+    block_ids: torch.Tensor  # [num_blocks]
+    first: int | None  # the first block id when the ids are consecutive: a view of the pool
+    num_blocks: int
+    tokens: int  # num_blocks * block size
+    query_positions: torch.Tensor  # [Sg, Qmax] its sequences' grid query positions (padding: -1)
+    _masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def keys_values(self, pool: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, Hkv, Lp, D] keys and values of the prefix."""
+        k_blocks, v_blocks = pool.blocks(layer)
+        if self.first is not None:
+            k = k_blocks[self.first : self.first + self.num_blocks]
+            v = v_blocks[self.first : self.first + self.num_blocks]
+        else:
+            k, v = k_blocks.index_select(0, self.block_ids), v_blocks.index_select(0, self.block_ids)
+        rows = (self.tokens, *k.shape[2:])
+        return k.reshape(rows).transpose(0, 1)[None], v.reshape(rows).transpose(0, 1)[None]
+
+    def window_mask(self, window: int, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """An additive [1, 1, Sg*G*Qmax, Lp] mask hiding keys `window` or more positions back,
+        and the rows it leaves without any key ([1, 1, Sg*G*Qmax]). Rows are ordered (sequence,
+        query head of the KV head, query); padding queries see every key (dropped later)."""
+        cached = self._masks.get((window, group))
+        if cached is None:
+            key_pos = torch.arange(self.tokens, device=self.query_positions.device)
+            q = self.query_positions[:, None, :, None]  # [Sg, 1, Qmax, 1]
+            allowed = (key_pos > q - window) | (q < 0)
+            allowed = allowed.expand(-1, group, -1, -1).reshape(1, 1, -1, self.tokens)
+            cached = (additive(allowed, dtype), ~allowed.any(-1))
+            self._masks[(window, group)] = cached
+        return cached
+
+
+@dataclass(slots=True)
+class Cascade:
+    """One step's shared prefixes and, per sequence, the blocks after its shared prefix."""
+
+    prefixes: list[SharedPrefix]
+    own_tables: torch.Tensor  # [S * max own blocks] each sequence's blocks after its prefix, flat
+    own_start: torch.Tensor  # [S] the absolute position of each sequence's first own key
+    max_own: int  # Ls: keys gathered per sequence
+    _masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
+
+    def own_mask(
+        self,
+        window: int | None,
+        group: int,
+        query_positions: torch.Tensor,
+        kv_lens: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Additive [S, 1, G*Qmax, Ls]: causal by absolute position, padding keys hidden, keys
+        `window` or more positions back hidden; padding queries see their first key."""
+        cached = self._masks.get((window, group))
+        if cached is None:
+            key_pos = self.own_start[:, None, None] + torch.arange(self.max_own, device=self.own_start.device)
+            q = query_positions[:, :, None]
+            allowed = (key_pos <= q) & (key_pos < kv_lens[:, None, None])
+            if window is not None:
+                allowed &= key_pos > q - window
+            allowed[:, :, 0] |= query_positions < 0
+            s, qmax, length = allowed.shape
+            allowed = allowed[:, None].expand(-1, group, -1, -1).reshape(s, 1, group * qmax, length)
+            cached = additive(allowed, dtype)
+            self._masks[(window, group)] = cached
+        return cached
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -torch.inf)
+
+
+def attend(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp: q [B, Hkv, M, D], k/v [B, Hkv, L, D], an additive
+    mask [B, 1, M, L] -> out [B, Hkv, M, D], lse [B, Hkv, M] (fp32)."""
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, values, 0.0, False, attn_mask=mask, scale=scale
+        )
+        return out, lse
+    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
+    return torch.matmul(probs, values.float()).to(query.dtype), lse
+
+
+def cascade_attention(
+    grid: torch.Tensor,
+    cascade: Cascade,
+    pool: KVPool,
+    layer: int,
+    query_positions: torch.Tensor,
+    kv_lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """grid [S, Qmax, H, D] -> [S, Qmax, H, D]."""
+    s, qmax, heads, dim = grid.shape
+    k_blocks, v_blocks = pool.blocks(layer)
+    kv_heads = k_blocks.shape[2]
+    group = heads // kv_heads
+    # Query head h reads KV head h // group: [S, Hkv, G*Qmax, D], rows (head in group, query).
+    q = (
+        grid.view(s, qmax, kv_heads, group, dim)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(s, kv_heads, group * qmax, dim)
+    )
+    own = (s, -1, kv_heads, dim)
+    keys = k_blocks.index_select(0, cascade.own_tables).view(own)[:, : cascade.max_own].transpose(1, 2)
+    values = v_blocks.index_select(0, cascade.own_tables).view(own)[:, : cascade.max_own].transpose(1, 2)
+    mask = cascade.own_mask(window, group, query_positions, kv_lens, grid.dtype)
+    out, lse = attend(q, keys, values, mask, scale)
+    for prefix in cascade.prefixes:
+        members = prefix.seqs.numel()
+        pq = q.index_select(0, prefix.seqs).transpose(0, 1).reshape(1, kv_heads, -1, dim)
+        pk, pv = prefix.keys_values(pool, layer)
+        pmask, empty = prefix.window_mask(window, group, grid.dtype) if window is not None else (None, None)
+        p_out, p_lse = attend(pq, pk, pv, pmask, scale)
+        if empty is not None:
+            p_lse = p_lse.masked_fill(empty, -torch.inf)
+        # back to [Sg, Hkv, G*Qmax(, D)]
+        p_out = p_out.view(kv_heads, members, group * qmax, dim).transpose(0, 1)
+        p_lse = p_lse.view(kv_heads, members, group * qmax).transpose(0, 1)
+        o_out, o_lse = out.index_select(0, prefix.seqs), lse.index_select(0, prefix.seqs)
+        top = torch.maximum(o_lse, p_lse)
+        w_own, w_pre = torch.exp(o_lse - top), torch.exp(p_lse - top)
+        merged = (o_out * w_own[..., None] + p_out * w_pre[..., None]) / (w_own + w_pre)[..., None]
+        out.index_copy_(0, prefix.seqs, merged.to(out.dtype))  # a sequence is in one prefix at most
+    return out.view(s, kv_heads, group, qmax, dim).permute(0, 3, 1, 2, 4).reshape(s, qmax, heads, dim)
