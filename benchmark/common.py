@@ -69,14 +69,22 @@ def report(name: str, results: dict[str, list[ModeResult]], params: dict[str, An
     tok_s = {m: statistics.median(r.tok_s for r in runs) for m, runs in results.items()}
     ttft = {m: statistics.median(r.ttft_p50_ms for r in runs) for m, runs in results.items()}
     print(f"\n{name}: medians over {params.get('runs')} runs; ratio = tok/s / {baseline} tok/s")
-    print(f"{'mode':<20}{'tok/s':>10}{'ttft p50 ms':>14}{'ratio':>8}")
+    # Decode alone (tokens after the prefills, over the time after them), where a mode measures it.
+    decode = {
+        m: statistics.median(r.extra["decode_tok_s"] for r in runs)
+        for m, runs in results.items()
+        if runs and all("decode_tok_s" in r.extra for r in runs)
+    }
+    print(f"{'mode':<20}{'tok/s':>10}{'ttft p50 ms':>14}{'ratio':>8}{'decode tok/s':>14}")
     for mode in results:
         ratio = tok_s[mode] / tok_s[baseline] if tok_s.get(baseline) else float("nan")
-        print(f"{mode:<20}{tok_s[mode]:>10.1f}{ttft[mode]:>14.0f}{ratio:>8.2f}")
+        decode_text = f"{decode[mode]:>14.1f}" if mode in decode else f"{'-':>14}"
+        print(f"{mode:<20}{tok_s[mode]:>10.1f}{ttft[mode]:>14.0f}{ratio:>8.2f}{decode_text}")
     return {
         "params": params,
         "tok_s": tok_s,
         "ttft_p50_ms": ttft,
+        "decode_tok_s": decode,
         "runs": {m: [r.__dict__ for r in runs] for m, runs in results.items()},
     }
 

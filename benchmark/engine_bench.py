@@ -84,8 +84,10 @@ def run_hf_static(model: Any, tokenizer: Any, prompt_ids: list[list[int]], new: 
         ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock,
         pad_token_id=pad,
     )  # fmt: skip
-    wall = time.perf_counter() - start
-    return ModeResult(len(prompt_ids) * new / wall, 1000 * ((clock.first or start) - start))
+    end = time.perf_counter()
+    first = clock.first or start
+    decode = len(prompt_ids) * (new - 1) / (end - first) if end > first else 0.0
+    return ModeResult(len(prompt_ids) * new / (end - start), 1000 * (first - start), {"decode_tok_s": decode})
 
 
 def run_hf_generate_batch(model: Any, prompt_ids: list[list[int]], new: int, block_size: int) -> ModeResult:
@@ -115,14 +117,22 @@ def run_engine(engine: Any, prompt_ids: list[list[int]], new: int, tag: str) -> 
     for i, ids in enumerate(prompt_ids):
         engine.add_request(EngineRequest(f"{tag}-{i}", ids, new))
     first: dict[str, float] = {}
-    produced = 0
+    steps: list[tuple[float, int]] = []  # (when, tokens) per step
     while engine.has_unfinished():
-        for out in engine.step():
-            first.setdefault(out.request_id, time.perf_counter())
-            produced += len(out.new_token_ids)
-    wall = time.perf_counter() - start
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            first.setdefault(out.request_id, now)
+        steps.append((now, sum(len(out.new_token_ids) for out in outputs)))
+    end = time.perf_counter()
+    produced = sum(n for _, n in steps)
     ttfts = [t - start for t in first.values()]
-    return ModeResult(produced / wall, 1000 * percentile(ttfts, 0.5), {"tokens": produced})
+    # Decode alone: the tokens of the steps after every request had its first token.
+    all_started = max(first.values())
+    decode = sum(n for t, n in steps if t > all_started) / (end - all_started) if end > all_started else 0.0
+    return ModeResult(
+        produced / (end - start), 1000 * percentile(ttfts, 0.5), {"tokens": produced, "decode_tok_s": decode}
+    )
 
 
 def rss_mib() -> float:

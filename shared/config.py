@@ -69,6 +69,14 @@ class CpuKernels(enum.StrEnum):
     DEFAULT = "default"
 
 
+class WeightQuant(enum.StrEnum):
+    """`worker.weight_quant`: `int8` keeps every linear layer's weight as int8 with one scale per
+    output channel (CPU workers; a quarter of fp32's bytes per decode step); `none`: the dtype's."""
+
+    NONE = "none"
+    INT8 = "int8"
+
+
 class AttentionBackend(enum.StrEnum):
     """`worker.attention_backend`: `cascade` reads a prefix shared by several running sequences
     once for all of them; `gather` copies each sequence's whole context (the reference)."""
@@ -279,6 +287,7 @@ class WorkerConfig:
     max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
     cpu_kernels: CpuKernels = CpuKernels.ONEDNN
     attention_backend: AttentionBackend = AttentionBackend.CASCADE
+    weight_quant: WeightQuant = WeightQuant.NONE
     num_threads: int = 0  # torch threads on CPU; 0: torch's default (`wicore up` splits the cores)
     kv_offload: bool = True  # spill reclaimed prefix blocks to the tier service and load them back
     offload_codec: Codec = Codec.RAW  # how blocks travel to the tier (it stores them in its tiers' codecs)

@@ -20,6 +20,7 @@ from wicore.config import (
     CudaOptimization,
     GpuPoolConfig,
     MixedPrecision,
+    WeightQuant,
     WorkerDtype,
     is_device,
 )
@@ -32,7 +33,7 @@ from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.checkpoints import load_causal_lm
 from wicore.worker.convert import ModelDefaults
-from wicore.worker.cpu_kernels import use_onednn_linears
+from wicore.worker.cpu_kernels import use_int8_linears, use_onednn_linears
 from wicore.worker.kv_budget import cuda_memory, gpu_kv_blocks
 from wicore.worker.metrics import WorkerMetrics
 from wicore.worker.model_runner import check_supported, kv_layout
@@ -70,10 +71,16 @@ def load_model(config: Config) -> LoadedModel:
     model = load_causal_lm(source.path, DTYPES[dtype])  # a multimodal Gemma 3: its text model
     check_supported(model)
     model = model.to(device).eval()
-    if wc.cpu_kernels == CpuKernels.ONEDNN and wc.device == "cpu" and model.dtype == torch.float32:
+    kv_identity = dtype.value
+    if wc.weight_quant == WeightQuant.INT8:
+        if device.type != "cpu":
+            raise ConfigError("worker.weight_quant: int8 runs on CPU workers only; use none on a GPU")
+        use_int8_linears(model)
+        kv_identity += "+int8"  # other weights, other KV: never share cached blocks with fp weights
+    elif wc.cpu_kernels == CpuKernels.ONEDNN and device.type == "cpu":
         use_onednn_linears(model)
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
-    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, dtype.value))
+    return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, kv_identity))
 
 
 MIXED_PRECISION_DTYPES = {

@@ -12,7 +12,8 @@ them together, and each sequence then attends only its own blocks:
     shared part: the queries of a and b, every query head of one KV head stacked as
                  rows, against p0..p2 in one GEMM-shaped attention; the blocks are a
                  view of the pool when their ids are consecutive, one copy otherwise
-    own part:    each sequence against its own blocks (gathered, as the gather path does)
+    own part:    each sequence against its own blocks (gathered, as the gather path does,
+                 padded to the longest of its part: a's and b's together, c alone)
     merge:       the two partial softmaxes combined by their log-sum-exp
 
 The merge is exact up to rounding order. Every real query attends its own key, which
@@ -64,76 +65,69 @@ def shared_prefixes(
 
 
 @dataclass(slots=True)
-class SharedPrefix:
-    """The first `num_blocks` blocks of the tables of the sequences `seqs`."""
+class Part:
+    """Sequences attended together: the members of one shared prefix, or every sequence that
+    shares nothing. Each attends its own blocks (after the prefix, if any) gathered to the
+    longest among them, then the prefix once for all of them."""
 
-    seqs: torch.Tensor  # [Sg] batch indices
-    block_ids: torch.Tensor  # [num_blocks]
-    first: int | None  # the first block id when the ids are consecutive: a view of the pool
-    num_blocks: int
-    tokens: int  # num_blocks * block size
-    query_positions: torch.Tensor  # [Sg, Qmax] its sequences' grid query positions (padding: -1)
-    _masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    seqs: torch.Tensor | None  # [Sp] batch indices; None: the whole batch, in order
+    own_tables: torch.Tensor  # [Sp * max own blocks] each sequence's blocks after the prefix, flat
+    own_start: torch.Tensor  # [Sp] the absolute position of each sequence's first own key
+    max_own: int  # Ls: own keys gathered per sequence
+    query_positions: torch.Tensor  # [Sp, Qmax] grid query positions (padding: -1)
+    kv_lens: torch.Tensor  # [Sp]
+    prefix_ids: torch.Tensor | None = None  # [Pb] the shared blocks; None: no prefix
+    prefix_first: int | None = None  # the first shared block when the ids are consecutive (a view)
+    _masks: dict[tuple[str, int | None, int], tuple[torch.Tensor, torch.Tensor | None]] = field(
+        default_factory=dict
+    )
 
-    def keys_values(self, pool: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[1, Hkv, Lp, D] keys and values of the prefix."""
-        k_blocks, v_blocks = pool.blocks(layer)
-        if self.first is not None:
-            k = k_blocks[self.first : self.first + self.num_blocks]
-            v = v_blocks[self.first : self.first + self.num_blocks]
-        else:
-            k, v = k_blocks.index_select(0, self.block_ids), v_blocks.index_select(0, self.block_ids)
-        rows = (self.tokens, *k.shape[2:])
-        return k.reshape(rows).transpose(0, 1)[None], v.reshape(rows).transpose(0, 1)[None]
-
-    def window_mask(self, window: int, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """An additive [1, 1, Sg*G*Qmax, Lp] mask hiding keys `window` or more positions back,
-        and the rows it leaves without any key ([1, 1, Sg*G*Qmax]). Rows are ordered (sequence,
-        query head of the KV head, query); padding queries see every key (dropped later)."""
-        cached = self._masks.get((window, group))
-        if cached is None:
-            key_pos = torch.arange(self.tokens, device=self.query_positions.device)
-            q = self.query_positions[:, None, :, None]  # [Sg, 1, Qmax, 1]
-            allowed = (key_pos > q - window) | (q < 0)
-            allowed = allowed.expand(-1, group, -1, -1).reshape(1, 1, -1, self.tokens)
-            cached = (additive(allowed, dtype), ~allowed.any(-1))
-            self._masks[(window, group)] = cached
-        return cached
-
-
-@dataclass(slots=True)
-class Cascade:
-    """One step's shared prefixes and, per sequence, the blocks after its shared prefix."""
-
-    prefixes: list[SharedPrefix]
-    own_tables: torch.Tensor  # [S * max own blocks] each sequence's blocks after its prefix, flat
-    own_start: torch.Tensor  # [S] the absolute position of each sequence's first own key
-    max_own: int  # Ls: keys gathered per sequence
-    _masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
-
-    def own_mask(
-        self,
-        window: int | None,
-        group: int,
-        query_positions: torch.Tensor,
-        kv_lens: torch.Tensor,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """Additive [S, 1, G*Qmax, Ls]: causal by absolute position, padding keys hidden, keys
+    def own_mask(self, window: int | None, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive [Sp, 1, G*Qmax, Ls]: causal by absolute position, padding keys hidden, keys
         `window` or more positions back hidden; padding queries see their first key."""
-        cached = self._masks.get((window, group))
+        cached = self._masks.get(("own", window, group))
         if cached is None:
             key_pos = self.own_start[:, None, None] + torch.arange(self.max_own, device=self.own_start.device)
-            q = query_positions[:, :, None]
-            allowed = (key_pos <= q) & (key_pos < kv_lens[:, None, None])
+            q = self.query_positions[:, :, None]
+            allowed = (key_pos <= q) & (key_pos < self.kv_lens[:, None, None])
             if window is not None:
                 allowed &= key_pos > q - window
-            allowed[:, :, 0] |= query_positions < 0
+            allowed[:, :, 0] |= self.query_positions < 0
             s, qmax, length = allowed.shape
             allowed = allowed[:, None].expand(-1, group, -1, -1).reshape(s, 1, group * qmax, length)
-            cached = additive(allowed, dtype)
-            self._masks[(window, group)] = cached
-        return cached
+            cached = (additive(allowed, dtype), None)
+            self._masks[("own", window, group)] = cached
+        return cached[0]
+
+    def prefix_kv(self, pool: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[1, Hkv, Lp, D] keys and values of the shared prefix."""
+        assert self.prefix_ids is not None
+        k_blocks, v_blocks = pool.blocks(layer)
+        n = self.prefix_ids.numel()
+        if self.prefix_first is not None:
+            k = k_blocks[self.prefix_first : self.prefix_first + n]
+            v = v_blocks[self.prefix_first : self.prefix_first + n]
+        else:
+            k, v = k_blocks.index_select(0, self.prefix_ids), v_blocks.index_select(0, self.prefix_ids)
+        rows = (-1, *k.shape[2:])
+        return k.reshape(rows).transpose(0, 1)[None], v.reshape(rows).transpose(0, 1)[None]
+
+    def prefix_mask(
+        self, window: int, group: int, tokens: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An additive [1, 1, Sp*G*Qmax, Lp] mask hiding prefix keys `window` or more positions
+        back, and the rows it leaves without any key ([1, 1, Sp*G*Qmax]). Rows are ordered
+        (sequence, query head of the KV head, query); padding queries see every key."""
+        cached = self._masks.get(("prefix", window, group))
+        if cached is None:
+            key_pos = torch.arange(tokens, device=self.query_positions.device)
+            q = self.query_positions[:, None, :, None]  # [Sp, 1, Qmax, 1]
+            allowed = (key_pos > q - window) | (q < 0)
+            allowed = allowed.expand(-1, group, -1, -1).reshape(1, 1, -1, tokens)
+            cached = (additive(allowed, dtype), ~allowed.any(-1))
+            self._masks[("prefix", window, group)] = cached
+        assert cached[1] is not None
+        return cached[0], cached[1]
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -159,14 +153,7 @@ def attend(
 
 
 def cascade_attention(
-    grid: torch.Tensor,
-    cascade: Cascade,
-    pool: KVPool,
-    layer: int,
-    query_positions: torch.Tensor,
-    kv_lens: torch.Tensor,
-    scale: float,
-    window: int | None,
+    grid: torch.Tensor, parts: list[Part], pool: KVPool, layer: int, scale: float, window: int | None
 ) -> torch.Tensor:
     """grid [S, Qmax, H, D] -> [S, Qmax, H, D]."""
     s, qmax, heads, dim = grid.shape
@@ -179,25 +166,33 @@ def cascade_attention(
         .permute(0, 2, 3, 1, 4)
         .reshape(s, kv_heads, group * qmax, dim)
     )
-    own = (s, -1, kv_heads, dim)
-    keys = k_blocks.index_select(0, cascade.own_tables).view(own)[:, : cascade.max_own].transpose(1, 2)
-    values = v_blocks.index_select(0, cascade.own_tables).view(own)[:, : cascade.max_own].transpose(1, 2)
-    mask = cascade.own_mask(window, group, query_positions, kv_lens, grid.dtype)
-    out, lse = attend(q, keys, values, mask, scale)
-    for prefix in cascade.prefixes:
-        members = prefix.seqs.numel()
-        pq = q.index_select(0, prefix.seqs).transpose(0, 1).reshape(1, kv_heads, -1, dim)
-        pk, pv = prefix.keys_values(pool, layer)
-        pmask, empty = prefix.window_mask(window, group, grid.dtype) if window is not None else (None, None)
-        p_out, p_lse = attend(pq, pk, pv, pmask, scale)
-        if empty is not None:
-            p_lse = p_lse.masked_fill(empty, -torch.inf)
-        # back to [Sg, Hkv, G*Qmax(, D)]
-        p_out = p_out.view(kv_heads, members, group * qmax, dim).transpose(0, 1)
-        p_lse = p_lse.view(kv_heads, members, group * qmax).transpose(0, 1)
-        o_out, o_lse = out.index_select(0, prefix.seqs), lse.index_select(0, prefix.seqs)
-        top = torch.maximum(o_lse, p_lse)
-        w_own, w_pre = torch.exp(o_lse - top), torch.exp(p_lse - top)
-        merged = (o_out * w_own[..., None] + p_out * w_pre[..., None]) / (w_own + w_pre)[..., None]
-        out.index_copy_(0, prefix.seqs, merged.to(out.dtype))  # a sequence is in one prefix at most
+    out = q if len(parts) == 1 and parts[0].seqs is None else torch.empty_like(q)
+    for part in parts:
+        pq = q if part.seqs is None else q.index_select(0, part.seqs)
+        members = pq.shape[0]
+        own = (members, -1, kv_heads, dim)
+        keys = k_blocks.index_select(0, part.own_tables).view(own)[:, : part.max_own].transpose(1, 2)
+        values = v_blocks.index_select(0, part.own_tables).view(own)[:, : part.max_own].transpose(1, 2)
+        o_out, o_lse = attend(pq, keys, values, part.own_mask(window, group, grid.dtype), scale)
+        if part.prefix_ids is not None:
+            pk, pv = part.prefix_kv(pool, layer)
+            rows = pq.transpose(0, 1).reshape(1, kv_heads, -1, dim)
+            if window is None:
+                p_out, p_lse = attend(rows, pk, pv, None, scale)
+            else:
+                mask, empty = part.prefix_mask(window, group, pk.shape[2], grid.dtype)
+                p_out, p_lse = attend(rows, pk, pv, mask, scale)
+                p_lse = p_lse.masked_fill(empty, -torch.inf)
+            # back to [Sp, Hkv, G*Qmax(, D)]
+            p_out = p_out.view(kv_heads, members, group * qmax, dim).transpose(0, 1)
+            p_lse = p_lse.view(kv_heads, members, group * qmax).transpose(0, 1)
+            top = torch.maximum(o_lse, p_lse)
+            w_own, w_pre = torch.exp(o_lse - top), torch.exp(p_lse - top)
+            o_out = ((o_out * w_own[..., None] + p_out * w_pre[..., None]) / (w_own + w_pre)[..., None]).to(
+                q.dtype
+            )
+        if part.seqs is None:
+            out = o_out
+        else:
+            out.index_copy_(0, part.seqs, o_out)
     return out.view(s, kv_heads, group, qmax, dim).permute(0, 3, 1, 2, 4).reshape(s, qmax, heads, dim)

@@ -10,7 +10,7 @@ import torch
 from wicore.config import AttentionBackend
 from wicore.errors import ConfigError
 from wicore.worker.batch_scheduler import ScheduledSeq
-from wicore.worker.cascade import Cascade, SharedPrefix, shared_prefixes
+from wicore.worker.cascade import Part, shared_prefixes
 from wicore.worker.paged_attention import KVPool, PagedCache, StepMetadata, register
 
 # Families whose attention the paged path reproduces exactly (tested against generate()).
@@ -122,38 +122,44 @@ class ModelRunner:
         tables: list[list[int]],
         kv_lens: list[int],
         query_positions: torch.Tensor,
-    ) -> Cascade:
-        """The step's shared prefixes and each sequence's own blocks after its prefix."""
+    ) -> list[Part]:
+        """One part per shared prefix (its sequences), and one for the sequences that share none."""
+        grouped = {i for members, _ in groups for i in members}
+        alone = [i for i in range(len(tables)) if i not in grouped]
+        parts = [self._part(members, n, tables, kv_lens, query_positions) for members, n in groups]
+        if alone:
+            parts.append(self._part(alone, 0, tables, kv_lens, query_positions))
+        if len(parts) == 1:
+            parts[0].seqs = None  # the whole batch in order: no indexing
+        return parts
+
+    def _part(
+        self,
+        members: list[int],
+        shared: int,
+        tables: list[list[int]],
+        kv_lens: list[int],
+        positions: torch.Tensor,
+    ) -> Part:
         bs, dev = self.block_size, self.device
-        shared = [0] * len(tables)
-        prefixes = []
-        for members, n in groups:
-            for i in members:
-                shared[i] = n
-            ids = tables[members[0]][:n]
-            consecutive = ids == list(range(ids[0], ids[0] + n))
-            seqs = torch.tensor(members, dtype=torch.long, device=dev)
-            prefixes.append(
-                SharedPrefix(
-                    seqs=seqs,
-                    block_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-                    first=ids[0] if consecutive else None,
-                    num_blocks=n,
-                    tokens=n * bs,
-                    query_positions=query_positions.index_select(0, seqs),
-                )
-            )
-        own_blocks = max(len(t) - shared[i] for i, t in enumerate(tables))
-        own = torch.zeros(len(tables), own_blocks, dtype=torch.long)
-        for i, table in enumerate(tables):
-            rest = table[shared[i] :]
-            own[i, : len(rest)] = torch.tensor(rest, dtype=torch.long)
-        return Cascade(
-            prefixes=prefixes,
+        own = torch.zeros(len(members), max(len(tables[i]) - shared for i in members), dtype=torch.long)
+        for row, i in enumerate(members):
+            rest = tables[i][shared:]
+            own[row, : len(rest)] = torch.tensor(rest, dtype=torch.long)
+        seqs = torch.tensor(members, dtype=torch.long, device=dev)
+        part = Part(
+            seqs=seqs,
             own_tables=own.view(-1).to(dev),
-            own_start=torch.tensor([n * bs for n in shared], dtype=torch.long, device=dev),
-            max_own=max(kv - n * bs for kv, n in zip(kv_lens, shared, strict=True)),
+            own_start=torch.full((len(members),), shared * bs, dtype=torch.long, device=dev),
+            max_own=max(kv_lens[i] for i in members) - shared * bs,
+            query_positions=positions.index_select(0, seqs),
+            kv_lens=torch.tensor([kv_lens[i] for i in members], dtype=torch.long, device=dev),
         )
+        if shared:
+            ids = tables[members[0]][:shared]
+            part.prefix_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+            part.prefix_first = ids[0] if ids == list(range(ids[0], ids[0] + shared)) else None
+        return part
 
     @property
     def probe_layer(self) -> int:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from wicore.worker.cascade import Cascade, cascade_attention
+from wicore.worker.cascade import Part, cascade_attention
 
 ATTENTION_NAME = "wicore_paged"
 
@@ -90,7 +90,7 @@ class StepMetadata:
     max_kv: int  # Lmax: keys gathered per sequence (whole blocks, then cut to this)
     probe_layer: int | None = None  # measure attention on this layer (A²CR), None: not this step
     key_mass: torch.Tensor | None = None  # [S, Lmax] attention mass per key, set by the probe
-    cascade: Cascade | None = None  # shared prefixes to read once (cascade backend); None: gather all
+    cascade: list[Part] | None = None  # shared prefixes to read once (cascade backend); None: gather all
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor:
@@ -162,9 +162,8 @@ def paged_attention(
     scale = scaling if scaling is not None else head_dim**-0.5
     keys: torch.Tensor | None = None
     if meta.cascade is not None:
-        out = cascade_attention(
-            grid, meta.cascade, meta.pool, layer, meta.query_positions, meta.kv_lens, scale, sliding_window
-        ).reshape(s * qmax, heads, head_dim)
+        out = cascade_attention(grid, meta.cascade, meta.pool, layer, scale, sliding_window)
+        out = out.reshape(s * qmax, heads, head_dim)
     else:
         keys, values = gather(meta, layer)
         out = F.scaled_dot_product_attention(

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from wicore.config import load_config
 from wicore.worker import paged_attention
 from wicore.worker.app import load_model
-from wicore.worker.cascade import SharedPrefix, attend, shared_prefixes
+from wicore.worker.cascade import Part, attend, shared_prefixes
 from wicore.worker.engine_types import EngineRequest, StepOutput
 from wicore.worker.paged_attention import KVPool
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
@@ -26,7 +26,10 @@ SYSTEM = (
     "You are WiCore, a helpful assistant. Paged attention keeps the KV cache in blocks of "
     "sixteen tokens, and a prefix shared by many requests is computed once. "
 )
-QUESTIONS = ["What is a block?", "def add(a, b):", "Héllo wörld", "Why share a prefix?"]
+OTHER = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+# Two groups sharing a prefix each, and one prompt sharing nothing, all in one batch.
+PROMPTS = [SYSTEM + q for q in ("What is a block?", "def add(a, b):", "Héllo wörld", "Why share a prefix?")]
+PROMPTS += [OTHER + "def mul(a, b):", OTHER + "class Point:", "Paged attention keeps"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -55,11 +58,14 @@ def run(eng: PagedEngine, requests: list[EngineRequest]) -> dict[str, list[StepO
 
 
 def shared_batch(path: Path, backend: str, block_size: int) -> tuple[dict[str, list[StepOutput]], int]:
-    """The system prompt alone, then four questions after it at once (prefix-cache hits);
-    returns their outputs and how many attention calls went through the cascade."""
+    """The two shared prefixes alone, then PROMPTS at once (prefix-cache hits); returns their
+    outputs and how many attention calls went through the cascade."""
     tok = AutoTokenizer.from_pretrained(path)
     eng = engine(path, backend, num_blocks=256, block_size=block_size)
-    run(eng, [EngineRequest("warm", list(tok(SYSTEM + "Hi").input_ids), 2)])
+    run(
+        eng,
+        [EngineRequest(f"warm{i}", list(tok(p + "Hi").input_ids), 2) for i, p in enumerate((SYSTEM, OTHER))],
+    )
     calls = 0
     original = paged_attention.cascade_attention
 
@@ -71,8 +77,7 @@ def shared_batch(path: Path, backend: str, block_size: int) -> tuple[dict[str, l
     paged_attention.cascade_attention = counting  # type: ignore[assignment]
     try:
         requests = [
-            EngineRequest(f"q{i}", list(tok(SYSTEM + q).input_ids), 16, logprobs=3)
-            for i, q in enumerate(QUESTIONS)
+            EngineRequest(f"q{i}", list(tok(p).input_ids), 16, logprobs=3) for i, p in enumerate(PROMPTS)
         ]
         return run(eng, requests), calls
     finally:
@@ -85,14 +90,14 @@ def test_sequences_sharing_a_prefix_match_generate(model_dir: Path, block_size: 
     assert calls > 0  # the shared prefix did go through the cascade
     tok = AutoTokenizer.from_pretrained(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for i, q in enumerate(QUESTIONS):
-        ids = torch.tensor([tok(SYSTEM + q).input_ids])
+    for i, prompt in enumerate(PROMPTS):
+        ids = torch.tensor([tok(prompt).input_ids])
         want = reference.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, eos_token_id=None
         )[0, ids.shape[1] :].tolist()
         got = [t for out in outputs[f"q{i}"] for t in out.new_token_ids]
-        assert got == want, q
-        assert outputs[f"q{i}"][0].cached_tokens > 0
+        assert got == want, prompt
+        assert (outputs[f"q{i}"][0].cached_tokens > 0) is (i < 6)
 
 
 def test_cascade_and_gather_give_the_same_distributions(model_dir: Path) -> None:
@@ -123,12 +128,12 @@ def test_a_prefix_reads_the_same_keys_in_place_and_through_its_ids() -> None:
     pool = KVPool(2, 8, 4, 2, 3, torch.float32, torch.device("cpu"))
     for t in (*pool.keys, *pool.values):
         t.copy_(torch.randn(t.shape))
-    positions = torch.zeros(1, 1, dtype=torch.long)
+    one = torch.zeros(1, dtype=torch.long)
     ids = torch.tensor([3, 4, 5])
-    in_place = SharedPrefix(ids.new_tensor([0]), ids, 3, 3, 12, positions)
-    copied = SharedPrefix(ids.new_tensor([0]), ids, None, 3, 12, positions)
-    k1, v1 = in_place.keys_values(pool, 1)
-    k2, v2 = copied.keys_values(pool, 1)
+    in_place = Part(None, one, one, 1, one[None], one, prefix_ids=ids, prefix_first=3)
+    copied = Part(None, one, one, 1, one[None], one, prefix_ids=ids, prefix_first=None)
+    k1, v1 = in_place.prefix_kv(pool, 1)
+    k2, v2 = copied.prefix_kv(pool, 1)
     assert k1.shape == (1, 2, 12, 3)
     assert torch.equal(k1, k2) and torch.equal(v1, v2)
     assert k1.data_ptr() == pool.keys[1][12:].data_ptr()  # a view of the pool, no copy
