@@ -4,6 +4,7 @@ directory and loaded back through the worker's real loader."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -134,3 +135,33 @@ def save_tiny_gemma3_multimodal(path: Path, seed: int = 0, tie_word_embeddings: 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def generate_greedy(model: Any, ids: list[int], max_new: int) -> list[int]:
+    """generate()'s greedy tokens after `ids`, on the model's device: an explicit all-ones mask
+    (pad-id tokens inside a prompt are not padding) and EOS not special."""
+    prompt = torch.tensor([ids], device=model.device)
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=max_new,
+        do_sample=False,
+        eos_token_id=None,
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def engine_greedy(engine: Any, prompt_ids: list[list[int]], max_new: int) -> list[list[int]]:
+    """The engine's greedy tokens for each prompt, all added at once; the block pool is checked
+    after every step and must be whole again at the end."""
+    from wicore.worker.engine_types import EngineRequest
+
+    for i, ids in enumerate(prompt_ids):
+        engine.add_request(EngineRequest(f"r{i}", ids, max_new))
+    produced: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            produced.setdefault(out.request_id, []).extend(out.new_token_ids)
+        engine.pool.check_integrity()
+    assert engine.pool.num_free == engine.pool.num_blocks
+    return [produced[f"r{i}"] for i in range(len(prompt_ids))]

@@ -18,7 +18,7 @@ from wicore.worker.engine_types import EngineRequest, StepOutput
 from wicore.worker.paged_attention import KVPool
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
-from tiny_models import FAMILIES, save_tiny
+from tiny_models import FAMILIES, generate_greedy, save_tiny
 
 # ~70 tokens: longer than the sliding families' window of 8, so some of their rows see no
 # shared key at all.
@@ -91,10 +91,7 @@ def test_sequences_sharing_a_prefix_match_generate(model_dir: Path, block_size: 
     tok = AutoTokenizer.from_pretrained(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for i, prompt in enumerate(PROMPTS):
-        ids = torch.tensor([tok(prompt).input_ids])
-        want = reference.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, eos_token_id=None
-        )[0, ids.shape[1] :].tolist()
+        want = generate_greedy(reference, list(tok(prompt).input_ids), 16)
         got = [t for out in outputs[f"q{i}"] for t in out.new_token_ids]
         assert got == want, prompt
         assert (outputs[f"q{i}"][0].cached_tokens > 0) is (i < 6)

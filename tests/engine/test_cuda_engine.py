@@ -19,13 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from wicore.config import Config, GiB, load_config
 from wicore.worker.app import LoadedModel, engine_config, load_model
-from wicore.worker.engine_types import EngineRequest
 from wicore.worker.kv_budget import cuda_memory, kv_pool_blocks, model_activation_reserve
 from wicore.worker.model_runner import kv_layout
 from wicore.worker.paged_attention import KVPool
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
-from tiny_models import FAMILIES, save_tiny
+from tiny_models import FAMILIES, engine_greedy, generate_greedy, save_tiny
 
 pytestmark = pytest.mark.cuda
 
@@ -55,31 +54,11 @@ def worker_config(path: Path, **overrides: object) -> Config:
 def expected(path: Path, dtype: torch.dtype, prompt_ids: list[list[int]]) -> list[list[int]]:
     """generate()'s greedy tokens, one prompt at a time, on the same device and dtype."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to("cuda").eval()
-    outputs = []
-    for ids in prompt_ids:
-        prompt = torch.tensor([ids], device="cuda")
-        out = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=MAX_NEW,
-            do_sample=False,
-            eos_token_id=None,
-        )
-        outputs.append(out[0, len(ids) :].tolist())
-    return outputs
+    return [generate_greedy(model, ids, MAX_NEW) for ids in prompt_ids]
 
 
 def greedy(loaded: LoadedModel, config: EngineConfig, prompt_ids: list[list[int]]) -> list[list[int]]:
-    engine = PagedEngine(loaded.model, config, loaded.fingerprint)
-    for i, ids in enumerate(prompt_ids):
-        engine.add_request(EngineRequest(f"r{i}", ids, MAX_NEW))
-    produced: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            produced.setdefault(out.request_id, []).extend(out.new_token_ids)
-        engine.pool.check_integrity()
-    assert engine.pool.num_free == engine.pool.num_blocks
-    return [produced[f"r{i}"] for i in range(len(prompt_ids))]
+    return engine_greedy(PagedEngine(loaded.model, config, loaded.fingerprint), prompt_ids, MAX_NEW)
 
 
 def prompt_ids(path: Path) -> list[list[int]]:

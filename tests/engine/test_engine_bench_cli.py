@@ -31,7 +31,9 @@ def bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("backend", ["cascade", "gather"])
-def test_engine_bench_reports_decode_rates_with_a_shared_prefix(tiny: Path, tmp_path: Path, backend: str) -> None:
+def test_engine_bench_reports_decode_rates_with_a_shared_prefix(
+    tiny: Path, tmp_path: Path, backend: str
+) -> None:
     out = tmp_path / "engine.json"
     done = bench(
         "engine_bench.py", "--model", str(tiny), "--requests", "3", "--prompt-tokens", "8",

@@ -18,10 +18,9 @@ from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 from wicore.config import load_config
 from wicore.errors import ConfigError
 from wicore.worker.app import LoadedModel, load_model
-from wicore.worker.engine_types import EngineRequest
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
-from tiny_models import save_tiny_gemma3_multimodal
+from tiny_models import engine_greedy, generate_greedy, save_tiny_gemma3_multimodal
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. WiCore serves language models",
@@ -79,23 +78,9 @@ def test_greedy_output_matches_the_multimodal_models_generate(checkpoint: Path) 
         loaded.model, EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=7), loaded.fingerprint
     )
     prompt_ids = [list(tokenizer(p).input_ids) for p in PROMPTS]
+    produced = engine_greedy(engine, prompt_ids, MAX_NEW)
     for i, ids in enumerate(prompt_ids):
-        engine.add_request(EngineRequest(f"r{i}", ids, MAX_NEW))
-    produced: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            produced.setdefault(out.request_id, []).extend(out.new_token_ids)
-        engine.pool.check_integrity()
-    for i, ids in enumerate(prompt_ids):
-        prompt = torch.tensor([ids])
-        expected = reference.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=MAX_NEW,
-            do_sample=False,
-            eos_token_id=None,
-        )[0, len(ids) :].tolist()
-        assert produced[f"r{i}"] == expected, PROMPTS[i]
+        assert produced[i] == generate_greedy(reference, ids, MAX_NEW), PROMPTS[i]
 
 
 def rename_weights(path: Path, rename: dict[str, str]) -> None:

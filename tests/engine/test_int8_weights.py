@@ -13,10 +13,9 @@ from transformers import AutoTokenizer
 from wicore.config import load_config
 from wicore.worker.app import load_model
 from wicore.worker.cpu_kernels import Int8Linear, OneDnnLinear, quantize_int8
-from wicore.worker.engine_types import EngineRequest
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
-from tiny_models import save_tiny
+from tiny_models import engine_greedy, generate_greedy, save_tiny
 
 
 def test_quantization_rounds_each_weight_to_its_rows_nearest_step() -> None:
@@ -67,15 +66,6 @@ def test_the_engine_over_int8_weights_matches_their_generate(tiny: Path) -> None
     loaded = load_model(load_config(None, {}, {"worker.model": str(tiny), "worker.weight_quant": "int8"}))
     tok = AutoTokenizer.from_pretrained(tiny)
     prompt = list(tok("The quick brown fox jumps over the lazy dog. WiCore serves").input_ids)
-    ids = torch.tensor([prompt])
-    want = loaded.model.generate(  # before the engine puts its attention into the model
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, eos_token_id=None
-    )[0, len(prompt) :].tolist()
+    want = generate_greedy(loaded.model, prompt, 16)  # before the engine puts its attention in
     engine = PagedEngine(loaded.model, EngineConfig(num_blocks=64, block_size=4), loaded.fingerprint)
-    engine.add_request(EngineRequest("r", prompt, 16))
-    got: list[int] = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            got += out.new_token_ids
-        engine.pool.check_integrity()
-    assert got == want
+    assert engine_greedy(engine, [prompt], 16) == [want]
