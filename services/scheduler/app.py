@@ -48,7 +48,14 @@ async def serve(config: Config) -> None:
         await server.start()
         await server.set_serving(True)
         expiry = asyncio.create_task(servicer.expire_loop())
-        await server.serve_until_signal()
+
+        async def drain() -> None:
+            # A stopping scheduler drops no worker for missed heartbeats: its calls in flight
+            # drain where they are. (Under `wicore up` the workers stop at the same moment, their
+            # deregistration is refused, and failing their streams over would find no worker.)
+            expiry.cancel()
+
+        await server.serve_until_signal(drain)
     finally:
         if expiry is not None:
             expiry.cancel()
