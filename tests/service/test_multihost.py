@@ -208,6 +208,15 @@ async def test_a_prefix_spilled_on_one_node_brings_its_request_back_there(
         await until(spilled, f"tier {holder} to hold the prompt's {blocks} blocks", 30)
         assert not any(r.exists(block_key(stack.namespace, other, h)) for h in chain)
 
+    async def idle() -> bool:  # as the scheduler sees them: a heartbeat after the fillers ended
+        return all(
+            w.load.running == 0 and w.load.waiting == 0 and w.load.free_blocks == w.total_blocks
+            for w in await list_workers(stack)
+        )
+
+    # Otherwise MoR may still price the holder as busy with the fillers (sent to it directly,
+    # behind the scheduler's back) and place the returning prompt on the idle other node.
+    await until(idle, "both workers to report themselves idle", 30)
     before = {w.tier_node: w.dispatched for w in await list_workers(stack)}
     again = await generate(stack, PROMPT)
     assert list(again.token_ids) == list(first.token_ids)
