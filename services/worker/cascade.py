@@ -72,22 +72,21 @@ class Part:
 
     seqs: torch.Tensor | None  # [Sp] batch indices; None: the whole batch, in order
     own_tables: torch.Tensor  # [Sp * max own blocks] each sequence's blocks after the prefix, flat
-    own_start: torch.Tensor  # [Sp] the absolute position of each sequence's first own key
+    own_start: int  # the absolute position of every member's first own key (the prefix's length)
     max_own: int  # Ls: own keys gathered per sequence
     query_positions: torch.Tensor  # [Sp, Qmax] grid query positions (padding: -1)
     kv_lens: torch.Tensor  # [Sp]
     prefix_ids: torch.Tensor | None = None  # [Pb] the shared blocks; None: no prefix
     prefix_first: int | None = None  # the first shared block when the ids are consecutive (a view)
-    _masks: dict[tuple[str, int | None, int], tuple[torch.Tensor, torch.Tensor | None]] = field(
-        default_factory=dict
-    )
+    _own_masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
+    _prefix_masks: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def own_mask(self, window: int | None, group: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive [Sp, 1, G*Qmax, Ls]: causal by absolute position, padding keys hidden, keys
         `window` or more positions back hidden; padding queries see their first key."""
-        cached = self._masks.get(("own", window, group))
+        cached = self._own_masks.get((window, group))
         if cached is None:
-            key_pos = self.own_start[:, None, None] + torch.arange(self.max_own, device=self.own_start.device)
+            key_pos = self.own_start + torch.arange(self.max_own, device=self.kv_lens.device)
             q = self.query_positions[:, :, None]
             allowed = (key_pos <= q) & (key_pos < self.kv_lens[:, None, None])
             if window is not None:
@@ -95,9 +94,9 @@ class Part:
             allowed[:, :, 0] |= self.query_positions < 0
             s, qmax, length = allowed.shape
             allowed = allowed[:, None].expand(-1, group, -1, -1).reshape(s, 1, group * qmax, length)
-            cached = (additive(allowed, dtype), None)
-            self._masks[("own", window, group)] = cached
-        return cached[0]
+            cached = additive(allowed, dtype)
+            self._own_masks[(window, group)] = cached
+        return cached
 
     def prefix_kv(self, pool: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[1, Hkv, Lp, D] keys and values of the shared prefix."""
@@ -118,16 +117,15 @@ class Part:
         """An additive [1, 1, Sp*G*Qmax, Lp] mask hiding prefix keys `window` or more positions
         back, and the rows it leaves without any key ([1, 1, Sp*G*Qmax]). Rows are ordered
         (sequence, query head of the KV head, query); padding queries see every key."""
-        cached = self._masks.get(("prefix", window, group))
+        cached = self._prefix_masks.get((window, group))
         if cached is None:
             key_pos = torch.arange(tokens, device=self.query_positions.device)
             q = self.query_positions[:, None, :, None]  # [Sp, 1, Qmax, 1]
             allowed = (key_pos > q - window) | (q < 0)
             allowed = allowed.expand(-1, group, -1, -1).reshape(1, 1, -1, tokens)
             cached = (additive(allowed, dtype), ~allowed.any(-1))
-            self._masks[("prefix", window, group)] = cached
-        assert cached[1] is not None
-        return cached[0], cached[1]
+            self._prefix_masks[(window, group)] = cached
+        return cached
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

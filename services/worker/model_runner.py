@@ -150,7 +150,7 @@ class ModelRunner:
         part = Part(
             seqs=seqs,
             own_tables=own.view(-1).to(dev),
-            own_start=torch.full((len(members),), shared * bs, dtype=torch.long, device=dev),
+            own_start=shared * bs,
             max_own=max(kv_lens[i] for i in members) - shared * bs,
             query_positions=positions.index_select(0, seqs),
             kv_lens=torch.tensor([kv_lens[i] for i in members], dtype=torch.long, device=dev),
