@@ -256,8 +256,11 @@ def decode_step_seconds(engine: Any, prompts: list[list[int]], steps: int, tag: 
     """Each of `steps` engine steps in which every sequence decodes one token (prefill done)."""
     from wicore.worker.engine_types import EngineRequest
 
+    # Prefills may take several steps (a token budget), and a sequence started in the first must
+    # still be decoding in the last timed step: room for as many steps more; aborted after.
+    room = steps + 2 + len(prompts) + sum(map(len, prompts)) // 64
     for i, ids in enumerate(prompts):
-        engine.add_request(EngineRequest(f"{tag}-{i}", ids, steps + 2))
+        engine.add_request(EngineRequest(f"{tag}-{i}", ids, room))
     started: set[str] = set()
     while len(started) < len(prompts):
         started.update(out.request_id for out in engine.step())
@@ -267,18 +270,28 @@ def decode_step_seconds(engine: Any, prompts: list[list[int]], steps: int, tag: 
         outputs = engine.step()  # returns sampled token ids: the device is done
         times.append(time.perf_counter() - start)
         assert len(outputs) == len(prompts), "a decode step left a sequence out"
+    for i in range(len(prompts)):
+        engine.abort_request(f"{tag}-{i}")
     while engine.has_unfinished():
         engine.step()
     return times
 
 
 def weight_bytes(model: Any) -> int:
-    """What a decode step reads of the weights: each once; the input embedding only as the LM head."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    embedding = model.get_input_embeddings().weight
-    if embedding is model.get_output_embeddings().weight:
-        return total
-    return total - embedding.numel() * embedding.element_size()
+    """What a decode step reads of the weights: each once, as stored (a linear layer replaced by a
+    CPU kernel's says how many bytes it reads: `weight_nbytes`); the input embedding only as the LM
+    head (tied) or not at all (a few rows)."""
+    embedding = model.get_input_embeddings()
+    total = 0
+    for module in model.modules():
+        if module is embedding:
+            continue
+        stored = getattr(module, "weight_nbytes", None)
+        if isinstance(stored, int):
+            total += stored
+        else:
+            total += sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    return total
 
 
 def kv_bytes(model: Any, context: int) -> int:

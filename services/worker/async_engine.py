@@ -7,6 +7,11 @@
     abort_all() ── inbox: abort_all ──▶ every request fails (orphans of a dropped worker)
     resident_hashes() ── inbox: snapshot ▶ engine.resident_hashes()   (heartbeats)
     queue.get() ◀─ call_soon_threadsafe ─ engine.step() -> TextStream.push()
+                   (once per step and loop)
+
+A caller that falls behind the engine (a slow client, a busy event loop) gets the
+deltas waiting in its queue merged into one, so the messages per request follow
+what the caller can take, not the engine's step rate.
 
 With an offloader (KV offload to the tier service, `wicore.worker.offload`), the
 pool hands reclaimed blocks to it from the engine thread, and `generate` first
@@ -96,8 +101,17 @@ class AsyncEngine:
         self._send("add", (request, active))
         finished = False
         try:
+            held: BaseException | None = None  # an error behind merged deltas, raised after them
             while True:
-                item = await active.queue.get()
+                item = held if held is not None else await active.queue.get()
+                held = None
+                while isinstance(item, Delta) and item.finish_reason is None and not active.queue.empty():
+                    # The caller fell behind the engine: the waiting deltas go out as one message.
+                    following = active.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        held = following
+                        break
+                    item = item.merged(following)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish_reason is not None
@@ -155,6 +169,7 @@ class AsyncEngine:
                 log.exception("engine step failed; failing %d requests", len(self._active))
                 self._fail_all(exc)
                 continue
+            deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Delta]]] = {}
             for out in outputs:
                 active = self._active.get(out.request_id)
                 if active is None:
@@ -169,7 +184,9 @@ class AsyncEngine:
                         self.engine.abort_request(out.request_id)
                         if out.times is not None:
                             out.times.finished = time.time()
-                active.loop.call_soon_threadsafe(active.queue.put_nowait, delta)
+                deliveries.setdefault(active.loop, []).append((active.queue, delta))
+            for loop, items in deliveries.items():  # one wake-up of each event loop per step
+                loop.call_soon_threadsafe(_deliver, items)
             self._stats = self.engine.stats()
         self._fail_all(NotReady("worker stopped"))
 
@@ -217,6 +234,11 @@ def _reload_attributes(chain: int, on_device: int, reload: Reload) -> dict[str, 
     attributes |= {f"wicore.reload.{source}_blocks": n for source, n in reload.blocks.items()}
     attributes |= {f"wicore.reload.{source}_bytes": n for source, n in reload.bytes.items()}
     return attributes
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Delta]]) -> None:
+    for target, delta in items:
+        target.put_nowait(delta)
 
 
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:

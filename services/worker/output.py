@@ -33,6 +33,19 @@ class Delta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     times: RequestTimes | None = None  # on the last delta: the request's way through the engine
 
+    def merged(self, later: Delta) -> Delta:
+        """This delta and the next of the same request as one (counts are running totals)."""
+        return Delta(
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            finish_reason=later.finish_reason,
+            prompt_tokens=later.prompt_tokens,
+            completion_tokens=later.completion_tokens,
+            cached_tokens=later.cached_tokens,
+            logprobs=self.logprobs + later.logprobs,
+            times=later.times,
+        )
+
 
 @dataclass(slots=True)
 class TextStream:
