@@ -7,7 +7,8 @@ Decode reads every weight once per step (and each sequence's K/V), so at small b
 speed limit is bytes / memory bandwidth. This prints both, measured in the same run:
 
   - the machine: read bandwidth (a sum over a --peak-mib buffer, far larger than the
-    last-level cache, all threads) and copy bandwidth (read + write), medians of --runs;
+    last-level cache, all threads; the median of 5 x --runs) and copy bandwidth (read +
+    write, over 5 x --runs copies);
   - per batch size: the paged engine's decode step (the model as a worker loads it, with
     --set applied) and transformers' own decode step (`generate` over the same prompts,
     the time between tokens) as the baseline, median over --steps steps of --runs runs;
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import make_prompts, parse_settings, resolve_model_dir, write_json
-from gpu_check import decode_step_seconds, kv_bytes, weight_bytes
+from gpu_check import copy_peak, decode_step_seconds, step_bytes
 from serving import machine, markdown_table
 
 
@@ -44,19 +45,6 @@ def read_gb_s(nbytes: int, runs: int) -> float:
         buffer.sum()
         seconds.append(time.perf_counter() - start)
     return nbytes / statistics.median(seconds) / 1e9
-
-
-def copy_gb_s(nbytes: int, runs: int) -> float:
-    """GB/s of copying a buffer of `nbytes`, counting the read and the write."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        dst.copy_(src)
-        seconds.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(seconds) / 1e9
 
 
 class TokenClock:
@@ -87,12 +75,6 @@ def hf_step_seconds(model: Any, prompts: list[list[int]], steps: int) -> list[fl
     )
     tokens = clock.times[1:]  # after the prompt
     return [b - a for a, b in itertools.pairwise(tokens[1:])]  # the first decode step left out
-
-
-def step_bytes(model: Any, batch: int, prompt_tokens: int, steps: int) -> float:
-    """Bytes one decode step reads, averaged over the contexts of `steps` steps after the first token."""
-    contexts = [prompt_tokens + 1 + k for k in range(steps)]
-    return weight_bytes(model) + batch * statistics.mean(kv_bytes(model, c) for c in contexts)
 
 
 def equal_length_prompts(tokenizer: Any, batch: int, tokens: int) -> list[list[int]]:
@@ -126,7 +108,7 @@ def main() -> int:
 
     peak = {
         "read_gb_s": read_gb_s(args.peak_mib << 20, 5 * args.runs),
-        "copy_gb_s": copy_gb_s(args.peak_mib << 20, 5 * args.runs),
+        "copy_gb_s": copy_peak(torch.device("cpu"), args.peak_mib << 20, 5 * args.runs),
     }
     print(f"memory: read {peak['read_gb_s']:.1f} GB/s, copy {peak['copy_gb_s']:.1f} GB/s", file=sys.stderr)
 
@@ -142,8 +124,7 @@ def main() -> int:
     engine_steps = {b: [] for b in batches}
     for run in range(args.runs):
         for b in batches:
-            # The run's own tag in each prompt's first token would change the model's input; a
-            # fresh engine instead, so no run decodes from another's cached prefix.
+            # A fresh engine: no run decodes from the previous one's cached prompts.
             engine = PagedEngine(loaded.model, engine_config(config, loaded.model), loaded.fingerprint)
             engine_steps[b] += decode_step_seconds(engine, prompts[b], args.steps, f"r{run}b{b}")
     wicore_bytes = {b: step_bytes(loaded.model, b, prompt_tokens[b], args.steps) for b in batches}

@@ -303,13 +303,18 @@ def kv_bytes(model: Any, context: int) -> int:
     return sum(per_token * (min(context, window) if k == "sliding_attention" else context) for k in kinds)
 
 
+def step_bytes(model: Any, batch: int, prompt_tokens: int, steps: int) -> float:
+    """Bytes one decode step reads, averaged over the `steps` steps after the first token: step k
+    (from 0) reads the weights and, per sequence, the K/V of prompt + 1 + k tokens."""
+    contexts = [prompt_tokens + 1 + k for k in range(steps)]
+    return weight_bytes(model) + batch * statistics.mean(kv_bytes(model, c) for c in contexts)
+
+
 def decode_bandwidth(
     model: Any, step_seconds: list[float], batch: int, prompt_tokens: int, peak: dict[str, Any]
 ) -> dict[str, Any]:
     """Bytes a decode step must read over its median time, and that as a share of each peak."""
-    # Step k (from 0) after the first token reads the K/V of prompt + 1 + k tokens per sequence.
-    contexts = [prompt_tokens + 1 + k for k in range(len(step_seconds))]
-    read = weight_bytes(model) + batch * statistics.mean(kv_bytes(model, c) for c in contexts)
+    read = step_bytes(model, batch, prompt_tokens, len(step_seconds))
     step = statistics.median(step_seconds)
     gb_s = read / step / 1e9
     return {
