@@ -85,6 +85,16 @@ class AttentionBackend(enum.StrEnum):
     GATHER = "gather"
 
 
+class SpecMethod(enum.StrEnum):
+    """`worker.speculative.method`: `ngram` proposes the continuation of the sequence's latest
+    n-gram where it occurred before (prompt lookup); `draft` runs a smaller model with the same
+    tokenizer; `off`: no speculation."""
+
+    OFF = "off"
+    NGRAM = "ngram"
+    DRAFT = "draft"
+
+
 class MixedPrecision(enum.StrEnum):
     """`gpu_config.cuda_optimization.mixed_precision`: the weights' and KV's dtype on a GPU
     worker whose worker.dtype is auto (fp32: float32, fp16: float16, bf16: bfloat16)."""
@@ -271,6 +281,36 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding: proposals for decoding sequences, verified by the model in its step."""
+
+    method: SpecMethod = SpecMethod.OFF
+    num_tokens: int = 4  # k: proposals per sequence and step, at most (adaptive below it)
+    ngram_min: int = 2  # ngram: the shortest suffix looked up
+    ngram_max: int = 4  # ngram: the longest (tried first)
+    draft_model: str = ""  # draft: a local model directory (a causal LM with the same tokenizer)
+    draft_kv_cache_bytes: int = 256 * MiB  # draft: its own KV pool
+    # No speculation in a step with more running sequences than this: decode is no longer
+    # bound by memory bandwidth there, so verifying proposals costs nearly what they save.
+    disable_by_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_tokens <= 16:
+            raise ConfigError(f"num_tokens: must be in [1, 16], got {self.num_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(
+                "ngram_min, ngram_max: need 1 <= ngram_min <= ngram_max, "
+                f"got {self.ngram_min}, {self.ngram_max}"
+            )
+        if self.method is SpecMethod.DRAFT and not self.draft_model:
+            raise ConfigError("draft_model: method draft needs a draft model directory")
+        if self.draft_kv_cache_bytes < 1:
+            raise ConfigError(f"draft_kv_cache_bytes: must be > 0, got {self.draft_kv_cache_bytes}")
+        if self.disable_by_batch_size < 1:
+            raise ConfigError(f"disable_by_batch_size: must be >= 1, got {self.disable_by_batch_size}")
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 50060  # worker i of `wicore up` listens on port + i
@@ -293,6 +333,7 @@ class WorkerConfig:
     offload_codec: Codec = Codec.RAW  # how blocks travel to the tier (it stores them in its tiers' codecs)
     max_pending_offload_blocks: int = 256  # host copies waiting for the tier; past this, spills are dropped
     attention_sample_every: int = 8  # measure block attention for A²CR every n-th engine step (0: never)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if not is_device_spec(self.device):

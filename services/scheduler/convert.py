@@ -55,6 +55,9 @@ def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> WorkerLoad:
         loaded_blocks=dict(msg.loaded_blocks),
         spilled_blocks=msg.spilled_blocks,
         spill_failed_blocks=msg.spill_failed_blocks,
+        spec_drafts=msg.spec_drafts,
+        spec_proposed_tokens=msg.spec_proposed_tokens,
+        spec_accepted_tokens=msg.spec_accepted_tokens,
     )
 
 
@@ -66,6 +69,9 @@ def load_to_proto(load: WorkerLoad) -> scheduler_pb2.WorkerLoad:
         loaded_blocks=load.loaded_blocks,
         spilled_blocks=load.spilled_blocks,
         spill_failed_blocks=load.spill_failed_blocks,
+        spec_drafts=load.spec_drafts,
+        spec_proposed_tokens=load.spec_proposed_tokens,
+        spec_accepted_tokens=load.spec_accepted_tokens,
     )
 
 

@@ -25,6 +25,9 @@ class WorkerLoad:
     loaded_blocks: Mapping[str, int] = field(default_factory=dict)  # KV offload: by source tier
     spilled_blocks: int = 0
     spill_failed_blocks: int = 0
+    spec_drafts: int = 0  # speculative decoding: steps that verified proposals
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass(slots=True)

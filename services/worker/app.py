@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from wicore.config import (
     CudaOptimization,
     GpuPoolConfig,
     MixedPrecision,
+    SpecMethod,
     WeightQuant,
     WorkerDtype,
     is_device,
@@ -34,6 +35,7 @@ from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.checkpoints import load_causal_lm
 from wicore.worker.convert import ModelDefaults
 from wicore.worker.cpu_kernels import use_int8_linears, use_onednn_linears
+from wicore.worker.draft import DraftProposer
 from wicore.worker.kv_budget import cuda_memory, gpu_kv_blocks
 from wicore.worker.metrics import WorkerMetrics
 from wicore.worker.model_runner import check_supported, kv_layout
@@ -42,6 +44,7 @@ from wicore.worker.paged_attention import KVPool
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 from wicore.worker.residency import ResidencyPublisher
 from wicore.worker.servicer import WorkerServicer
+from wicore.worker.speculative import NgramProposer, Proposer, Speculator
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +145,25 @@ def apply_gpu_config(config: Config, device: torch.device) -> None:
             torch.backends.cudnn.allow_tf32 = True
 
 
-def engine_config(config: Config, model: Any) -> EngineConfig:
+def engine_config(config: Config, model: Any, draft: bool = False) -> EngineConfig:
     """Sizes the KV pool: worker.kv_cache_bytes on CPU; on a GPU what gpu_memory_utilization of the
-    device leaves after the loaded weights and one step's activations (kv_budget.py)."""
+    device leaves after the loaded weights and one step's activations (kv_budget.py). A draft
+    model's pool (`draft`): worker.speculative.draft_kv_cache_bytes on any device."""
     wc = config.worker
     layers, kv_heads, head_dim = kv_layout(model)
     per_block = KVPool.bytes_per_block(layers, wc.block_size, kv_heads, head_dim, model.dtype)
     device = next(model.parameters()).device
-    if device.type == "cuda":
+    if device.type == "cuda" and not draft:
         num_blocks = gpu_kv_blocks(config, model, per_block, cuda_memory(device))
     else:
-        num_blocks = wc.kv_cache_bytes // per_block
+        field, size = (
+            ("worker.speculative.draft_kv_cache_bytes", wc.speculative.draft_kv_cache_bytes)
+            if draft
+            else ("worker.kv_cache_bytes", wc.kv_cache_bytes)
+        )
+        num_blocks = size // per_block
         if num_blocks < 1:
-            raise ConfigError(
-                f"worker.kv_cache_bytes: {wc.kv_cache_bytes} bytes hold no block of {per_block} bytes"
-            )
+            raise ConfigError(f"{field}: {size} bytes hold no block of {per_block} bytes")
     return EngineConfig(
         num_blocks=num_blocks,
         block_size=wc.block_size,
@@ -165,6 +172,29 @@ def engine_config(config: Config, model: Any) -> EngineConfig:
         attention_sample_every=wc.attention_sample_every,
         attention_backend=wc.attention_backend,
     )
+
+
+def make_speculator(config: Config, target: LoadedModel) -> Speculator | None:
+    """worker.speculative: None when off; with `draft`, loads the draft model (same device,
+    kernels and dtype as the target, its own KV pool of draft_kv_cache_bytes)."""
+    spec = config.worker.speculative
+    proposer: Proposer
+    if spec.method is SpecMethod.OFF:
+        return None
+    if spec.method is SpecMethod.NGRAM:
+        proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
+    else:
+        draft = load_model(
+            replace(config, worker=replace(config.worker, model=spec.draft_model, model_id=""))
+        )
+        if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+            raise ConfigError(
+                f"worker.speculative.draft_model: {spec.draft_model} has another tokenizer than the "
+                "target model; a draft must share its vocabulary"
+            )
+        draft_config = replace(engine_config(config, draft.model, draft=True), attention_sample_every=0)
+        proposer = DraftProposer(PagedEngine(draft.model, draft_config, draft.fingerprint))
+    return Speculator(spec, proposer)
 
 
 def torch_device(device: str) -> torch.device:
@@ -199,7 +229,12 @@ class Registration:
     def _load(self) -> scheduler_pb2.WorkerLoad:
         stats = self.engine.stats()
         load = scheduler_pb2.WorkerLoad(
-            running=stats.running, waiting=stats.waiting, free_blocks=stats.free_blocks
+            running=stats.running,
+            waiting=stats.waiting,
+            free_blocks=stats.free_blocks,
+            spec_drafts=stats.spec_drafts,
+            spec_proposed_tokens=stats.spec_proposed,
+            spec_accepted_tokens=stats.spec_accepted,
         )
         offload = self.engine.offloader.stats if self.engine.offloader is not None else None
         if offload is not None:
@@ -298,7 +333,8 @@ async def serve(config: Config) -> None:
     loaded = await asyncio.to_thread(load_model, config)
     model_id, model, tokenizer = loaded.model_id, loaded.model, loaded.tokenizer
     defaults = ModelDefaults.from_model(model, wc.default_max_tokens)
-    paged = PagedEngine(model, engine_config(config, model), loaded.fingerprint)
+    speculator = await asyncio.to_thread(make_speculator, config, loaded)
+    paged = PagedEngine(model, engine_config(config, model), loaded.fingerprint, speculator)
     log.info(
         "KV pool: %d blocks of %d tokens (%d tokens)",
         paged.pool.num_blocks,

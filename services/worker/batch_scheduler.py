@@ -5,16 +5,19 @@ first, in admission order: a decoding sequence takes 1 token, a sequence still
 in its prompt takes the next chunk that fits (chunked prefill). When a running
 sequence needs a block and none is left, the most recently admitted running
 sequence is preempted (its KV dropped, its full blocks left in the prefix cache)
-until the block fits. Then waiting sequences are admitted in order, each first
-reusing the longest prefix in the device cache, while budget, batch size and
-blocks allow. A sequence that could never fit the pool is refused when added,
-so the oldest running sequence can always finish: no deadlock, no crash.
+until the block fits. A decoding sequence with speculative proposals also computes
+them, if the budget and the free blocks allow (speculation never preempts). Then
+waiting sequences are admitted in order, each first reusing the longest prefix
+in the device cache, while budget, batch size and blocks allow. A sequence that
+could never fit the pool is refused when added, so the oldest running sequence
+can always finish: no deadlock, no crash.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from wicore.kv.hashing import BlockHash
@@ -25,12 +28,13 @@ from wicore.worker.sequence import SeqStatus, Sequence
 @dataclass(frozen=True, slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_tokens: int  # tokens to compute this step, from seq.num_computed
+    num_tokens: int  # positions to compute this step, from seq.num_computed (proposals included)
+    proposed: tuple[int, ...] = ()  # speculative tokens after the known ones (the last positions)
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the sequence's known tokens (then it samples)."""
-        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+        return self.seq.num_computed + self.num_tokens - len(self.proposed) == len(self.seq.token_ids)
 
 
 class BatchScheduler:
@@ -87,7 +91,8 @@ class BatchScheduler:
         seq.block_ids += self.pool.allocate(need)
         return True
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self, proposals: Mapping[str, list[int]] | None = None) -> list[ScheduledSeq]:
+        """The step's sequences; `proposals`: speculative tokens of decoding sequences, by request id."""
         self.preempted = []
         budget = self.budget
         scheduled: list[ScheduledSeq] = []
@@ -100,11 +105,31 @@ class BatchScheduler:
             if not self._grow(seq, seq.num_computed + n):
                 self._preempt(seq)
                 continue
-            scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            proposed = self._room_for(seq, n, (proposals or {}).get(seq.request_id, ()), budget - n)
+            scheduled.append(ScheduledSeq(seq, n + len(proposed), proposed))
+            budget -= n + len(proposed)
         if not self.preempted:
             budget = self._admit(budget, scheduled)
         return scheduled
+
+    def _room_for(self, seq: Sequence, n: int, proposed: Seq[int], budget: int) -> tuple[int, ...]:
+        """The proposals seq computes after its n known tokens: none unless it is decoding and
+        the free blocks hold them (as many as the budget allows)."""
+        proposed = proposed[: max(budget, 0)]
+        if not proposed or n != seq.num_uncomputed:
+            return ()
+        need = seq.blocks_needed(seq.num_computed + n + len(proposed), self.pool.block_size)
+        if need > self.pool.num_free:
+            return ()
+        seq.block_ids += self.pool.allocate(need)
+        return tuple(proposed)
+
+    def trim(self, seq: Sequence) -> None:
+        """Releases seq's blocks past its known tokens (held for rejected proposals)."""
+        keep = -(-len(seq.token_ids) // self.pool.block_size)
+        if len(seq.block_ids) > keep:
+            self.pool.release(seq.block_ids[keep:])
+            del seq.block_ids[keep:]
 
     def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_running:

@@ -5,6 +5,9 @@
     wicore:prefix_cache_queries_total, prefix_cache_hits_total   prompt tokens of admitted
                                                            requests, and those found cached
     wicore:num_preemptions_total
+    wicore:spec_decode_num_drafts_total, spec_decode_num_draft_tokens_total,
+           spec_decode_num_accepted_tokens_total   speculative decoding (as vLLM's): steps that
+                                                           verified proposals, tokens proposed, accepted
     wicore:request_{queue,prefill,decode,inference}_time_seconds   per finished request:
         queue = added → first scheduled, prefill = → first token, decode = first → last token,
         inference = prefill + decode
@@ -60,6 +63,15 @@ class EngineCollector(Collector):
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_hits)
         yield counter(
             "num_preemptions", "Sequences preempted (their KV dropped, recomputed).", stats.preemptions
+        )
+        yield counter(
+            "spec_decode_num_drafts", "Steps that verified speculative proposals.", stats.spec_drafts
+        )
+        yield counter(
+            "spec_decode_num_draft_tokens", "Speculative tokens proposed and verified.", stats.spec_proposed
+        )
+        yield counter(
+            "spec_decode_num_accepted_tokens", "Speculative tokens the model accepted.", stats.spec_accepted
         )
         offloader = self.engine.offloader
         if offloader is None:

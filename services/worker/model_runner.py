@@ -64,7 +64,8 @@ class ModelRunner:
     def metadata(
         self, batch: Seq[ScheduledSeq]
     ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor]:
-        """input_ids [T], positions [T], the step metadata and the packed index of each sampled token."""
+        """input_ids [T], positions [T], the step metadata and the packed index of each sampled token
+        (a sequence with proposals samples at each of them and after the last)."""
         bs = self.block_size
         num_seqs = len(batch)
         max_query = max(item.num_tokens for item in batch)
@@ -81,7 +82,8 @@ class ModelRunner:
         query_positions = torch.full((num_seqs, max_query), -1, dtype=torch.long)
         for i, item in enumerate(batch):
             seq, start, n = item.seq, item.seq.num_computed, item.num_tokens
-            tokens += seq.token_ids[start : start + n]
+            tokens += seq.token_ids[start : start + n - len(item.proposed)]
+            tokens += item.proposed
             positions += range(start, start + n)
             to_grid += range(i * max_query, i * max_query + n)
             seq_of_token += [i] * n
@@ -90,7 +92,7 @@ class ModelRunner:
             tables[i, :needed] = torch.tensor(block_lists[-1], dtype=torch.long)
             query_positions[i, :n] = torch.arange(start, start + n)
             if item.samples:
-                rows.append(len(tokens) - 1)
+                rows += range(len(tokens) - 1 - len(item.proposed), len(tokens))
         key_slots = (tables[:, :, None] * bs + torch.arange(bs)).view(num_seqs, max_blocks * bs)[:, :max_kv]
         pos = torch.tensor(positions, dtype=torch.long)
         slot_mapping = key_slots[torch.tensor(seq_of_token), pos]
@@ -168,7 +170,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Seq[ScheduledSeq], probe: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits [R, vocab] (fp32) for the sequences of `batch` that sample, in batch order, and
+        """Logits [R, vocab] (fp32) for the sequences of `batch` that sample, in batch order (one
+        row per proposal and one after, for a sequence with proposals), and
         with `probe`, the attention mass [S, Lmax] each key received on the probe layer."""
         ids, positions, meta, rows = self.metadata(batch)
         if probe:

@@ -6,8 +6,10 @@
 
 Per step: the scheduler picks sequences and token counts within the budget,
 the runner computes them in one packed forward pass (writing their K/V into the
-pool), full blocks get their chain hash and enter the prefix cache, and every
-sequence that reached the end of its known tokens samples one token.
+pool), and every sequence that reached the end of its known tokens samples one
+token. With a `Speculator`, decoding sequences first get proposals, computed in
+the same pass; verification keeps the accepted ones and adds one sampled token
+(speculative.py). Then full blocks get their chain hash and enter the prefix cache.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from wicore.worker.block_pool import BlockPool, Reclaimed
 from wicore.worker.engine_types import EngineRequest, EngineStats, FinishReason, StepOutput
 from wicore.worker.kv_io import Spilled, read_blocks, write_blocks
 from wicore.worker.model_runner import ModelRunner
-from wicore.worker.sampler import make_generator, sample_batch, token_logprobs
+from wicore.worker.sampler import make_generator, sample_batch, token_logprobs, verify
 from wicore.worker.sequence import Sequence
+from wicore.worker.speculative import Speculator
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +52,15 @@ class EngineConfig:
 
 
 class PagedEngine:
-    def __init__(self, model: Any, config: EngineConfig, model_fingerprint: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        config: EngineConfig,
+        model_fingerprint: str,
+        speculator: Speculator | None = None,
+    ) -> None:
         self.config = config
+        self.speculator = speculator
         self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.attention_backend)
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.scheduler = BatchScheduler(
@@ -87,6 +97,8 @@ class PagedEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is not None:
             self.scheduler.remove(seq)
+            if self.speculator is not None:
+                self.speculator.forget(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
@@ -95,6 +107,7 @@ class PagedEngine:
         return self.pool.hashes()
 
     def stats(self) -> EngineStats:
+        spec = self.speculator.stats if self.speculator is not None else None
         return EngineStats(
             running=len(self.scheduler.running),
             waiting=len(self.scheduler.waiting),
@@ -104,10 +117,14 @@ class PagedEngine:
             prefix_queries=self.scheduler.prefix_queries,
             prefix_hits=self.scheduler.prefix_hits,
             preemptions=self.num_preemptions,
+            spec_drafts=spec.drafts if spec else 0,
+            spec_proposed=spec.proposed if spec else 0,
+            spec_accepted=spec.accepted if spec else 0,
+            spec_emitted=spec.emitted if spec else 0,
         )
 
     def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(self._propose())
         self.num_preemptions += len(self.scheduler.preempted)
         for seq in self.scheduler.preempted:
             seq.times.preemptions += 1
@@ -122,11 +139,26 @@ class PagedEngine:
         every = self.config.attention_sample_every
         logits, key_mass = self.runner.run(batch, probe=every > 0 and self.num_steps % every == 0)
         for item in batch:
-            item.seq.num_computed += item.num_tokens
+            item.seq.num_computed += item.num_tokens - len(item.proposed)
+        outputs = self._sample(logits, sampling)  # accepted proposals join num_computed
+        for item in batch:
             self._register_full_blocks(item.seq)
+            if item.proposed:
+                self.scheduler.trim(item.seq)
         if key_mass is not None:
             self._observe_attention(batch, key_mass)
-        return self._sample(logits, sampling)
+        for out in outputs:
+            if out.finished:
+                self.abort_request(out.request_id)
+        return outputs
+
+    def _propose(self) -> dict[str, list[int]]:
+        """Speculative proposals for the running sequences that decode next, by request id."""
+        if self.speculator is None:
+            return {}
+        running = self.scheduler.running
+        decoding = [s for s in running if s.num_computed > 0 and s.num_uncomputed == 1]
+        return self.speculator.propose(decoding, len(running)) if decoding else {}
 
     def _observe_attention(self, batch: list[ScheduledSeq], key_mass: torch.Tensor) -> None:
         """Each hashed block's share of its sequence's attention on this step, into the pool's
@@ -153,32 +185,75 @@ class PagedEngine:
             self._observe(observations)
 
     def _sample(self, logits: Any, sampling: list[ScheduledSeq]) -> list[StepOutput]:
-        seqs = [item.seq for item in sampling]
-        tokens = sample_batch(
-            logits,
-            [s.request.sampling for s in seqs],
-            [s.generator for s in seqs],
-            [s.token_ids if s.request.sampling.repetition_penalty != 1.0 else () for s in seqs],
-        )
-        logprobs = token_logprobs(logits, tokens, [s.request.logprobs for s in seqs])
+        """Each sampling sequence's new tokens: one, or with proposals the accepted ones and one
+        more, cut at a stop token or max_new_tokens. Finished sequences are aborted by `step`."""
+        if not any(item.proposed for item in sampling):
+            picked = self._sample_rows(logits, sampling)
+            emitted, rows = [[t] for t in picked], [[r] for r in range(len(sampling))]
+        else:
+            emitted, rows = self._verify(logits, sampling)
+        flat_rows = [r for rs in rows for r in rs]
+        top_n = [item.seq.request.logprobs for item, rs in zip(sampling, rows, strict=True) for _ in rs]
+        if any(n is not None for n in top_n) and flat_rows != list(range(logits.shape[0])):
+            logits = logits[flat_rows]
+        logprobs = token_logprobs(logits, [t for ts in emitted for t in ts], top_n)
         outputs = []
         now = time.time()
-        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
+        first = 0
+        for item, tokens in zip(sampling, emitted, strict=True):
+            seq, reason = item.seq, None
+            lps = logprobs[first : first + len(tokens)]
+            first += len(tokens)
+            for i, token in enumerate(tokens):
+                seq.token_ids.append(token)
+                reason = self._finish_reason(seq, token)
+                if reason is not None:
+                    tokens, lps = tokens[: i + 1], lps[: i + 1]
+                    break
+            seq.num_computed = len(seq.token_ids) - 1  # the known tokens and accepted proposals
             times = seq.times
             if not times.first_token:
                 times.first_token = now
             if reason is not None:
                 times.finished = now
-            outputs.append(
-                StepOutput(
-                    seq.request_id, [token], reason, seq.cached_tokens, [lp] if lp is not None else [], times
-                )
-            )
-            if reason is not None:
-                self.abort_request(seq.request_id)
+            kept = [lp for lp in lps if lp is not None]
+            outputs.append(StepOutput(seq.request_id, tokens, reason, seq.cached_tokens, kept, times))
         return outputs
+
+    @staticmethod
+    def _sample_rows(logits: Any, sampling: list[ScheduledSeq]) -> list[int]:
+        seqs = [item.seq for item in sampling]
+        return sample_batch(
+            logits,
+            [s.request.sampling for s in seqs],
+            [s.generator for s in seqs],
+            [s.token_ids if s.request.sampling.repetition_penalty != 1.0 else () for s in seqs],
+        )
+
+    def _verify(self, logits: Any, sampling: list[ScheduledSeq]) -> tuple[list[list[int]], list[list[int]]]:
+        """The tokens each sequence emits and the logits row of each: proposals verified."""
+        assert self.speculator is not None
+        argmax = torch.argmax(logits, dim=-1).tolist()
+        emitted: list[list[int]] = []
+        rows: list[list[int]] = []
+        first = 0
+        for item in sampling:
+            seq, k = item.seq, len(item.proposed)
+            params = seq.request.sampling
+            tokens = verify(
+                logits[first : first + k + 1],
+                item.proposed,
+                params,
+                seq.generator,
+                seq.token_ids if params.repetition_penalty != 1.0 else (),
+                argmax[first : first + k + 1],
+            )
+            if k:
+                self.speculator.verified(seq.request_id, k, len(tokens) - 1)
+            emitted.append(tokens)
+            rows.append(list(range(first, first + len(tokens))))
+            first += k + 1
+        return emitted, rows
 
     @staticmethod
     def _finish_reason(seq: Sequence, token: int) -> FinishReason | None:

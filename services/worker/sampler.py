@@ -4,7 +4,9 @@ Per row, in the order transformers' `generate` applies them: repetition
 penalty, then (unless greedy) temperature, top-k, top-p, min-p, and a draw from
 the row's own `torch.Generator`. A row's draw depends only on its logits and its
 generator, so a seeded request samples the same tokens whatever else is in the
-batch. Greedy rows without a penalty are one batched argmax. Logprobs are those
+batch. The draw takes exactly one uniform per token (inverse CDF), which is what
+lets speculative decoding's verification (`verify`) emit the same tokens as plain
+decoding. Greedy rows without a penalty are one batched argmax. Logprobs are those
 of the model's raw distribution (before any of the above).
 """
 
@@ -56,7 +58,16 @@ def sample(
     probs = scores.softmax(dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """A token from probs [vocab] (unnormalised) by inverse CDF, with one uniform from `generator`."""
+    cdf = probs.double().cpu().cumsum(0)
+    u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(cdf[-1])
+    # The first token whose cumulative mass exceeds u: one with zero mass never is.
+    token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
+    return min(token, int(torch.nonzero(probs).max()))
 
 
 def sample_batch(
@@ -71,6 +82,32 @@ def sample_batch(
         if not p.greedy or p.repetition_penalty != 1.0:
             tokens[row] = sample(logits[row], p, generators[row], seen[row])
     return tokens
+
+
+def verify(
+    logits: torch.Tensor,
+    proposed: Seq[int],
+    params: SamplingParams,
+    generator: torch.Generator,
+    seen: Seq[int],
+    argmax: Seq[int],
+) -> list[int]:
+    """The tokens a step emits for a sequence that proposed `proposed` (k tokens): its logits
+    rows [k + 1, vocab] are the model's distributions at each proposal and after the last.
+
+    Each position draws the model's own token as `sample` would (one uniform each) and keeps
+    going while it equals the proposal there, so the emitted tokens are exactly those plain
+    decoding would produce (see speculative.py). `argmax`: the rows' argmax, for greedy rows."""
+    if params.greedy and params.repetition_penalty == 1.0:
+        accepted = next((j for j, x in enumerate(proposed) if argmax[j] != x), len(proposed))
+        return list(argmax[: accepted + 1])
+    emitted: list[int] = []
+    for j in range(len(proposed) + 1):
+        token = sample(logits[j], params, generator, [*seen, *emitted])
+        emitted.append(token)
+        if j == len(proposed) or token != proposed[j]:
+            break
+    return emitted
 
 
 def token_logprobs(

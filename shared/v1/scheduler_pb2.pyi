@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "waiting", "free_blocks", "loaded_blocks", "spilled_blocks", "spill_failed_blocks")
+    __slots__ = ("running", "waiting", "free_blocks", "loaded_blocks", "spilled_blocks", "spill_failed_blocks", "spec_drafts", "spec_proposed_tokens", "spec_accepted_tokens")
     class LoadedBlocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -23,13 +23,19 @@ class WorkerLoad(_message.Message):
     LOADED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SPILLED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SPILL_FAILED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_blocks: int
     loaded_blocks: _containers.ScalarMap[str, int]
     spilled_blocks: int
     spill_failed_blocks: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., loaded_blocks: _Optional[_Mapping[str, int]] = ..., spilled_blocks: _Optional[int] = ..., spill_failed_blocks: _Optional[int] = ...) -> None: ...
+    spec_drafts: int
+    spec_proposed_tokens: int
+    spec_accepted_tokens: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., loaded_blocks: _Optional[_Mapping[str, int]] = ..., spilled_blocks: _Optional[int] = ..., spill_failed_blocks: _Optional[int] = ..., spec_drafts: _Optional[int] = ..., spec_proposed_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("worker_id", "address", "device", "model", "max_context", "total_blocks", "block_size", "max_batch_size", "load", "fingerprint", "default_max_tokens", "tier_address", "tier_node")
