@@ -38,7 +38,7 @@ from wicore.errors import InvalidRequest, NotReady, WicoreError, WorkerUnavailab
 from wicore.kv.hashing import BlockHash
 from wicore.tracing import tracer
 from wicore.worker.engine import Engine
-from wicore.worker.engine_types import EngineRequest, EngineStats
+from wicore.worker.engine_types import EngineRequest, EngineStats, StepOutput
 from wicore.worker.offload import KvOffloader, Reload
 from wicore.worker.output import Delta, TextStream
 
@@ -174,9 +174,7 @@ class AsyncEngine:
                 active = self._active.get(out.request_id)
                 if active is None:
                     continue
-                delta = active.stream.push(
-                    out.new_token_ids, out.finish_reason, out.cached_tokens, out.logprobs
-                )
+                delta = _push(active.stream, out)
                 if delta.finish_reason is not None:
                     del self._active[out.request_id]
                     delta.times = out.times
@@ -234,6 +232,26 @@ def _reload_attributes(chain: int, on_device: int, reload: Reload) -> dict[str, 
     attributes |= {f"wicore.reload.{source}_blocks": n for source, n in reload.blocks.items()}
     attributes |= {f"wicore.reload.{source}_bytes": n for source, n in reload.bytes.items()}
     return attributes
+
+
+def _push(stream: TextStream, out: StepOutput) -> Delta:
+    """One step's tokens into the request's text stream. Several tokens (speculative decoding)
+    with stop strings go in one at a time, so a stop string ends the output at the token that
+    completes it, as it would without speculation."""
+    tokens = out.new_token_ids
+    if len(tokens) <= 1 or not stream.stop:
+        return stream.push(tokens, out.finish_reason, out.cached_tokens, out.logprobs)
+    delta: Delta | None = None
+    for i, token in enumerate(tokens):
+        last = i == len(tokens) - 1
+        one = stream.push(
+            [token], out.finish_reason if last else None, out.cached_tokens, out.logprobs[i : i + 1]
+        )
+        delta = one if delta is None else delta.merged(one)
+        if one.finish_reason is not None:
+            break
+    assert delta is not None
+    return delta
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Any], Delta]]) -> None:

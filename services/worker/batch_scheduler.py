@@ -125,8 +125,9 @@ class BatchScheduler:
         return tuple(proposed)
 
     def trim(self, seq: Sequence) -> None:
-        """Releases seq's blocks past its known tokens (held for rejected proposals)."""
-        keep = -(-len(seq.token_ids) // self.pool.block_size)
+        """Releases seq's blocks past its computed tokens (held for rejected proposals): a running
+        sequence holds exactly the blocks of its computed tokens between steps, as without them."""
+        keep = -(-seq.num_computed // self.pool.block_size)
         if len(seq.block_ids) > keep:
             self.pool.release(seq.block_ids[keep:])
             del seq.block_ids[keep:]
