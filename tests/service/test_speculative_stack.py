@@ -1,4 +1,5 @@
-"""Speculative decoding through the whole stack: `wicore up --set worker.speculative.method=ngram`.
+"""Speculative decoding through the whole stack: `wicore up --set worker.speculative.method=ngram`
+(and `draft`, the served model as its own draft).
 
 Greedy answers over gRPC and the OpenAI HTTP API (the official `openai` client, streamed)
 equal `model.generate`'s; the worker reports its proposals and acceptances in its heartbeat
@@ -32,11 +33,18 @@ def http_port() -> int:
     return free_port()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["ngram", "draft"])
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, redis_url: str, http_port: int
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_llama_dir: Path,
+    redis_url: str,
+    http_port: int,
 ) -> Iterator[Stack]:
-    settings = {"gateway.http_port": http_port, "worker.speculative": {"method": "ngram", "num_tokens": 4}}
+    spec = {"method": request.param, "num_tokens": 4}
+    if request.param == "draft":
+        spec |= {"draft_model": str(tiny_llama_dir), "draft_kv_cache_bytes": 8 << 20}
+    settings = {"gateway.http_port": http_port, "worker.speculative": spec}
     s = start_stack(tmp_path_factory.mktemp("spec"), str(tiny_llama_dir), redis_url, settings=settings)
     yield s
     assert s.stop() == 0, s.log()[-3000:]
@@ -58,7 +66,7 @@ def worker_metrics(stack: Stack) -> dict[str, float]:
     return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-async def test_ngram_speculation_serves_generates_tokens_and_reports_acceptance(
+async def test_speculation_serves_generates_tokens_and_reports_acceptance(
     stack: Stack, tiny_llama_dir: Path, http_port: int
 ) -> None:
     want = await asyncio.to_thread(expected, tiny_llama_dir)
