@@ -292,7 +292,7 @@ class SpeculativeConfig:
     draft_kv_cache_bytes: int = 256 * MiB  # draft: its own KV pool
     # No speculation in a step with more running sequences than this: decode is no longer
     # bound by memory bandwidth there, so verifying proposals costs nearly what they save.
-    disable_by_batch_size: int = 4
+    disable_by_batch_size: int = 8
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_tokens <= 16:

@@ -137,10 +137,13 @@ class PagedEngine:
         sampling = [item for item in batch if item.samples]
         self.num_steps += 1
         every = self.config.attention_sample_every
+        model_started = time.perf_counter()
         logits, key_mass = self.runner.run(batch, probe=every > 0 and self.num_steps % every == 0)
         for item in batch:
             item.seq.num_computed += item.num_tokens - len(item.proposed)
         outputs = self._sample(logits, sampling)  # accepted proposals join num_computed
+        if self.speculator is not None:  # the pass and the sampling (which waits for the device)
+            self.speculator.stepped(time.perf_counter() - model_started)
         for item in batch:
             self._register_full_blocks(item.seq)
             if item.proposed:

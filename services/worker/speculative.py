@@ -23,26 +23,32 @@ overwritten later, and its block never hashed (only full computed blocks are). B
 allocated for them past the sequence's end are released after the step.
 
 Adaptive k. Each sequence keeps an estimate `alpha` of its per-token acceptance
-(exponential average over its verifications) and proposes the k that maximises the expected
-tokens per step, (1 - alpha^(k+1)) / (1 - alpha), over the step's cost, 1 + TOKEN_COST * k.
-When no k > 0 pays, it stops proposing for a back-off of steps (doubling) and then tries
-k = 1 again. A step with more running sequences than `disable_by_batch_size` proposes
-nothing: decode is no longer bandwidth-bound there.
+(exponential average over its verifications, starting from the worker's average over all
+of them) and proposes the k that maximises the expected tokens per step,
+(1 - alpha^(k+1)) / (1 - alpha), over the step's cost, 1 + (TOKEN_COST + d) * k, where d is
+the proposer's measured time per proposed token relative to a step (a draft model's
+forward passes; nil for a lookup). When no k > 0 pays, the sequence stops proposing for a
+back-off of steps (doubling) and then tries k = 1 again. A step with more running sequences
+than `disable_by_batch_size` proposes nothing: decode is no longer bandwidth-bound there.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from wicore.config import SpeculativeConfig
 from wicore.worker.sequence import Sequence
 
-# Extra cost of verifying one more position in a batch-1 step, relative to the step
-# (CPU, SmolLM2-135M: benchmark/spec_bench.py prints the measured step times).
-TOKEN_COST = 0.08
-ALPHA_START = 0.5  # a new sequence's acceptance estimate: k starts in the middle
-ALPHA_WEIGHT = 0.3  # weight of the latest verification in the estimate
+# Extra cost of verifying one more position in a step of up to 8 sequences, relative to the
+# step: 0.11-0.13 per position at k = 4 on CPU with SmolLM2-135M (benchmark/spec_bench.py's
+# verify-cost table; batch 16 costs 0.31, beyond disable_by_batch_size's default).
+TOKEN_COST = 0.12
+ALPHA_START = 0.5  # the worker's acceptance estimate before its first verification
+ALPHA_WEIGHT = 0.3  # weight of the latest verification in a sequence's estimate
+PRIOR_WEIGHT = 0.05  # ... and in the worker's (a new sequence's starting estimate)
+COST_WEIGHT = 0.1  # weight of the latest step in the measured step and proposal times
 PAUSE_FIRST, PAUSE_MAX = 4, 64  # steps without proposals after a k = 0 decision
 
 
@@ -138,7 +144,15 @@ class Speculator:
     config: SpeculativeConfig
     proposer: Proposer
     stats: SpecStats = field(default_factory=SpecStats)
+    prior: float = ALPHA_START  # the worker's acceptance estimate: where a new sequence starts
+    step_s: float = 0.0  # measured: a model step's time
+    propose_s: float = 0.0  # measured: the proposer's time per proposed position
     _states: dict[str, SpecState] = field(default_factory=dict)
+
+    @property
+    def token_cost(self) -> float:
+        """What one more proposed position costs, relative to a step: verifying it and proposing it."""
+        return TOKEN_COST + (self.propose_s / self.step_s if self.step_s > 0 else 0.0)
 
     def propose(self, decoding: list[Sequence], running: int) -> dict[str, list[int]]:
         """Proposals for the sequences about to decode, by request id (none above the batch limit)."""
@@ -153,11 +167,20 @@ class Speculator:
                 asked.append((seq, k))
         if not asked:
             return {}
+        started = time.perf_counter()
         proposals = self.proposer.propose(asked)
+        per_position = (time.perf_counter() - started) / max(k for _, k in asked)
+        self.propose_s += COST_WEIGHT * (per_position - self.propose_s) if self.propose_s else per_position
         return {seq.request_id: p for (seq, _), p in zip(asked, proposals, strict=True) if p}
 
+    def stepped(self, seconds: float) -> None:
+        """The engine's model step took `seconds` (the scale of the proposer's cost)."""
+        self.step_s += COST_WEIGHT * (seconds - self.step_s) if self.step_s else seconds
+
     def _k(self, seq: Sequence) -> int:
-        state = self._states.setdefault(seq.request_id, SpecState())
+        state = self._states.get(seq.request_id)
+        if state is None:
+            state = self._states[seq.request_id] = SpecState(alpha=self.prior)
         if state.pause > 0:
             state.pause -= 1
             if state.pause == 0:
@@ -165,7 +188,7 @@ class Speculator:
             return 0
         if state.probing:
             return 1
-        k = best_k(state.alpha, self.config.num_tokens)
+        k = best_k(state.alpha, self.config.num_tokens, self.token_cost)
         if k == 0:
             state.pause, state.backoff = state.backoff, min(2 * state.backoff, PAUSE_MAX)
         return k
@@ -176,8 +199,10 @@ class Speculator:
         self.stats.proposed += proposed
         self.stats.accepted += accepted
         self.stats.emitted += accepted + 1
-        state = self._states.setdefault(request_id, SpecState())
-        state.alpha += ALPHA_WEIGHT * (accepted / proposed - state.alpha)
+        rate = accepted / proposed
+        self.prior += PRIOR_WEIGHT * (rate - self.prior)
+        state = self._states.setdefault(request_id, SpecState(alpha=self.prior))
+        state.alpha += ALPHA_WEIGHT * (rate - state.alpha)
         if state.probing:
             state.probing = False
             if accepted > 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from wicore.worker.output import Delta
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 from wicore.worker.sampler import make_generator, verify
 from wicore.worker.sequence import Sequence
-from wicore.worker.speculative import NgramProposer, Speculator, best_k
+from wicore.worker.speculative import TOKEN_COST, NgramProposer, Speculator, best_k
 
 from tiny_models import FAMILIES, generate_greedy, save_tiny
 
@@ -127,6 +128,15 @@ def test_ngram_accepts_and_rejects_on_a_repeating_model(llama_dir: Path) -> None
     assert 0 < stats.accepted < stats.proposed
 
 
+@pytest.fixture()
+def free_drafts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny draft costs as much as its tiny target (both are Python overhead), so the cost
+    model would rightly stop proposing; these tests are about the mechanics, so proposals are
+    priced as a lookup's. (The measured cost is tested below, with a slow proposer.)"""
+    monkeypatch.setattr(Speculator, "token_cost", property(lambda self: TOKEN_COST))
+
+
+@pytest.mark.usefixtures("free_drafts")
 def test_a_draft_model_that_is_the_target_is_always_accepted(llama_dir: Path) -> None:
     loaded, speculator = load(
         llama_dir, **{"speculative.method": "draft", "speculative.draft_model": str(llama_dir)}
@@ -139,6 +149,7 @@ def test_a_draft_model_that_is_the_target_is_always_accepted(llama_dir: Path) ->
     assert steps < 30 / 2  # adaptive k grew: several tokens per step
 
 
+@pytest.mark.usefixtures("free_drafts")
 def test_a_wrong_draft_model_changes_nothing_in_the_output(llama_dir: Path, other_llama_dir: Path) -> None:
     loaded, speculator = load(
         llama_dir, **{"speculative.method": "draft", "speculative.draft_model": str(other_llama_dir)}
@@ -168,6 +179,7 @@ SAMPLED = [
 ]
 
 
+@pytest.mark.usefixtures("free_drafts")
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_sampled_output_is_the_same_with_and_without_speculation(llama_dir: Path, method: str) -> None:
     plain, _ = load(llama_dir)
@@ -335,6 +347,42 @@ def test_k_grows_with_acceptance_and_respects_max_tokens() -> None:
     assert ks[-1] == 6 and ks[0] < 6
     s.token_ids += [5] * 97  # 97 of 100 new tokens produced: room for 2 proposals + 1
     assert len(spec.propose([s], running=1)["r"]) == 2
+
+
+class Slow(Fixed):
+    """Takes `seconds` per proposed position, like a draft model's forward passes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def propose(self, requests: list[tuple[Sequence, int]]) -> list[list[int]]:
+        time.sleep(self.seconds * max(k for _, k in requests))
+        return super().propose(requests)
+
+
+def test_a_proposer_as_slow_as_the_model_stops_proposing_even_when_always_right() -> None:
+    spec = Speculator(SpeculativeConfig(method=SpecMethod.DRAFT, draft_model="d", num_tokens=4), Slow(0.01))
+    s = seq("r", [1, 2, 3])
+    asked = []
+    for _ in range(12):
+        proposals = spec.propose([s], running=1)
+        asked.append(len(proposals.get("r", [])))
+        if proposals:
+            spec.verified("r", asked[-1], asked[-1])  # every proposal accepted
+        spec.stepped(0.01)  # a model step takes as long as one proposed position
+    assert spec.token_cost > 1.0
+    assert asked[0] > 0 and asked[-4:] == [0, 0, 0, 0]
+
+
+def test_a_new_sequence_starts_from_the_workers_acceptance() -> None:
+    spec = Speculator(SpeculativeConfig(method=SpecMethod.NGRAM, num_tokens=4), Fixed())
+    for i in range(60):  # many sequences, every proposal rejected
+        r = seq(f"old{i}", [1, 2, 3])
+        if proposals := spec.propose([r], running=1):
+            spec.verified(r.request_id, len(proposals[r.request_id]), 0)
+        spec.forget(r.request_id)
+    assert spec.prior < spec.token_cost  # below break-even: a first proposal would not pay
+    assert spec.propose([seq("new", [1, 2, 3])], running=1) == {}  # it does not pay to try at once
 
 
 def test_no_proposals_above_the_batch_limit() -> None:
