@@ -3,6 +3,7 @@ directory and loaded back through the worker's real loader."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,12 +157,27 @@ def engine_greedy(engine: Any, prompt_ids: list[list[int]], max_new: int) -> lis
     after every step and must be whole again at the end."""
     from wicore.worker.engine_types import EngineRequest
 
-    for i, ids in enumerate(prompt_ids):
-        engine.add_request(EngineRequest(f"r{i}", ids, max_new))
-    produced: dict[str, list[int]] = {}
-    while engine.has_unfinished():
+    outputs = run_engine(engine, [EngineRequest(f"r{i}", ids, max_new) for i, ids in enumerate(prompt_ids)])
+    return [[t for out in outputs[f"r{i}"] for t in out.new_token_ids] for i in range(len(prompt_ids))]
+
+
+def run_engine(
+    engine: Any, requests: list[Any], check: Callable[[Any], None] | None = None
+) -> dict[str, list[Any]]:
+    """Adds `requests` to the engine and steps it until all finish (10,000 steps at most),
+    checking the block pool after every step (and `check(engine)`, if given); every block must
+    be free or cached at the end. Returns each request's step outputs."""
+    for r in requests:
+        engine.add_request(r)
+    outputs: dict[str, list[Any]] = {}
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            break
         for out in engine.step():
-            produced.setdefault(out.request_id, []).extend(out.new_token_ids)
+            outputs.setdefault(out.request_id, []).append(out)
         engine.pool.check_integrity()
-    assert engine.pool.num_free == engine.pool.num_blocks
-    return [produced[f"r{i}"] for i in range(len(prompt_ids))]
+        if check is not None:
+            check(engine)
+    assert not engine.has_unfinished()
+    assert engine.pool.num_free == engine.pool.num_blocks  # everything released
+    return outputs

@@ -18,7 +18,7 @@ from wicore.worker.engine_types import EngineRequest, StepOutput
 from wicore.worker.paged_attention import KVPool
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
-from tiny_models import FAMILIES, generate_greedy, save_tiny
+from tiny_models import FAMILIES, generate_greedy, run_engine, save_tiny
 
 # ~70 tokens: longer than the sliding families' window of 8, so some of their rows see no
 # shared key at all.
@@ -44,17 +44,7 @@ def engine(path: Path, backend: str, **config: Any) -> PagedEngine:
 
 
 def run(eng: PagedEngine, requests: list[EngineRequest]) -> dict[str, list[StepOutput]]:
-    for r in requests:
-        eng.add_request(r)
-    outputs: dict[str, list[StepOutput]] = {}
-    for _ in range(10_000):
-        if not eng.has_unfinished():
-            break
-        for out in eng.step():
-            outputs.setdefault(out.request_id, []).append(out)
-        eng.pool.check_integrity()
-    assert not eng.has_unfinished()
-    return outputs
+    return run_engine(eng, requests)
 
 
 def shared_batch(path: Path, backend: str, block_size: int) -> tuple[dict[str, list[StepOutput]], int]:

@@ -23,7 +23,7 @@ from wicore.worker.engine_types import EngineRequest, FinishReason, SamplingPara
 from wicore.worker.paged_attention import StepMetadata
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
-from tiny_models import FAMILIES, build_tokenizer, save_tiny
+from tiny_models import FAMILIES, build_tokenizer, run_engine, save_tiny
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog. WiCore serves language models",
@@ -72,18 +72,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def run(engine: PagedEngine, requests: list[EngineRequest]) -> dict[str, list[StepOutput]]:
-    for r in requests:
-        engine.add_request(r)
-    outputs: dict[str, list[StepOutput]] = {}
-    for _ in range(10_000):
-        if not engine.has_unfinished():
-            break
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).append(out)
-        engine.pool.check_integrity()
-    assert not engine.has_unfinished()
-    assert engine.pool.num_free == engine.pool.num_blocks  # everything released
-    return outputs
+    return run_engine(engine, requests)
 
 
 def tokens(outputs: list[StepOutput]) -> list[int]:

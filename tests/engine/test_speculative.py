@@ -32,7 +32,7 @@ from wicore.worker.sampler import make_generator, verify
 from wicore.worker.sequence import Sequence
 from wicore.worker.speculative import TOKEN_COST, NgramProposer, Speculator, best_k
 
-from tiny_models import FAMILIES, generate_greedy, save_tiny
+from tiny_models import FAMILIES, generate_greedy, run_engine, save_tiny
 
 # Repetitive prompts give prompt lookup something to find; the tiny random models repeat too.
 PROMPTS = [
@@ -55,23 +55,17 @@ def engine(loaded: LoadedModel, speculator: Speculator | None, **config: int) ->
     return PagedEngine(loaded.model, EngineConfig(**config), loaded.fingerprint, speculator)
 
 
+def check(eng: PagedEngine) -> None:
+    """After every step: a running sequence holds exactly its computed tokens' blocks (none kept
+    for rejected proposals), and a draft model's pool is whole."""
+    for s in eng.scheduler.running:
+        assert len(s.block_ids) == -(-s.num_computed // eng.pool.block_size)
+    if eng.speculator is not None and isinstance(eng.speculator.proposer, DraftProposer):
+        eng.speculator.proposer.engine.pool.check_integrity()
+
+
 def run(eng: PagedEngine, requests: list[EngineRequest]) -> dict[str, list[StepOutput]]:
-    for r in requests:
-        eng.add_request(r)
-    outputs: dict[str, list[StepOutput]] = {}
-    for _ in range(10_000):
-        if not eng.has_unfinished():
-            break
-        for out in eng.step():
-            outputs.setdefault(out.request_id, []).append(out)
-        eng.pool.check_integrity()
-        for s in eng.scheduler.running:  # exactly the blocks of its computed tokens: none kept for proposals
-            assert len(s.block_ids) == -(-s.num_computed // eng.pool.block_size)
-        if eng.speculator is not None and isinstance(eng.speculator.proposer, DraftProposer):
-            eng.speculator.proposer.engine.pool.check_integrity()
-    assert not eng.has_unfinished()
-    assert eng.pool.num_free == eng.pool.num_blocks  # every block released, none leaked to proposals
-    return outputs
+    return run_engine(eng, requests, check)
 
 
 def tokens(outputs: list[StepOutput]) -> list[int]:
