@@ -42,8 +42,8 @@ from wicore.config import SpeculativeConfig
 from wicore.worker.sequence import Sequence
 
 # Extra cost of verifying one more position in a step of up to 8 sequences, relative to the
-# step: 0.11-0.13 per position at k = 4 on CPU with SmolLM2-135M (benchmark/spec_bench.py's
-# verify-cost table; batch 16 costs 0.31, beyond disable_by_batch_size's default).
+# step: 0.10-0.16 per position at k = 4 on CPU with SmolLM2-135M (benchmark/spec_bench.py's
+# verify-cost table; batch 16 costs 0.27, beyond disable_by_batch_size's default).
 TOKEN_COST = 0.12
 ALPHA_START = 0.5  # the worker's acceptance estimate before its first verification
 ALPHA_WEIGHT = 0.3  # weight of the latest verification in a sequence's estimate
