@@ -295,7 +295,8 @@ def renewed(speculator: Any) -> Any:
     old = speculator.proposer
     if isinstance(old, DraftProposer):
         engine = old.engine
-        proposer: Any = DraftProposer(PagedEngine(engine.runner.model, engine.config, engine.fingerprint))
+        fresh = PagedEngine(engine.runner.model, engine.config, engine.fingerprint)
+        proposer: Any = DraftProposer(fresh, old.draft_vocab, old.target_vocab)
     else:
         proposer = NgramProposer(speculator.config.ngram_min, speculator.config.ngram_max)
     return Speculator(speculator.config, proposer)

@@ -193,7 +193,11 @@ def make_speculator(config: Config, target: LoadedModel) -> Speculator | None:
                 "target model; a draft must share its vocabulary"
             )
         draft_config = replace(engine_config(config, draft.model, draft=True), attention_sample_every=0)
-        proposer = DraftProposer(PagedEngine(draft.model, draft_config, draft.fingerprint))
+        proposer = DraftProposer(
+            PagedEngine(draft.model, draft_config, draft.fingerprint),
+            draft_vocab=draft.model.get_input_embeddings().num_embeddings,
+            target_vocab=target.model.get_input_embeddings().num_embeddings,
+        )
     return Speculator(spec, proposer)
 
 

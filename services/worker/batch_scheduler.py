@@ -5,10 +5,11 @@ first, in admission order: a decoding sequence takes 1 token, a sequence still
 in its prompt takes the next chunk that fits (chunked prefill). When a running
 sequence needs a block and none is left, the most recently admitted running
 sequence is preempted (its KV dropped, its full blocks left in the prefix cache)
-until the block fits. A decoding sequence with speculative proposals also computes
-them, if the budget and the free blocks allow (speculation never preempts). Then
-waiting sequences are admitted in order, each first reusing the longest prefix
-in the device cache, while budget, batch size and blocks allow. A sequence that
+until the block fits. Then waiting sequences are admitted in order, each first
+reusing the longest prefix in the device cache, while budget, batch size and blocks
+allow. Last, decoding sequences with speculative proposals also compute them, in
+admission order, with the budget left and blocks nobody uses (not even a cached
+prefix): speculation never preempts, evicts or delays anything. A sequence that
 could never fit the pool is refused when added, so the oldest running sequence
 can always finish: no deadlock, no crash.
 """
@@ -105,21 +106,35 @@ class BatchScheduler:
             if not self._grow(seq, seq.num_computed + n):
                 self._preempt(seq)
                 continue
-            proposed = self._room_for(seq, n, (proposals or {}).get(seq.request_id, ()), budget - n)
-            scheduled.append(ScheduledSeq(seq, n + len(proposed), proposed))
-            budget -= n + len(proposed)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
         if not self.preempted:
             budget = self._admit(budget, scheduled)
+        if proposals:
+            self._add_proposals(scheduled, proposals, budget)
         return scheduled
 
+    def _add_proposals(
+        self, scheduled: list[ScheduledSeq], proposals: Mapping[str, list[int]], budget: int
+    ) -> None:
+        for i, item in enumerate(scheduled):
+            if budget == 0:
+                return
+            proposed = self._room_for(
+                item.seq, item.num_tokens, proposals.get(item.seq.request_id, ()), budget
+            )
+            if proposed:
+                scheduled[i] = ScheduledSeq(item.seq, item.num_tokens + len(proposed), proposed)
+                budget -= len(proposed)
+
     def _room_for(self, seq: Sequence, n: int, proposed: Seq[int], budget: int) -> tuple[int, ...]:
-        """The proposals seq computes after its n known tokens: none unless it is decoding and
-        the free blocks hold them (as many as the budget allows)."""
+        """The proposals seq computes after its n known tokens: none unless the step ends its known
+        tokens and unused blocks hold them (as many as the budget allows)."""
         proposed = proposed[: max(budget, 0)]
         if not proposed or n != seq.num_uncomputed:
             return ()
         need = seq.blocks_needed(seq.num_computed + n + len(proposed), self.pool.block_size)
-        if need > self.pool.num_free:
+        if need > self.pool.num_unused:
             return ()
         seq.block_ids += self.pool.allocate(need)
         return tuple(proposed)

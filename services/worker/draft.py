@@ -8,6 +8,10 @@ round, so a round computes only the sequence's last partial block and the new to
 and a rejected proposal needs no rollback: the next round starts from the accepted
 tokens, reusing what the cache still matches. Each sequence's draft block hashes are kept
 between rounds (its tokens only grow), so a round hashes only its new full blocks.
+
+A round that fails (the draft's device out of memory, say) is logged and aborted whole:
+its sequences get no proposals this step and the target's step goes on. Token ids outside
+either model's embedding table (vocabularies padded differently) are never passed on.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class DraftProposer:
-    def __init__(self, engine: PagedEngine) -> None:
+    def __init__(self, engine: PagedEngine, draft_vocab: int, target_vocab: int) -> None:
         self.engine = engine
+        self.draft_vocab = draft_vocab  # rows of the draft's embedding: larger ids cannot go in
+        self.target_vocab = target_vocab  # ... of the target's: larger proposals cannot come out
         self._round = 0
         self._chains: dict[str, list[BlockHash]] = {}  # per sequence: its full blocks' draft hashes
 
@@ -33,6 +39,9 @@ class DraftProposer:
         self._round += 1
         ids: list[str] = []
         for seq, k in requests:
+            if max(seq.token_ids) >= self.draft_vocab:
+                ids.append("")
+                continue
             draft_id = f"{seq.request_id}#{self._round}"
             salt, bs = seq.request.cache_salt, self.engine.config.block_size
             chain = self._chains.setdefault(seq.request_id, [])
@@ -47,10 +56,22 @@ class DraftProposer:
                 draft_id = ""
             ids.append(draft_id)
         proposals: dict[str, list[int]] = {i: [] for i in ids if i}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                proposals[out.request_id] += out.new_token_ids
-        return [proposals[i] if i else [] for i in ids]
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    proposals[out.request_id] += out.new_token_ids
+        except Exception:
+            log.exception(
+                "the draft model failed; %d sequences go without proposals this step", len(proposals)
+            )
+            for draft_id in list(self.engine.seqs):
+                self.engine.abort_request(draft_id)
+            return [[] for _ in ids]
+        return [self._valid(proposals[i]) if i else [] for i in ids]
+
+    def _valid(self, tokens: list[int]) -> list[int]:
+        """The proposals up to the first the target cannot take."""
+        return next((tokens[:j] for j, t in enumerate(tokens) if t >= self.target_vocab), tokens)
 
     def forget(self, request_id: str) -> None:
         self._chains.pop(request_id, None)

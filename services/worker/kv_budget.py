@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from wicore.config import Config, GiB
+from wicore.config import Config, GiB, SpecMethod
 from wicore.errors import ConfigError
 from wicore.worker.model_runner import text_config
 
@@ -50,7 +50,7 @@ def activation_reserve(
     tokens: int, rows: int, hidden: int, intermediate: int, vocab: int, itemsize: int
 ) -> int:
     """Bytes for one engine step's transient tensors: `tokens` tokens through the layers
-    (max_num_batched_tokens) and the logits of `rows` sampled sequences (max_batch_size):
+    (max_num_batched_tokens) and `rows` sampled logits rows (max_batch_size, more with speculation):
 
         tokens x (8 x hidden + 3 x intermediate) x itemsize + rows x vocab x (itemsize + 2 x 4)
     """
@@ -82,15 +82,18 @@ def cuda_memory(device: torch.device) -> DeviceMemory:
 
 
 def model_activation_reserve(config: Config, model: Any) -> int:
-    """`activation_reserve` for this model under the worker's batch limits."""
+    """`activation_reserve` for this model under the worker's batch limits. With speculative
+    decoding, a step samples up to num_tokens + 1 rows for each of disable_by_batch_size sequences."""
     cfg = text_config(model)
     hidden = cfg.hidden_size
     intermediate = getattr(cfg, "intermediate_size", None) or 4 * hidden
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
     wc = config.worker
-    return activation_reserve(
-        wc.max_num_batched_tokens, wc.max_batch_size, hidden, intermediate, cfg.vocab_size, itemsize
-    )
+    rows = wc.max_batch_size
+    if wc.speculative.method is not SpecMethod.OFF:
+        spec = wc.speculative
+        rows = max(rows, min(wc.max_batch_size, spec.disable_by_batch_size) * (spec.num_tokens + 1))
+    return activation_reserve(wc.max_num_batched_tokens, rows, hidden, intermediate, cfg.vocab_size, itemsize)
 
 
 def gpu_kv_blocks(config: Config, model: Any, bytes_per_block: int, memory: DeviceMemory) -> int:

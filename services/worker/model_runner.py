@@ -110,6 +110,12 @@ class ModelRunner:
             max_query=max_query,
             max_kv=max_kv,
         )
+        if any(item.proposed for item in batch):
+            meta.probe_positions = query_positions.clone()
+            for i, item in enumerate(batch):
+                if item.proposed:
+                    meta.probe_positions[i, item.num_tokens - len(item.proposed) : item.num_tokens] = -1
+            meta.probe_positions = meta.probe_positions.to(dev)
         if self.attention_backend is AttentionBackend.CASCADE:
             computed = [item.seq.num_computed for item in batch]
             groups = shared_prefixes(block_lists, computed, bs)

@@ -90,6 +90,9 @@ class StepMetadata:
     max_kv: int  # Lmax: keys gathered per sequence (whole blocks, then cut to this)
     probe_layer: int | None = None  # measure attention on this layer (A²CR), None: not this step
     key_mass: torch.Tensor | None = None  # [S, Lmax] attention mass per key, set by the probe
+    # The probe's queries: query_positions with speculative proposals' set to -1 (not counted:
+    # they may be rejected); None: every real query counts.
+    probe_positions: torch.Tensor | None = None
     cascade: list[Part] | None = None  # shared prefixes to read once (cascade backend); None: gather all
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
@@ -179,7 +182,8 @@ def paged_attention(
         if keys is None:
             keys, _ = gather(meta, layer)
         mask = meta.mask(sliding_window)
-        meta.key_mass = key_mass(grid.transpose(1, 2), keys, mask, meta.query_positions, scale)
+        counted = meta.probe_positions if meta.probe_positions is not None else meta.query_positions
+        meta.key_mass = key_mass(grid.transpose(1, 2), keys, mask, counted, scale)
     if not (qmax == 1 and tokens == s):
         out = out.index_select(0, meta.packed_to_grid)
     return out.unsqueeze(0), None

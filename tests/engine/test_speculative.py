@@ -24,6 +24,8 @@ from wicore.config import SpecMethod, SpeculativeConfig, load_config
 from wicore.errors import ConfigError
 from wicore.worker.app import LoadedModel, load_model, make_speculator
 from wicore.worker.async_engine import AsyncEngine
+from wicore.worker.batch_scheduler import BatchScheduler
+from wicore.worker.block_pool import BlockPool
 from wicore.worker.draft import DraftProposer
 from wicore.worker.engine_types import EngineRequest, FinishReason, SamplingParams, StepOutput
 from wicore.worker.output import Delta
@@ -495,3 +497,115 @@ def test_a_stop_string_inside_an_accepted_run_ends_the_text_and_the_count_there(
     assert stop[0] not in "".join(d.text for d in got)
     assert got[-1].completion_tokens == expected[-1].completion_tokens == cut + 1
     assert got[-1].finish_reason is expected[-1].finish_reason is FinishReason.STOP
+
+
+# --- speculation takes only what nobody else needs ---
+
+
+def scheduled_decode(pool: BlockPool, prompts: list[int]) -> BatchScheduler:
+    """A scheduler whose sequences (prompts of the given lengths) have computed their prompts and
+    sampled one token each, as after their first engine step."""
+    scheduler = BatchScheduler(pool, max_running=8, max_num_batched_tokens=64, prefix_hashes=lambda s: [])
+    seqs = [
+        Sequence(EngineRequest(f"r{i}", list(range(1, n + 1)), 10), make_generator(0), arrival=i)
+        for i, n in enumerate(prompts)
+    ]
+    for s in seqs:
+        scheduler.add(s)
+    for item in scheduler.schedule():
+        item.seq.num_computed += item.num_tokens
+        item.seq.token_ids.append(99)
+    return scheduler
+
+
+def test_proposals_never_take_a_block_another_sequence_needs() -> None:
+    # Block size 4: r0 decodes at position 3 (its block 0), r1 at position 4 (it needs a new block).
+    scheduler = scheduled_decode(BlockPool(3, 4), [3, 4])
+    batch = scheduler.schedule({"r0": [7, 8]})
+    assert scheduler.preempted == []
+    assert [(item.seq.request_id, item.num_tokens, item.proposed) for item in batch] == [
+        ("r0", 1, ()),  # the last free block went to r1's own token, none was left for proposals
+        ("r1", 1, ()),
+    ]
+
+
+def test_proposals_never_evict_a_cached_prefix() -> None:
+    pool = BlockPool(3, 4)
+    scheduler = scheduled_decode(pool, [3])
+    cached = pool.allocate(1)
+    pool.register(cached[0], "a" * 32, 0)
+    pool.release(cached)  # the last block holds a reusable prefix (reclaimable, not unused)
+    assert pool.num_free == 2 and pool.num_unused == 1
+    batch = scheduler.schedule({"r0": [7, 8, 9, 10, 11, 12]})  # positions 4..9: two more blocks
+    assert batch[0].proposed == ()
+    assert pool.contains("a" * 32)
+    batch = scheduler.schedule({"r0": [7, 8]})  # positions 4..5: one unused block holds them
+    assert batch[0].proposed == (7, 8)
+
+
+def test_proposals_come_after_admissions_within_the_budget() -> None:
+    pool = BlockPool(16, 4)
+    scheduler = scheduled_decode(pool, [3])
+    scheduler.budget = 6
+    scheduler.add(Sequence(EngineRequest("new", [1, 2, 3, 4], 10), make_generator(0), arrival=5))
+    batch = scheduler.schedule({"r0": [7, 8, 9]})
+    # r0's token, then the newcomer's 4-token prompt, then 1 proposal in the budget left.
+    assert [(item.seq.request_id, item.num_tokens, item.proposed) for item in batch] == [
+        ("r0", 2, (7,)),
+        ("new", 4, ()),
+    ]
+
+
+@pytest.mark.usefixtures("free_drafts")
+def test_a_failing_draft_round_costs_its_proposals_only(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded, speculator = load(
+        llama_dir, **{"speculative.method": "draft", "speculative.draft_model": str(llama_dir)}
+    )
+    assert speculator is not None and isinstance(speculator.proposer, DraftProposer)
+    proposer = speculator.proposer
+    target = seq("t", list(loaded.tokenizer(PROMPTS[0]).input_ids))
+    real_step = proposer.engine.step
+    calls = 0
+
+    def failing_once() -> list[StepOutput]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("draft device out of memory")
+        return real_step()
+
+    monkeypatch.setattr(proposer.engine, "step", failing_once)
+    assert proposer.propose([(target, 3)]) == [[]]
+    assert not proposer.engine.has_unfinished()  # the failed round's requests are gone
+    proposer.engine.pool.check_integrity()
+    again = proposer.propose([(target, 3)])
+    assert len(again[0]) == 3
+
+
+def test_draft_tokens_outside_either_vocabulary_are_never_passed_on(llama_dir: Path) -> None:
+    loaded, speculator = load(
+        llama_dir, **{"speculative.method": "draft", "speculative.draft_model": str(llama_dir)}
+    )
+    assert speculator is not None and isinstance(speculator.proposer, DraftProposer)
+    proposer = speculator.proposer
+    ids = list(loaded.tokenizer(PROMPTS[0]).input_ids)
+    (proposal,) = proposer.propose([(seq("a", ids), 3)])
+    assert len(proposal) == 3
+    proposer.target_vocab = max(proposal)  # the target cannot embed the largest proposed id
+    assert proposer.propose([(seq("b", ids), 3)]) == [proposal[: proposal.index(max(proposal))]]
+    proposer.draft_vocab = max(ids)  # a prompt token the draft cannot embed
+    assert proposer.propose([(seq("c", ids), 3)]) == [[]]
+
+
+def test_the_attention_probe_counts_no_proposal_queries(llama_dir: Path) -> None:
+    loaded, speculator = load(llama_dir, **{"speculative.method": "ngram"})
+    eng = engine(loaded, speculator, num_blocks=96, block_size=4)
+    scheduler = scheduled_decode(eng.pool, [3, 5])
+    batch = scheduler.schedule({"r1": [7, 8]})
+    _, _, meta, _ = eng.runner.metadata(batch)
+    assert meta.probe_positions is not None
+    assert meta.query_positions[1].tolist() == [5, 6, 7]
+    assert meta.probe_positions[1].tolist() == [5, -1, -1]
+    assert meta.probe_positions[0].tolist() == meta.query_positions[0].tolist() == [3, -1, -1]
