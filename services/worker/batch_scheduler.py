@@ -8,8 +8,10 @@ sequence is preempted (its KV dropped, its full blocks left in the prefix cache)
 until the block fits. Then waiting sequences are admitted in order, each first
 reusing the longest prefix in the device cache, while budget, batch size and blocks
 allow. Last, decoding sequences with speculative proposals also compute them, in
-admission order, with the budget left and blocks nobody uses (not even a cached
-prefix): speculation never preempts, evicts or delays anything. A sequence that
+admission order, with the budget and blocks left: speculation never preempts or
+delays another sequence. (Like any allocation, a proposal's block may reclaim a cached
+prefix block when no free one is left; it returns to the free list after the step and
+is reused there, so that happens about once per speculating sequence.) A sequence that
 could never fit the pool is refused when added, so the oldest running sequence
 can always finish: no deadlock, no crash.
 """
@@ -129,12 +131,12 @@ class BatchScheduler:
 
     def _room_for(self, seq: Sequence, n: int, proposed: Seq[int], budget: int) -> tuple[int, ...]:
         """The proposals seq computes after its n known tokens: none unless the step ends its known
-        tokens and unused blocks hold them (as many as the budget allows)."""
+        tokens and the blocks left hold them (as many as the budget allows)."""
         proposed = proposed[: max(budget, 0)]
         if not proposed or n != seq.num_uncomputed:
             return ()
         need = seq.blocks_needed(seq.num_computed + n + len(proposed), self.pool.block_size)
-        if need > self.pool.num_unused:
+        if need > self.pool.num_free:
             return ()
         seq.block_ids += self.pool.allocate(need)
         return tuple(proposed)

@@ -76,11 +76,6 @@ class BlockPool:
         return len(self._free) + len(self._cached)
 
     @property
-    def num_unused(self) -> int:
-        """Blocks that are free and hold no cached prefix (allocating them evicts nothing)."""
-        return len(self._free)
-
-    @property
     def num_cached(self) -> int:
         return len(self._cached)
 

@@ -529,18 +529,19 @@ def test_proposals_never_take_a_block_another_sequence_needs() -> None:
     ]
 
 
-def test_proposals_never_evict_a_cached_prefix() -> None:
+def test_proposals_take_free_blocks_before_cached_prefixes_and_give_them_back() -> None:
     pool = BlockPool(3, 4)
     scheduler = scheduled_decode(pool, [3])
     cached = pool.allocate(1)
     pool.register(cached[0], "a" * 32, 0)
-    pool.release(cached)  # the last block holds a reusable prefix (reclaimable, not unused)
-    assert pool.num_free == 2 and pool.num_unused == 1
-    batch = scheduler.schedule({"r0": [7, 8, 9, 10, 11, 12]})  # positions 4..9: two more blocks
-    assert batch[0].proposed == ()
-    assert pool.contains("a" * 32)
-    batch = scheduler.schedule({"r0": [7, 8]})  # positions 4..5: one unused block holds them
+    pool.release(cached)  # one block free, one holding a reusable prefix
+    batch = scheduler.schedule({"r0": [7, 8]})  # positions 4..5: one more block
     assert batch[0].proposed == (7, 8)
+    assert pool.contains("a" * 32)  # the free block was taken, not the cached one
+    batch[0].seq.num_computed += 1  # none accepted: the engine trims the proposals' block
+    scheduler.trim(batch[0].seq)
+    assert pool.num_free == 2 and pool.contains("a" * 32)
+    pool.check_integrity()
 
 
 def test_proposals_come_after_admissions_within_the_budget() -> None:
