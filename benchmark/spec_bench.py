@@ -280,7 +280,6 @@ class WorkloadRun:
     drafts: int  # steps of a sequence that verified proposals
     proposed: int
     accepted: int
-    emitted: int
 
 
 def renewed(speculator: Any) -> Any:
@@ -344,7 +343,6 @@ def run_workload(
         drafts=after.spec_drafts - before.spec_drafts,
         proposed=after.spec_proposed - before.spec_proposed,
         accepted=after.spec_accepted - before.spec_accepted,
-        emitted=after.spec_emitted - before.spec_emitted,
     )
     return run, produced
 
@@ -376,7 +374,7 @@ def summarise(runs: Runs) -> dict[str, Any]:
         "itl_p50_ms": table(runs, lambda rs: statistics.median(r.itl_p50_ms for r in rs)),
         "acceptance": table(runs, lambda rs: ratio(sum(r.accepted for r in rs), sum(r.proposed for r in rs))),
         "tokens_per_verify": table(
-            runs, lambda rs: ratio(sum(r.emitted for r in rs), sum(r.drafts for r in rs))
+            runs, lambda rs: ratio(sum(r.accepted + r.drafts for r in rs), sum(r.drafts for r in rs))
         ),
         "speedup": {m: {w: v / off[w] for w, v in by_w.items()} for m, by_w in tok_s.items()} if off else {},
     }

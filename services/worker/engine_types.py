@@ -110,8 +110,7 @@ class EngineStats:
     prefix_hits: int = 0
     preemptions: int = 0
     # Speculative decoding since start: steps that verified proposals, tokens proposed, tokens
-    # accepted, and the tokens those steps emitted (accepted + one each).
+    # accepted (those steps emitted spec_accepted + spec_drafts tokens).
     spec_drafts: int = 0
     spec_proposed: int = 0
     spec_accepted: int = 0
-    spec_emitted: int = 0

@@ -30,7 +30,7 @@ from wicore.worker.block_pool import BlockPool, Reclaimed
 from wicore.worker.engine_types import EngineRequest, EngineStats, FinishReason, StepOutput
 from wicore.worker.kv_io import Spilled, read_blocks, write_blocks
 from wicore.worker.model_runner import ModelRunner
-from wicore.worker.sampler import make_generator, sample_batch, token_logprobs, verify
+from wicore.worker.sampler import make_generator, token_logprobs, verify
 from wicore.worker.sequence import Sequence
 from wicore.worker.speculative import Speculator
 
@@ -120,7 +120,6 @@ class PagedEngine:
             spec_drafts=spec.drafts if spec else 0,
             spec_proposed=spec.proposed if spec else 0,
             spec_accepted=spec.accepted if spec else 0,
-            spec_emitted=spec.emitted if spec else 0,
         )
 
     def step(self) -> list[StepOutput]:
@@ -190,11 +189,7 @@ class PagedEngine:
     def _sample(self, logits: Any, sampling: list[ScheduledSeq]) -> list[StepOutput]:
         """Each sampling sequence's new tokens: one, or with proposals the accepted ones and one
         more, cut at a stop token or max_new_tokens. Finished sequences are aborted by `step`."""
-        if not any(item.proposed for item in sampling):
-            picked = self._sample_rows(logits, sampling)
-            emitted, rows = [[t] for t in picked], [[r] for r in range(len(sampling))]
-        else:
-            emitted, rows = self._verify(logits, sampling)
+        emitted, rows = self._verify(logits, sampling)
         flat_rows = [r for rs in rows for r in rs]
         top_n = [item.seq.request.logprobs for item, rs in zip(sampling, rows, strict=True) for _ in rs]
         if any(n is not None for n in top_n) and flat_rows != list(range(logits.shape[0])):
@@ -223,19 +218,9 @@ class PagedEngine:
             outputs.append(StepOutput(seq.request_id, tokens, reason, seq.cached_tokens, kept, times))
         return outputs
 
-    @staticmethod
-    def _sample_rows(logits: Any, sampling: list[ScheduledSeq]) -> list[int]:
-        seqs = [item.seq for item in sampling]
-        return sample_batch(
-            logits,
-            [s.request.sampling for s in seqs],
-            [s.generator for s in seqs],
-            [s.token_ids if s.request.sampling.repetition_penalty != 1.0 else () for s in seqs],
-        )
-
     def _verify(self, logits: Any, sampling: list[ScheduledSeq]) -> tuple[list[list[int]], list[list[int]]]:
-        """The tokens each sequence emits and the logits row of each: proposals verified."""
-        assert self.speculator is not None
+        """The tokens each sequence emits and the logits row of each: one sampled token, or its
+        proposals verified (`sampler.verify`, which without proposals is plain sampling)."""
         argmax = torch.argmax(logits, dim=-1).tolist()
         emitted: list[list[int]] = []
         rows: list[list[int]] = []
@@ -251,7 +236,7 @@ class PagedEngine:
                 seq.token_ids if params.repetition_penalty != 1.0 else (),
                 argmax[first : first + k + 1],
             )
-            if k:
+            if k and self.speculator is not None:
                 self.speculator.verified(seq.request_id, k, len(tokens) - 1)
             emitted.append(tokens)
             rows.append(list(range(first, first + len(tokens))))

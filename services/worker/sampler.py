@@ -5,8 +5,9 @@ penalty, then (unless greedy) temperature, top-k, top-p, min-p, and a draw from
 the row's own `torch.Generator`. A row's draw depends only on its logits and its
 generator, so a seeded request samples the same tokens whatever else is in the
 batch. The draw takes exactly one uniform per token (inverse CDF), which is what
-lets speculative decoding's verification (`verify`) emit the same tokens as plain
-decoding. Greedy rows without a penalty are one batched argmax. Logprobs are those
+lets speculative decoding's verification (`verify`, which without proposals is
+plain sampling) emit the same tokens as plain decoding. Greedy rows without a
+penalty take the step's batched argmax. Logprobs are those
 of the model's raw distribution (before any of the above).
 """
 
@@ -67,21 +68,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(cdf[-1])
     # The first token whose cumulative mass exceeds u: one with zero mass never is.
     token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True))
-    return min(token, int(torch.nonzero(probs).max()))
-
-
-def sample_batch(
-    logits: torch.Tensor,
-    params: Seq[SamplingParams],
-    generators: Seq[torch.Generator],
-    seen: Seq[Seq[int]],
-) -> list[int]:
-    """One token per row of logits [R, vocab]."""
-    tokens = torch.argmax(logits, dim=-1).tolist()
-    for row, p in enumerate(params):
-        if not p.greedy or p.repetition_penalty != 1.0:
-            tokens[row] = sample(logits[row], p, generators[row], seen[row])
-    return tokens
+    if token == len(cdf):  # u rounded up to the total: the last token with mass
+        token = int(torch.nonzero(probs).max())
+    return token
 
 
 def verify(

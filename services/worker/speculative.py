@@ -64,13 +64,12 @@ class SpecState:
 
 @dataclass(slots=True)
 class SpecStats:
-    """Since start: steps that verified proposals, proposed and accepted tokens, and the tokens
-    those steps emitted (accepted + one each)."""
+    """Since start: steps that verified proposals, and the tokens proposed and accepted (those
+    steps emitted accepted + drafts tokens: each accepted run and one more)."""
 
     drafts: int = 0
     proposed: int = 0
     accepted: int = 0
-    emitted: int = 0
 
 
 def best_k(alpha: float, k_max: int, token_cost: float = TOKEN_COST) -> int:
@@ -170,12 +169,12 @@ class Speculator:
         started = time.perf_counter()
         proposals = self.proposer.propose(asked)
         per_position = (time.perf_counter() - started) / max(k for _, k in asked)
-        self.propose_s += COST_WEIGHT * (per_position - self.propose_s) if self.propose_s else per_position
+        self.propose_s = _average(self.propose_s, per_position)
         return {seq.request_id: p for (seq, _), p in zip(asked, proposals, strict=True) if p}
 
     def stepped(self, seconds: float) -> None:
         """The engine's model step took `seconds` (the scale of the proposer's cost)."""
-        self.step_s += COST_WEIGHT * (seconds - self.step_s) if self.step_s else seconds
+        self.step_s = _average(self.step_s, seconds)
 
     def _k(self, seq: Sequence) -> int:
         state = self._states.get(seq.request_id)
@@ -198,7 +197,6 @@ class Speculator:
         self.stats.drafts += 1
         self.stats.proposed += proposed
         self.stats.accepted += accepted
-        self.stats.emitted += accepted + 1
         rate = accepted / proposed
         self.prior += PRIOR_WEIGHT * (rate - self.prior)
         state = self._states.setdefault(request_id, SpecState(alpha=self.prior))
@@ -211,3 +209,8 @@ class Speculator:
     def forget(self, request_id: str) -> None:
         self._states.pop(request_id, None)
         self.proposer.forget(request_id)
+
+
+def _average(average: float, latest: float) -> float:
+    """A measured time's exponential average (the first measurement starts it)."""
+    return average + COST_WEIGHT * (latest - average) if average else latest

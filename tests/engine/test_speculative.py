@@ -110,7 +110,6 @@ def test_ngram_greedy_output_is_generates_for_every_family(family_dir: Path) -> 
     outputs = check_greedy(loaded, speculator, num_blocks=96, block_size=4, max_num_batched_tokens=9)
     stats = speculator.stats
     assert stats.drafts > 0 and stats.proposed > 0
-    assert stats.emitted == stats.accepted + stats.drafts
     if stats.accepted:  # accepted runs arrive as several tokens in one step
         assert any(len(out.new_token_ids) > 1 for outs in outputs.values() for out in outs)
 

@@ -8,8 +8,8 @@ from wicore.worker.sampler import (
     apply_repetition_penalty,
     make_generator,
     sample,
-    sample_batch,
     token_logprobs,
+    verify,
 )
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.9])
@@ -75,8 +75,12 @@ def test_repetition_penalty_follows_transformers() -> None:
 def test_batch_rows_keep_their_own_parameters() -> None:
     logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS])
     params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1.0, top_k=1, seed=3)]
-    tokens = sample_batch(logits, params, [make_generator(p.seed) for p in params], [(), (), ()])
-    assert tokens == [1, 3, 1]
+    argmax = logits.argmax(-1).tolist()
+    tokens = [
+        verify(logits[r : r + 1], (), p, make_generator(p.seed), (), argmax[r : r + 1])
+        for r, p in enumerate(params)
+    ]
+    assert tokens == [[1], [3], [1]]
 
 
 def test_logprobs_of_the_chosen_token_and_the_top_n() -> None:
