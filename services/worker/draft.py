@@ -39,7 +39,8 @@ class DraftProposer:
         self._round += 1
         ids: list[str] = []
         for seq, k in requests:
-            if max(seq.token_ids) >= self.draft_vocab:
+            # Only a draft with a smaller table than the target's can be handed an id it lacks.
+            if self.draft_vocab < self.target_vocab and max(seq.token_ids) >= self.draft_vocab:
                 ids.append("")
                 continue
             draft_id = f"{seq.request_id}#{self._round}"
