@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import math
 import os
 import re
 import types
@@ -67,6 +68,14 @@ class CpuKernels(enum.StrEnum):
 
     ONEDNN = "onednn"
     DEFAULT = "default"
+
+
+class TierLoads(enum.StrEnum):
+    """`worker.tier_loads`: `measured` loads a prefix's tier blocks only as far as loading them
+    measured faster than recomputing them on this worker; `always` loads every block found."""
+
+    MEASURED = "measured"
+    ALWAYS = "always"
 
 
 class WeightQuant(enum.StrEnum):
@@ -276,8 +285,22 @@ class SchedulerConfig:
     tier_cpu_cost: float = 0.2  # MoR: loading a block from the CPU tier, as a fraction of recomputing it
     tier_nvme_cost: float = 0.5  # MoR: the same from NVMe
     attention_scale_tokens: int = 512  # MoR: prompt + max tokens at which a request counts as heaviest
+    # MoR: a request may wait for a busy worker holding its prefix up to this factor times the
+    # prefill it would save there (0: never waits; see router.py)
+    prefix_wait_factor: float = 1.0
+    # MoR: a worker's prefill speed until it reports its measured one (prices that wait)
+    assumed_prefill_tokens_per_s: float = 1000.0
     redis_timeout_s: float = 0.2  # residency lookups give up after this (routing then ignores prefixes)
     prefetch: bool = True  # ask the tier to move a queued request's NVMe prefix blocks to CPU RAM
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.prefix_wait_factor) and self.prefix_wait_factor >= 0):
+            raise ConfigError(
+                f"prefix_wait_factor: must be a finite number >= 0, got {self.prefix_wait_factor}"
+            )
+        rate = self.assumed_prefill_tokens_per_s
+        if not (math.isfinite(rate) and rate > 0):
+            raise ConfigError(f"assumed_prefill_tokens_per_s: must be a finite number > 0, got {rate}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +354,7 @@ class WorkerConfig:
     num_threads: int = 0  # torch threads on CPU; 0: torch's default (`wicore up` splits the cores)
     kv_offload: bool = True  # spill reclaimed prefix blocks to the tier service and load them back
     offload_codec: Codec = Codec.RAW  # how blocks travel to the tier (it stores them in its tiers' codecs)
+    tier_loads: TierLoads = TierLoads.MEASURED  # load tier blocks only while faster than recomputing
     max_pending_offload_blocks: int = 256  # host copies waiting for the tier; past this, spills are dropped
     attention_sample_every: int = 8  # measure block attention for A²CR every n-th engine step (0: never)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

@@ -178,6 +178,9 @@ TEST_SETTINGS: dict[str, Any] = {
     "tier.cpu_capacity_bytes": 64 << 20,
     "worker.max_batch_size": 8,
     "worker.kv_cache_bytes": 64 << 20,
+    # The tests' tiny models recompute a block about as fast as it loads, so the measured choice
+    # could go either way; the offload tests need the load (test_load_or_recompute.py covers the choice).
+    "worker.tier_loads": "always",
     "shutdown_grace_s": 10.0,
 }
 

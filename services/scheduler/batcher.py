@@ -15,6 +15,11 @@ reserved_blocks sums the needs of the requests placed there and not finished:
 a worst-case reservation, so a placed request never waits on the worker for
 memory held by another placement.
 
+The router may hold a request for a busy worker (no free slot, its KV fits) that holds
+more of its prompt (MoR's `wait_budget`): it stays queued until a slot frees there or the
+budget, counted from the first time it was held, runs out; requests behind it go on being
+placed meanwhile, and the plan wakes up when the budget ends.
+
 Lower-priority requests may pass one that does not fit yet (backfill), unless
 it has waited `aging_interval_s` or more: then nothing behind it is placed until
 it fits, so large requests cannot starve. With `max_wait_time_s` > 0, fewer
@@ -127,13 +132,22 @@ class BatchOptimizer:
         open_slots = [w for w in live if w.inflight < batch_limit(w, self.config)]
         if not open_slots:
             return any(w.inflight < batch_limit(w, self.config) for w in registry.workers.values())
-        resident = {w.worker_id: self.resident(request, w, now) for w in open_slots}
-        need = {w.worker_id: kv_need(request, w, resident[w.worker_id]) for w in open_slots}
-        fitting = [w for w in open_slots if need[w.worker_id] <= w.total_blocks - w.reserved_blocks]
-        if not fitting:
+        resident = {w.worker_id: self.resident(request, w, now) for w in live}
+        need = {w.worker_id: kv_need(request, w, resident[w.worker_id]) for w in live}
+        fitting = [w for w in live if need[w.worker_id] <= w.total_blocks - w.reserved_blocks]
+        candidates = [w for w in fitting if w.inflight < batch_limit(w, self.config)]
+        if not candidates:
             starving = now - request.arrival >= self.config.aging_interval_s
             return not starving
-        worker = self.router.choose(request, fitting, resident)
+        worker = self.router.choose(request, candidates, resident)
+        busy = [w for w in fitting if w.inflight >= batch_limit(w, self.config)]
+        budget = self.router.wait_budget(request, worker, busy, resident) if busy else 0.0
+        if budget > 0.0:
+            request.held_since = now if request.held_since is None else request.held_since
+            if now < request.held_since + budget:  # wait for a busy worker; the next may pass
+                wake = request.held_since + budget
+                plan.wake_at = wake if plan.wake_at is None else min(plan.wake_at, wake)
+                return True
         registry.place(worker, need[worker.worker_id])
         self.hints.record(worker.worker_id, request.prefix.hashes, now)
         plan.assignments.append(Assignment(request, worker, need[worker.worker_id], resident))

@@ -58,6 +58,8 @@ def load_from_proto(msg: scheduler_pb2.WorkerLoad) -> WorkerLoad:
         spec_drafts=msg.spec_drafts,
         spec_proposed_tokens=msg.spec_proposed_tokens,
         spec_accepted_tokens=msg.spec_accepted_tokens,
+        prefill_tokens_per_s=msg.prefill_tokens_per_s,
+        load_s_per_block=dict(msg.load_s_per_block),
     )
 
 
@@ -72,6 +74,8 @@ def load_to_proto(load: WorkerLoad) -> scheduler_pb2.WorkerLoad:
         spec_drafts=load.spec_drafts,
         spec_proposed_tokens=load.spec_proposed_tokens,
         spec_accepted_tokens=load.spec_accepted_tokens,
+        prefill_tokens_per_s=load.prefill_tokens_per_s,
+        load_s_per_block=load.load_s_per_block,
     )
 
 

@@ -28,6 +28,8 @@ class WorkerLoad:
     spec_drafts: int = 0  # speculative decoding: steps that verified proposals
     spec_proposed_tokens: int = 0
     spec_accepted_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0  # measured by the worker (0: not yet)
+    load_s_per_block: Mapping[str, float] = field(default_factory=dict)  # measured, by tier ("cpu", "nvme")
 
 
 @dataclass(slots=True)

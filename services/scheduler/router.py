@@ -15,8 +15,10 @@ the cheapest:
         `{ns}:res:{w}` plus the scheduler's placement hints), t_w = blocks after
         those that w's own tier service holds (`{ns}:tier:{node}:blk:{hash}` field
         `tier`, node = the tier w registered with), each priced as a fraction of
-        recomputing it: tier_cpu_cost, tier_nvme_cost. A block held only by another
-        node's tier is a miss for w: w cannot load it.
+        recomputing it: price(tier) = min(1, load_s(tier) · prefill_tok_s / bs), both
+        measured by w and sent with its heartbeats (worker/costs.py); tier_cpu_cost,
+        tier_nvme_cost until w has measured them. A block held only by another node's
+        tier is a miss for w: w cannot load it.
     queue(w)   = inflight(w) / batch_limit(w)              (occupancy of its batch)
     util(w)    = max(queue(w), kv_utilisation(w))
     a          = clamp(min(1, (n + max_new) / attention_scale_tokens) + 0.5 - θ, 0, 1)
@@ -24,6 +26,10 @@ the cheapest:
         0.5, simple_qa 0.7, default 0.5 (a lower θ raises a: more goes to GPUs).
     device(w)  = 0.5·a + 0.3·util(w)        on a CPU worker   (the seed's cpu_cost)
                = 0.5·(1 - a) + 0.3·util(w)  on a GPU worker   (the seed's gpu_cost)
+
+When every worker holding more of the prompt is busy (no free batch slot), the
+request may wait for one of them in the scheduler's queue, as long as the prefill it
+would save (`wait_budget`), while requests behind it go on being placed.
 
 Ties go to the worker picked least recently, then the smaller id. Death-spiral
 guard: a worker already holding more than `max_imbalance` requests above the
@@ -77,6 +83,17 @@ class Router(Protocol):
         """One of `candidates` (never empty); `resident[w]` = prompt blocks on w's device."""
         ...
 
+    def wait_budget(
+        self,
+        request: QueuedRequest,
+        chosen: WorkerInfo,
+        busy: Sequence[WorkerInfo],
+        resident: Mapping[str, int],
+    ) -> float:
+        """Seconds the request may stay queued for one of `busy` (no free batch slot now, its KV
+        would fit) rather than go to `chosen` now; 0: go now."""
+        ...
+
 
 class MoRRouter:
     name = "mor"
@@ -97,8 +114,18 @@ class MoRRouter:
             if tier is None:
                 break
             loaded += 1
-            price += self.config.tier_cpu_cost if tier is StorageTier.CPU else self.config.tier_nvme_cost
+            price += self.tier_price(worker, tier, bs)
         return max(0.0, request.prompt_tokens - bs * (resident + loaded) + bs * price)
+
+    def tier_price(self, worker: WorkerInfo, tier: StorageTier, block_size: int) -> float:
+        """Loading one block from `tier` as a fraction of recomputing it, on `worker`: what the
+        worker measured, load seconds per block * prefill tokens per second / block_size, at most
+        1 (past that the worker recomputes instead); the configured price until it has measured."""
+        rate = worker.load.prefill_tokens_per_s
+        seconds = worker.load.load_s_per_block.get(tier.value, 0.0)
+        if rate > 0.0 and seconds > 0.0:
+            return min(1.0, seconds * rate / block_size)
+        return self.config.tier_cpu_cost if tier is StorageTier.CPU else self.config.tier_nvme_cost
 
     def cost(self, request: QueuedRequest, worker: WorkerInfo, resident: int) -> Cost:
         c = self.config
@@ -119,6 +146,38 @@ class MoRRouter:
         costs = {w.worker_id: self.cost(request, w, resident.get(w.worker_id, 0)).total for w in eligible}
         return min(eligible, key=lambda w: (round(costs[w.worker_id], 9), w.last_picked, w.worker_id))
 
+    def wait_budget(
+        self,
+        request: QueuedRequest,
+        chosen: WorkerInfo,
+        busy: Sequence[WorkerInfo],
+        resident: Mapping[str, int],
+    ) -> float:
+        """Waiting for a busy worker that holds more of the prompt (ski rental): at most as long
+        as the prompt tokens it would save would take to prefill on `chosen`,
+
+            budget = f · (uncomputed(chosen) - min over busy b of uncomputed(b)) / prefill_tok_s(chosen)
+
+        with f = `prefix_wait_factor` (1; 0 turns waiting off) and prefill_tok_s as `chosen`
+        measured it (`assumed_prefill_tokens_per_s` until then); 0 when that saves less than a
+        block. Busy workers past max_imbalance above `chosen` do
+        not count. A request that waits its whole budget and then goes to `chosen` has lost at
+        most the time its prefill there takes anyway: so it never does worse than twice the
+        better choice, and under load, where every slot is taken, a prefix stays with the workers
+        that hold it instead of going to whichever slot frees first (computed again there, which
+        takes longer still and feeds the queue)."""
+        limit = chosen.inflight + self.config.max_imbalance
+        holders = [w for w in busy if w.inflight <= limit]
+        if not holders or self.config.prefix_wait_factor <= 0.0:
+            return 0.0
+        mine = self.uncomputed_tokens(request, chosen, resident.get(chosen.worker_id, 0))
+        best = min(self.uncomputed_tokens(request, w, resident.get(w.worker_id, 0)) for w in holders)
+        bs = request.prefix.block_size or chosen.block_size or 1
+        if mine - best < bs:
+            return 0.0
+        rate = chosen.load.prefill_tokens_per_s or self.config.assumed_prefill_tokens_per_s
+        return self.config.prefix_wait_factor * (mine - best) / rate
+
 
 class RoundRobinRouter:
     """Takes workers in turn (by id), skipping those that cannot take the request now."""
@@ -136,6 +195,15 @@ class RoundRobinRouter:
         self._last = chosen.worker_id
         return chosen
 
+    def wait_budget(
+        self,
+        request: QueuedRequest,
+        chosen: WorkerInfo,
+        busy: Sequence[WorkerInfo],
+        resident: Mapping[str, int],
+    ) -> float:
+        return 0.0
+
 
 class LeastLoadedRouter:
     """The lowest batch occupancy; ties: least recently picked, then the smaller id."""
@@ -152,6 +220,15 @@ class LeastLoadedRouter:
             candidates,
             key=lambda w: (w.inflight / batch_limit(w, self.config), w.last_picked, w.worker_id),
         )
+
+    def wait_budget(
+        self,
+        request: QueuedRequest,
+        chosen: WorkerInfo,
+        busy: Sequence[WorkerInfo],
+        resident: Mapping[str, int],
+    ) -> float:
+        return 0.0
 
 
 ROUTERS: Mapping[RoutingPolicy, type[MoRRouter] | type[RoundRobinRouter] | type[LeastLoadedRouter]] = {

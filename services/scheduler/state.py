@@ -99,6 +99,7 @@ class QueuedRequest:
     prefix: PrefixInfo = field(default_factory=PrefixInfo)
     exclude: frozenset[str] = frozenset()  # workers that failed it already
     orphaned_since: float | None = None  # when no live worker could take it any more
+    held_since: float | None = None  # when it first waited for a busy worker holding its prefix
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 1:

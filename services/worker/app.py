@@ -21,6 +21,7 @@ from wicore.config import (
     GpuPoolConfig,
     MixedPrecision,
     SpecMethod,
+    TierLoads,
     WeightQuant,
     WorkerDtype,
     is_device,
@@ -34,6 +35,7 @@ from wicore.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.checkpoints import load_causal_lm
 from wicore.worker.convert import ModelDefaults
+from wicore.worker.costs import CostMeter
 from wicore.worker.cpu_kernels import use_int8_linears, use_onednn_linears
 from wicore.worker.draft import DraftProposer
 from wicore.worker.kv_budget import cuda_memory, gpu_kv_blocks
@@ -239,7 +241,9 @@ class Registration:
             spec_drafts=stats.spec_drafts,
             spec_proposed_tokens=stats.spec_proposed,
             spec_accepted_tokens=stats.spec_accepted,
+            prefill_tokens_per_s=self.engine.costs.prefill_tokens_per_s,
         )
+        load.load_s_per_block.update({tier.value: s for tier, s in self.engine.costs.load_seconds().items()})
         offload = self.engine.offloader.stats if self.engine.offloader is not None else None
         if offload is not None:
             load.loaded_blocks.update({tier.value: n for tier, n in offload.loaded.items()})
@@ -319,7 +323,7 @@ def tier_address(config: Config) -> str:
     return config.worker.tier_address or f"{config.tier.host}:{config.tier.port}"
 
 
-def make_offloader(config: Config) -> KvOffloader | None:
+def make_offloader(config: Config, costs: CostMeter) -> KvOffloader | None:
     wc = config.worker
     if not wc.kv_offload:
         return None
@@ -328,7 +332,14 @@ def make_offloader(config: Config) -> KvOffloader | None:
             f"worker.max_pending_offload_blocks: must be >= 1, got {wc.max_pending_offload_blocks}"
         )
     client = TierClient(tier_address(config), auth=InternalAuth.load(config.internal))
-    return KvOffloader(client, wc.offload_codec, wc.max_pending_offload_blocks)
+    return KvOffloader(
+        client,
+        wc.offload_codec,
+        wc.max_pending_offload_blocks,
+        block_size=wc.block_size,
+        costs=costs,
+        measured_loads=wc.tier_loads is TierLoads.MEASURED,
+    )
 
 
 async def serve(config: Config) -> None:
@@ -345,7 +356,7 @@ async def serve(config: Config) -> None:
         paged.pool.block_size,
         paged.max_sequence_tokens,
     )
-    offloader = make_offloader(config)
+    offloader = make_offloader(config, paged.costs)
     engine = AsyncEngine(paged, tokenizer, offloader)
     if offloader is not None:
         offloader.start()

@@ -58,6 +58,7 @@ class AsyncEngine:
         self.engine = engine
         self.tokenizer = tokenizer
         self.offloader = offloader
+        self.costs = engine.costs
         if offloader is not None:
             engine.enable_offload(offloader.spill, offloader.observe)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

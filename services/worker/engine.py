@@ -17,11 +17,14 @@ import torch
 
 from wicore.kv.attention import Observation
 from wicore.kv.hashing import BlockHash
+from wicore.worker.costs import CostMeter
 from wicore.worker.engine_types import EngineRequest, EngineStats, StepOutput
 from wicore.worker.kv_io import Spilled
 
 
 class Engine(Protocol):
+    costs: CostMeter  # measured prefill speed (and tier load times, with offload)
+
     def add_request(self, request: EngineRequest) -> None: ...
 
     def abort_request(self, request_id: str) -> None: ...

@@ -15,6 +15,9 @@
                                                            way to the tier service
     wicore:kv_blocks_reloaded_total{source}                prefix blocks brought back, by source
                                                            (cpu, nvme, pending)
+    wicore:kv_blocks_load_declined_total                   tier blocks recomputed: loading measured slower
+    wicore:prefill_tokens_per_second, kv_block_load_seconds{source}   what this worker measured
+                                                           (costs.py): the router prices tier hits by them
 
 Gauges and counters are read from the engine's stats snapshot at scrape time (the engine
 thread publishes one after every step); the histograms are observed as requests finish.
@@ -73,6 +76,10 @@ class EngineCollector(Collector):
         yield counter(
             "spec_decode_num_accepted_tokens", "Speculative tokens the model accepted.", stats.spec_accepted
         )
+        yield gauge(
+            "prefill_tokens_per_second", "Measured prompt tokens per second of prefill steps (0: not yet).",
+            self.engine.costs.prefill_tokens_per_s,
+        )  # fmt: skip
         offloader = self.engine.offloader
         if offloader is None:
             return
@@ -92,6 +99,17 @@ class EngineCollector(Collector):
             reloaded.add_metric([self.model_name, tier.value], offload.loaded.get(tier, 0))
         reloaded.add_metric([self.model_name, "pending"], offload.loaded_pending)
         yield reloaded
+        yield counter(
+            "kv_blocks_load_declined", "Tier blocks recomputed because loading them measured slower.",
+            offload.declined,
+        )  # fmt: skip
+        load_s = GaugeMetricFamily(
+            f"{PREFIX}kv_block_load_seconds", "Measured seconds to load one KV block back, by source tier.",
+            labels=[*labels, "source"],
+        )  # fmt: skip
+        for tier, seconds in self.engine.costs.load_seconds().items():
+            load_s.add_metric([self.model_name, tier.value], seconds)
+        yield load_s
 
 
 class WorkerMetrics:

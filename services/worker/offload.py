@@ -13,7 +13,9 @@
   reloads) until the tier acknowledges it. At most `max_pending_blocks` wait: past
   that, the oldest are abandoned (counted), never blocking the engine.
 - `load` returns the longest run of a request's chain after its device prefix that
-  can be brought back. Concurrent requests for the same blocks share one load; a
+  can be brought back and is worth it: a leading run of tier blocks is loaded only as far
+  as loading saves time over recomputing, both as measured on this worker (costs.py), so
+  a tier hit is never slower than a miss. Concurrent requests for the same blocks share one load; a
   block evicted between Lookup and GetBlocks just ends the run (the rest is
   recomputed). With the tier down, `load` returns nothing at once.
 - The first block of a sequence is sent with `SINK_TOKENS` attention-sink tokens,
@@ -36,6 +38,7 @@ from wicore.kv.block import Codec, EncodedBlock, StorageTier
 from wicore.kv.client import TierClient
 from wicore.kv.codecs import decode, encode
 from wicore.kv.hashing import BlockHash
+from wicore.worker.costs import CostMeter, blocks_worth_loading
 from wicore.worker.kv_io import Spilled
 
 log = logging.getLogger(__name__)
@@ -62,13 +65,26 @@ class OffloadStats:
     spill_failed: int = 0  # blocks abandoned (tier down, refused, or too many pending)
     loaded_pending: int = 0  # blocks a reload took from spills not yet acknowledged
     loaded: dict[StorageTier, int] = field(default_factory=lambda: {StorageTier.CPU: 0, StorageTier.NVME: 0})
+    declined: int = 0  # tier blocks recomputed instead: loading them measured slower (costs.py)
 
 
 class KvOffloader:
-    def __init__(self, client: TierClient, codec: Codec, max_pending_blocks: int = 256) -> None:
+    def __init__(
+        self,
+        client: TierClient,
+        codec: Codec,
+        max_pending_blocks: int = 256,
+        *,
+        block_size: int = 16,
+        costs: CostMeter | None = None,
+        measured_loads: bool = True,
+    ) -> None:
         self.client = client
         self.codec = codec
         self.max_pending_blocks = max_pending_blocks
+        self.block_size = block_size
+        self.costs = costs or CostMeter()  # the engine's: its prefill speed, and the loads timed here
+        self.measured_loads = measured_loads  # False: load every block found (worker.tier_loads always)
         self.stats = OffloadStats()
         self._pending: collections.OrderedDict[BlockHash, Spilled] = collections.OrderedDict()
         self._queue: collections.deque[BlockHash] = collections.deque()
@@ -130,12 +146,17 @@ class KvOffloader:
             tiers = await self.client.lookup(chain[i:])
             if chain[i] in self._loading or chain[i] in self._pending:
                 continue  # it changed hands while we looked
-            wanted = list(itertools.takewhile(lambda h: h not in self._loading, chain[i : i + len(tiers)]))
+            recompute_s = (
+                self.costs.prefill_s_per_token.value * self.block_size if self.measured_loads else 0.0
+            )
+            worth = blocks_worth_loading(tiers, self.costs.load_seconds(), recompute_s)
+            self.stats.declined += len(tiers) - worth
+            wanted = list(itertools.takewhile(lambda h: h not in self._loading, chain[i : i + worth]))
             if not wanted:
                 break
             loaded = await self._fetch(wanted, reload)
             found += loaded
-            if len(loaded) < len(wanted):
+            if len(loaded) < len(wanted) or worth < len(tiers):
                 break
         return reload
 
@@ -146,14 +167,18 @@ class KvOffloader:
         self._loading.update(futures)
         decoded: list[torch.Tensor] = []
         try:
+            started = loop.time()
             got = await self.client.get(wanted)
             run = list(itertools.takewhile(lambda h: h in got, wanted))
             decoded = await loop.run_in_executor(None, _decode_all, [got[h][0] for h in run])
+            sources: collections.Counter[StorageTier] = collections.Counter()
             for h in run:
                 block, source = got[h]
+                sources[source] += 1
                 self.stats.loaded[source] += 1
                 reload.blocks[source.value] += 1
                 reload.bytes[source.value] += block.nbytes
+            self.costs.record_load(loop.time() - started, sources)
         finally:
             for j, h in enumerate(wanted):
                 if not futures[h].done():

@@ -27,6 +27,7 @@ from wicore.kv.attention import Observation
 from wicore.kv.hashing import BlockHash, extend_chain, reusable_blocks, root_hash
 from wicore.worker.batch_scheduler import BatchScheduler, ScheduledSeq
 from wicore.worker.block_pool import BlockPool, Reclaimed
+from wicore.worker.costs import CostMeter
 from wicore.worker.engine_types import EngineRequest, EngineStats, FinishReason, StepOutput
 from wicore.worker.kv_io import Spilled, read_blocks, write_blocks
 from wicore.worker.model_runner import ModelRunner
@@ -71,6 +72,7 @@ class PagedEngine:
         self._arrivals = 0
         self.num_preemptions = 0
         self.num_steps = 0
+        self.costs = CostMeter()  # measured prefill speed (and, with offload, tier load times)
         self._observe: Callable[[list[Observation]], None] | None = None
 
     @property
@@ -141,8 +143,12 @@ class PagedEngine:
         for item in batch:
             item.seq.num_computed += item.num_tokens - len(item.proposed)
         outputs = self._sample(logits, sampling)  # accepted proposals join num_computed
-        if self.speculator is not None:  # the pass and the sampling (which waits for the device)
-            self.speculator.stepped(time.perf_counter() - model_started)
+        elapsed = (
+            time.perf_counter() - model_started
+        )  # the pass and the sampling (which waits for the device)
+        self.costs.record_step(elapsed, sum(item.num_tokens for item in batch))
+        if self.speculator is not None:
+            self.speculator.stepped(elapsed)
         for item in batch:
             self._register_full_blocks(item.seq)
             if item.proposed:

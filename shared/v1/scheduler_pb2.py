@@ -26,7 +26,7 @@ from wicore.v1 import inference_pb2 as wicore_dot_v1_dot_inference__pb2
 from wicore.v1 import worker_pb2 as wicore_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19wicore/v1/scheduler.proto\x12\twicore.v1\x1a\x19wicore/v1/inference.proto\x1a\x16wicore/v1/worker.proto\"\xbe\x02\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\x04\x12>\n\rloaded_blocks\x18\x04 \x03(\x0b\x32\'.wicore.v1.WorkerLoad.LoadedBlocksEntry\x12\x16\n\x0espilled_blocks\x18\x05 \x01(\x04\x12\x1b\n\x13spill_failed_blocks\x18\x06 \x01(\x04\x12\x13\n\x0bspec_drafts\x18\x07 \x01(\x04\x12\x1c\n\x14spec_proposed_tokens\x18\x08 \x01(\x04\x12\x1c\n\x14spec_accepted_tokens\x18\t \x01(\x04\x1a\x33\n\x11LoadedBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xb6\x02\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\x04\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12#\n\x04load\x18\t \x01(\x0b\x32\x15.wicore.v1.WorkerLoad\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x0c \x01(\r\x12\x14\n\x0ctier_address\x18\r \x01(\t\x12\x11\n\ttier_node\x18\x0e \x01(\tJ\x04\x08\x0b\x10\x0c\"6\n\x16RegisterWorkerResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"]\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.wicore.v1.WorkerLoad\x12\x11\n\ttier_node\x18\x03 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerWorkerResponse\"\x14\n\x12ListWorkersRequest\"\xad\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x04load\x18\x05 \x01(\x0b\x32\x15.wicore.v1.WorkerLoad\x12\x10\n\x08inflight\x18\x06 \x01(\r\x12\x1f\n\x17seconds_since_heartbeat\x18\x07 \x01(\x01\x12\x12\n\ndispatched\x18\x08 \x01(\x04\x12\x17\n\x0freserved_blocks\x18\t \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\n \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x14\n\x0ctier_address\x18\x0c \x01(\t\x12\x11\n\ttier_node\x18\r \x01(\t\"g\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.wicore.v1.WorkerStatus\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x16\n\x0erouting_policy\x18\x03 \x01(\t2\xee\x03\n\tScheduler\x12L\n\x08Generate\x12\x1b.wicore.v1.TokenizedRequest\x1a!.wicore.v1.GenerateStreamResponse0\x01\x12I\n\nListModels\x12\x1c.wicore.v1.ListModelsRequest\x1a\x1d.wicore.v1.ListModelsResponse\x12U\n\x0eRegisterWorker\x12 .wicore.v1.RegisterWorkerRequest\x1a!.wicore.v1.RegisterWorkerResponse\x12\x46\n\tHeartbeat\x12\x1b.wicore.v1.HeartbeatRequest\x1a\x1c.wicore.v1.HeartbeatResponse\x12[\n\x10\x44\x65registerWorker\x12\".wicore.v1.DeregisterWorkerRequest\x1a#.wicore.v1.DeregisterWorkerResponse\x12L\n\x0bListWorkers\x12\x1d.wicore.v1.ListWorkersRequest\x1a\x1e.wicore.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19wicore/v1/scheduler.proto\x12\twicore.v1\x1a\x19wicore/v1/inference.proto\x1a\x16wicore/v1/worker.proto\"\xd6\x03\n\nWorkerLoad\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x13\n\x0b\x66ree_blocks\x18\x03 \x01(\x04\x12>\n\rloaded_blocks\x18\x04 \x03(\x0b\x32\'.wicore.v1.WorkerLoad.LoadedBlocksEntry\x12\x16\n\x0espilled_blocks\x18\x05 \x01(\x04\x12\x1b\n\x13spill_failed_blocks\x18\x06 \x01(\x04\x12\x13\n\x0bspec_drafts\x18\x07 \x01(\x04\x12\x1c\n\x14spec_proposed_tokens\x18\x08 \x01(\x04\x12\x1c\n\x14spec_accepted_tokens\x18\t \x01(\x04\x12\x1c\n\x14prefill_tokens_per_s\x18\n \x01(\x01\x12\x42\n\x10load_s_per_block\x18\x0b \x03(\x0b\x32(.wicore.v1.WorkerLoad.LoadSPerBlockEntry\x1a\x33\n\x11LoadedBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x34\n\x12LoadSPerBlockEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb6\x02\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\x04\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12#\n\x04load\x18\t \x01(\x0b\x32\x15.wicore.v1.WorkerLoad\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x0c \x01(\r\x12\x14\n\x0ctier_address\x18\r \x01(\t\x12\x11\n\ttier_node\x18\x0e \x01(\tJ\x04\x08\x0b\x10\x0c\"6\n\x16RegisterWorkerResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"]\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.wicore.v1.WorkerLoad\x12\x11\n\ttier_node\x18\x03 \x01(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerWorkerResponse\"\x14\n\x12ListWorkersRequest\"\xad\x02\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x04load\x18\x05 \x01(\x0b\x32\x15.wicore.v1.WorkerLoad\x12\x10\n\x08inflight\x18\x06 \x01(\r\x12\x1f\n\x17seconds_since_heartbeat\x18\x07 \x01(\x01\x12\x12\n\ndispatched\x18\x08 \x01(\x04\x12\x17\n\x0freserved_blocks\x18\t \x01(\x04\x12\x14\n\x0ctotal_blocks\x18\n \x01(\x04\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x14\n\x0ctier_address\x18\x0c \x01(\t\x12\x11\n\ttier_node\x18\r \x01(\t\"g\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.wicore.v1.WorkerStatus\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x16\n\x0erouting_policy\x18\x03 \x01(\t2\xee\x03\n\tScheduler\x12L\n\x08Generate\x12\x1b.wicore.v1.TokenizedRequest\x1a!.wicore.v1.GenerateStreamResponse0\x01\x12I\n\nListModels\x12\x1c.wicore.v1.ListModelsRequest\x1a\x1d.wicore.v1.ListModelsResponse\x12U\n\x0eRegisterWorker\x12 .wicore.v1.RegisterWorkerRequest\x1a!.wicore.v1.RegisterWorkerResponse\x12\x46\n\tHeartbeat\x12\x1b.wicore.v1.HeartbeatRequest\x1a\x1c.wicore.v1.HeartbeatResponse\x12[\n\x10\x44\x65registerWorker\x12\".wicore.v1.DeregisterWorkerRequest\x1a#.wicore.v1.DeregisterWorkerResponse\x12L\n\x0bListWorkers\x12\x1d.wicore.v1.ListWorkersRequest\x1a\x1e.wicore.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERLOAD_LOADEDBLOCKSENTRY']._loaded_options = None
   _globals['_WORKERLOAD_LOADEDBLOCKSENTRY']._serialized_options = b'8\001'
+  _globals['_WORKERLOAD_LOADSPERBLOCKENTRY']._loaded_options = None
+  _globals['_WORKERLOAD_LOADSPERBLOCKENTRY']._serialized_options = b'8\001'
   _globals['_WORKERLOAD']._serialized_start=92
-  _globals['_WORKERLOAD']._serialized_end=410
-  _globals['_WORKERLOAD_LOADEDBLOCKSENTRY']._serialized_start=359
-  _globals['_WORKERLOAD_LOADEDBLOCKSENTRY']._serialized_end=410
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=413
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=723
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=725
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=779
-  _globals['_HEARTBEATREQUEST']._serialized_start=781
-  _globals['_HEARTBEATREQUEST']._serialized_end=874
-  _globals['_HEARTBEATRESPONSE']._serialized_start=876
-  _globals['_HEARTBEATRESPONSE']._serialized_end=910
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=912
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=956
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=958
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=984
-  _globals['_LISTWORKERSREQUEST']._serialized_start=986
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1006
-  _globals['_WORKERSTATUS']._serialized_start=1009
-  _globals['_WORKERSTATUS']._serialized_end=1310
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1312
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1415
-  _globals['_SCHEDULER']._serialized_start=1418
-  _globals['_SCHEDULER']._serialized_end=1912
+  _globals['_WORKERLOAD']._serialized_end=562
+  _globals['_WORKERLOAD_LOADEDBLOCKSENTRY']._serialized_start=457
+  _globals['_WORKERLOAD_LOADEDBLOCKSENTRY']._serialized_end=508
+  _globals['_WORKERLOAD_LOADSPERBLOCKENTRY']._serialized_start=510
+  _globals['_WORKERLOAD_LOADSPERBLOCKENTRY']._serialized_end=562
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=565
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=875
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=877
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=931
+  _globals['_HEARTBEATREQUEST']._serialized_start=933
+  _globals['_HEARTBEATREQUEST']._serialized_end=1026
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1028
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1062
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=1064
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=1108
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=1110
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=1136
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1138
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1158
+  _globals['_WORKERSTATUS']._serialized_start=1161
+  _globals['_WORKERSTATUS']._serialized_end=1462
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1464
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1567
+  _globals['_SCHEDULER']._serialized_start=1570
+  _globals['_SCHEDULER']._serialized_end=2064
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("running", "waiting", "free_blocks", "loaded_blocks", "spilled_blocks", "spill_failed_blocks", "spec_drafts", "spec_proposed_tokens", "spec_accepted_tokens")
+    __slots__ = ("running", "waiting", "free_blocks", "loaded_blocks", "spilled_blocks", "spill_failed_blocks", "spec_drafts", "spec_proposed_tokens", "spec_accepted_tokens", "prefill_tokens_per_s", "load_s_per_block")
     class LoadedBlocksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,13 @@ class WorkerLoad(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LoadSPerBlockEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +33,8 @@ class WorkerLoad(_message.Message):
     SPEC_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     SPEC_PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_blocks: int
@@ -35,7 +44,9 @@ class WorkerLoad(_message.Message):
     spec_drafts: int
     spec_proposed_tokens: int
     spec_accepted_tokens: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., loaded_blocks: _Optional[_Mapping[str, int]] = ..., spilled_blocks: _Optional[int] = ..., spill_failed_blocks: _Optional[int] = ..., spec_drafts: _Optional[int] = ..., spec_proposed_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ...) -> None: ...
+    prefill_tokens_per_s: float
+    load_s_per_block: _containers.ScalarMap[str, float]
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_blocks: _Optional[int] = ..., loaded_blocks: _Optional[_Mapping[str, int]] = ..., spilled_blocks: _Optional[int] = ..., spill_failed_blocks: _Optional[int] = ..., spec_drafts: _Optional[int] = ..., spec_proposed_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., prefill_tokens_per_s: _Optional[float] = ..., load_s_per_block: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("worker_id", "address", "device", "model", "max_context", "total_blocks", "block_size", "max_batch_size", "load", "fingerprint", "default_max_tokens", "tier_address", "tier_node")

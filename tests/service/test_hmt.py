@@ -122,9 +122,14 @@ async def test_a_pushed_out_prefix_comes_back_from_the_tier(
                 scheduler_pb2.ListWorkersRequest()
             )
         load = reply.workers[0].load
-        return load.loaded_blocks[where] >= full_blocks(first) and load.spilled_blocks >= full_blocks(first)
+        return (
+            load.loaded_blocks[where] >= full_blocks(first)
+            and load.spilled_blocks >= full_blocks(first)
+            and load.prefill_tokens_per_s > 0  # what it measured, for the router's tier prices
+            and load.load_s_per_block[where] > 0
+        )
 
-    await until(reported, f"the worker to report blocks loaded from {where}")
+    await until(reported, f"the worker to report blocks loaded from {where}, and its measured costs")
 
 
 async def test_partial_hit_loads_up_to_the_gap(

@@ -3,6 +3,8 @@ placement hints and the death-spiral guard, on constructed states with a manual 
 
 from __future__ import annotations
 
+import pytest
+
 from wicore.config import SchedulerConfig
 from wicore.scheduler.batcher import BatchOptimizer, Plan, kv_need
 from wicore.scheduler.hints import PlacementHints
@@ -94,10 +96,53 @@ def test_same_prefix_requests_follow_the_first_placement_within_a_round() -> Non
     assert s.hints.prefix_len("a", hashes(24, "x"), s.clock.now) == 0
 
 
-def test_the_holder_is_skipped_when_saturated() -> None:
-    s = Scene(worker("holder", inflight=8), worker("other"))
+def test_mor_waits_for_a_busy_holder_at_most_the_prefill_it_saves() -> None:
+    """The holder of r's 24 prompt blocks has no free slot, the other worker one: recomputing
+    the blocks there costs 384 tokens, 0.384 s at the assumed 1,000 tokens/s, so r waits that
+    long for the holder while the request behind it (no prefix) is placed; then r goes to the
+    other worker."""
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=6))
+    s.add(request("r", prompt=400, blocks=24, device={"holder": 24}), request("q", prompt=40))
+    plan = s.plan()
+    assert [(a.request.request_id, a.worker.worker_id) for a in plan.assignments] == [("q", "other")]
+    assert plan.wake_at == pytest.approx(100.0 + 384 / 1000)
+    s.clock.now += 0.38
+    assert s.placed() == []  # still within its budget, counted from the first time it was held
+    s.clock.now += 0.01
+    assert s.placed() == [("r", "other")]
+
+
+def test_a_held_request_takes_the_holders_slot_when_it_frees() -> None:
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=7))
+    s.add(request("r", prompt=400, blocks=24, device={"holder": 24}))
+    assert s.placed() == []
+    holder = s.registry.workers["holder"]
+    s.registry.release("holder", holder.epoch, 0)
+    assert s.placed() == [("r", "holder")]
+
+
+def test_the_wait_is_priced_with_the_workers_measured_prefill_speed() -> None:
+    other = worker("other", inflight=7)
+    other.load.prefill_tokens_per_s = 3840.0  # 384 tokens in 0.1 s
+    s = Scene(worker("holder", inflight=8), other)
+    s.add(request("r", prompt=400, blocks=24, device={"holder": 24}))
+    assert s.plan().wake_at == pytest.approx(100.1)
+
+
+@pytest.mark.parametrize("policy", ["least_loaded", "round_robin"])
+def test_load_only_policies_never_wait(policy: str) -> None:
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=7), routing_policy=policy)
     s.add(request("r", prompt=400, blocks=24, device={"holder": 24}))
     assert s.placed() == [("r", "other")]
+
+
+def test_no_wait_for_a_holder_far_above_max_imbalance_or_when_nothing_is_saved() -> None:
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=3))
+    s.add(request("r", prompt=400, blocks=24, device={"holder": 24}))  # 5 above other (max_imbalance 4)
+    assert s.placed() == [("r", "other")]
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=7))
+    s.add(request("r2", prompt=400, blocks=24, device={"holder": 24, "other": 24}))
+    assert s.placed() == [("r2", "other")]  # both hold it: nothing to wait for
 
 
 def test_max_wait_time_holds_a_partial_batch() -> None:

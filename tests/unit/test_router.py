@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from wicore.config import SchedulerConfig, load_config
@@ -72,6 +74,40 @@ def test_tier_blocks_are_priced_by_where_they_sit() -> None:
     assert mor.uncomputed_tokens(gap, w, 0) == 330 - 16 * 1 + 16 * 0.2
 
 
+def test_tier_blocks_are_priced_by_what_the_worker_measured() -> None:
+    """price = load seconds per block x prefill tokens/s / block size, capped at 1: a block that
+    loads slower than it recomputes costs what a miss costs (the worker recomputes it)."""
+    mor = MoRRouter(CONFIG)
+    w = worker("w")
+    w.load.prefill_tokens_per_s = 1600.0  # a 16-token block recomputes in 10 ms
+    w.load.load_s_per_block = {"cpu": 0.001, "nvme": 0.025}  # loads in 1 ms / 25 ms
+    assert mor.tier_price(w, StorageTier.CPU, 16) == pytest.approx(0.1)
+    assert mor.tier_price(w, StorageTier.NVME, 16) == 1.0
+    r = request("r", prompt=330, blocks=20, tier=(StorageTier.CPU,) * 10 + (StorageTier.NVME,) * 10)
+    assert mor.uncomputed_tokens(r, w, 0) == pytest.approx(330 - 16 * 20 + 16 * (10 * 0.1 + 10 * 1.0))
+    unmeasured = worker("u")  # the configured prices until the worker has measured
+    assert mor.tier_price(unmeasured, StorageTier.NVME, 16) == CONFIG.tier_nvme_cost
+    w.load.load_s_per_block = {"cpu": 0.001}  # NVMe not measured yet
+    assert mor.tier_price(w, StorageTier.NVME, 16) == CONFIG.tier_nvme_cost
+
+
+def test_mor_wait_budget_is_the_prefill_the_busy_holder_saves() -> None:
+    mor = MoRRouter(CONFIG)
+    r = request("r", prompt=400, blocks=24, device={"holder": 20})
+    chosen, holder = worker("chosen", inflight=7), worker("holder", inflight=8)
+    # chosen recomputes 400 tokens, the holder 400 - 20*16 = 80: 320 tokens at 1,000/s.
+    assert mor.wait_budget(r, chosen, [holder], {"holder": 20}) == pytest.approx(0.32)
+    chosen.load.prefill_tokens_per_s = 3200.0
+    assert mor.wait_budget(r, chosen, [holder], {"holder": 20}) == pytest.approx(0.1)
+    assert mor.wait_budget(r, chosen, [holder], {"holder": 20, "chosen": 20}) == 0.0
+    assert mor.wait_budget(r, chosen, [holder], {"holder": 20, "chosen": 19}) == pytest.approx(16 / 3200)
+    assert mor.wait_budget(r, chosen, [], {}) == 0.0
+    chosen.inflight = 3  # the holder runs 5 more than chosen, past max_imbalance 4: no wait
+    assert mor.wait_budget(r, chosen, [holder], {"holder": 20}) == 0.0
+    assert LeastLoadedRouter(CONFIG).wait_budget(r, chosen, [holder], {"holder": 20}) == 0.0
+    assert RoundRobinRouter(CONFIG).wait_budget(r, chosen, [holder], {"holder": 20}) == 0.0
+
+
 def test_a_tier_on_another_node_is_a_miss() -> None:
     """A worker loads only from its own node's tier: blocks held by another node's tier are
     recomputed, so routing must price them as such and prefer the worker that can load them."""
@@ -139,3 +175,27 @@ def test_policies_by_name() -> None:
         match=r"scheduler\.routing_policy: expected one of 'mor', 'round_robin', 'least_loaded', got 'fast'",
     ):
         load_config(None, {}, {"scheduler.routing_policy": "fast"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("scheduler.prefix_wait_factor", -1.0),
+        ("scheduler.prefix_wait_factor", float("nan")),
+        ("scheduler.assumed_prefill_tokens_per_s", 0.0),
+        ("scheduler.assumed_prefill_tokens_per_s", float("inf")),
+        ("worker.tier_loads", "sometimes"),
+    ],
+)
+def test_bad_routing_cost_settings_are_refused_naming_the_field(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(key)):
+        load_config(None, {}, {key: value})
+
+
+def test_prefix_wait_factor_scales_the_wait_and_zero_turns_it_off() -> None:
+    r = request("r", prompt=400, blocks=24, device={"holder": 20})
+    chosen, holder = worker("chosen", inflight=7), worker("holder", inflight=8)
+    twice = MoRRouter(SchedulerConfig(prefix_wait_factor=2.0))
+    assert twice.wait_budget(r, chosen, [holder], {"holder": 20}) == pytest.approx(0.64)
+    never = MoRRouter(SchedulerConfig(prefix_wait_factor=0.0))
+    assert never.wait_budget(r, chosen, [holder], {"holder": 20}) == 0.0

@@ -1,0 +1,58 @@
+"""routing_bench's multi-tenant ramp runs end to end through real stacks on a tiny model: every
+policy, every load step, in its table and its JSON (keys as the README quotes them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def routing_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmark" / "routing_bench.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
+
+
+def test_multitenant_ramp_reports_every_policy_at_every_step(tmp_path: Path) -> None:
+    out = tmp_path / "routing.json"
+    policies = ("mor", "mor_nowait", "least_loaded")
+    done = routing_bench(
+        "--workload", "multitenant", "--model", "tiny", "--workers", "2", "--runs", "1",
+        "--tenants", "3", "--system-tokens", "40", "--user-tokens", "4", "--new-tokens", "3",
+        "--rates", "20,40", "--step-requests", "5", "--policies", ",".join(policies), "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for key in ("ttft_p50_ms", "ttft_p90_ms", "tok_s", "prefix_hit_rate"):
+        assert set(data[key]) == set(policies), key
+        assert all(set(steps) == {"20", "40"} for steps in data[key].values()), key
+    assert all(ms > 0 for steps in data["ttft_p90_ms"].values() for ms in steps.values())
+    assert all(rate > 0 for steps in data["tok_s"].values() for rate in steps.values())
+    assert all(data["ttft_p90_ms"][p][s] >= data["ttft_p50_ms"][p][s] for p in policies for s in ("20", "40"))
+    # the tenants' prompts were sent once each before the ramp: their prefixes are cached somewhere
+    assert all(0 < rate <= 1 for steps in data["prefix_hit_rate"].values() for rate in steps.values())
+    assert data["params"]["kv_cache_bytes"] > 0 and data["params"]["prefix_tokens"] > 3 * 40
+    assert "p90 ratio" in done.stdout and "least_loaded" in done.stdout
+
+
+def test_unknown_policies_and_bad_rates_are_refused() -> None:
+    done = routing_bench("--workload", "multitenant", "--policies", "mor,random")
+    assert done.returncode == 2 and "unknown policies ['random']" in done.stderr
+    done = routing_bench("--workload", "multitenant", "--rates", "1,0")
+    assert done.returncode == 2 and "--rates" in done.stderr
+
+
+@pytest.mark.parametrize("share", ["0", "1.5"])
+def test_prefix_share_must_be_a_share(share: str) -> None:
+    done = routing_bench("--workload", "multitenant", "--prefix-share", share)
+    assert done.returncode == 2 and "--prefix-share" in done.stderr
