@@ -1,9 +1,11 @@
-"""Replays one seeded multi-tenant trace through a two-level KV store (CPU RAM, NVMe)
-under A²CR, LRU and LFU, and compares hit rates and bytes moved between the tiers.
+"""Replays seeded traces through a two-level KV store (CPU RAM, NVMe) under A²CR, LRU and
+LFU, and compares hit rates and bytes moved between the tiers.
 
-    python benchmark/policy_replay.py [--cpu-blocks 500 --nvme-blocks 4000 --seeds 0] --json OUT
+    python benchmark/policy_replay.py [--workload replay|multiround] [--cpu-blocks 500]
+        [--nvme-blocks 4000] [--seeds 0] [--policies a2cr,lru,lfu] --json OUT
 
-The trace (`make_trace`), a request being the chain of block hashes of its sequence:
+`--workload replay` (the default; `make_trace`), a request being the chain of block
+hashes of its sequence:
 - tenants (Zipf popularity) each have a system prompt that prefixes all their chat
   and document requests: hot, and attended strongly;
 - documents: per-tenant corpus, Zipf popularity, 32-160 blocks, asked about now and
@@ -12,6 +14,12 @@ The trace (`make_trace`), a request being the chain of block hashes of its seque
   whole history and appends 2-5 blocks (user message, reply); 80 % of the gaps
   are short (mean 30 s), 20 % the user comes back later (mean 15 min);
 - one-off prompts: 1-8 unique blocks, 70 % behind their tenant's system prompt.
+`--workload multiround` (`make_multiround_trace`): LMCache's multi-round QA. 32 users
+share a 4-block system prompt; a user's first turn brings its own 16-32 block context,
+each turn re-reads system prompt + the whole history and appends a question (1-2
+blocks) and its answer (2-4); 8 rounds, each visiting every user once in a seeded
+shuffled order (a user returns after 0 to 62 others), Poisson arrivals 2 s apart. It
+stores 1,940 blocks (seed 0), 3.9 times a 500-block CPU tier.
 Attention assumptions (share of a request's decode attention mass per block): the
 first block of a sequence is an attention sink (weight 8), other system-prompt
 blocks 2, the newest turn / question 1.5, chat history 0.5 + 0.5·0.6^turns_back,
@@ -21,9 +29,14 @@ blocks 1; times log-normal noise (sigma 0.4), normalised per request.
 The store (`replay`), one policy instance per tier, the trace's time as the clock, the
 mechanics of services/tier/manager.py (one `BlockStats` per block, shared by its copies):
 
-    request: h0 h1 ... hn   CPU hit -> counted; NVMe hit -> counted, read into CPU (the
-                            NVMe file stays: blocks are immutable); miss -> recomputed,
-                            written to CPU; then touch + observe_attention
+    request: h0 h1 ... hn   the leading run of stored blocks is reused (the engine's
+                            Lookup): CPU hit; NVMe hit -> read, and copied into CPU (its
+                            file stays) unless CPU is at its low watermark and the policy
+                            does not admit it (`promotion_bar`); from the first missing
+                            block on, every block is recomputed: a stored one is a "hole"
+                            (counted as a miss, touched: the worker puts it again), a new
+                            one is written to CPU; every block touched at the request's
+                            time with its position in the chain, then observe_attention
     after each request      CPU  >= 90 % -> lowest scores demoted down to 80 % (written to
                             NVMe unless a copy is there already)
                             NVMe >= 90 % -> copies of blocks also in CPU dropped first, then
@@ -33,11 +46,16 @@ mechanics of services/tier/manager.py (one `BlockStats` per block, shared by its
 
 Policies are tuned at the cleanup only: sampled when a write crosses the high watermark,
 the pressure is >= 0.9 by construction and A²CR would always run at decay 0.1/s.
-Hit rates count blocks (CPU or NVMe); bytes moved = written to NVMe + read from NVMe. A
-block that leaves both tiers loses its statistics (no ghost entries), for every policy.
+`hit_rate.total` counts the blocks the engine reuses (the leading run, CPU or NVMe);
+`hit_rate.stored` also the holes (stored, but behind a missing block: what a per-block
+count would call a hit). Bytes moved = written to NVMe + read from NVMe (promoted or
+served from there). A block that leaves both tiers loses its statistics (no ghost
+entries), for every policy. Every policy evicts a chain's deepest block first among
+blocks read at the same moment (`wicore.tier.policy`).
 
-    python benchmark/policy_replay.py --seeds 0,1,2                      # the documented trace
     python benchmark/policy_replay.py --seeds 0,1,2 --cpu-blocks 250,500,1000,2000
+    python benchmark/policy_replay.py --workload multiround --seeds 0,1,2 --cpu-blocks 250,500 \
+        --nvme-blocks 1000,4000
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import itertools
 import random
 import statistics
 import sys
@@ -58,6 +77,7 @@ from wicore.kv.hashing import BlockHash
 from wicore.tier.policy import (
     BlockStats,
     EvictionPolicy,
+    admits,
     below_threshold,
     bytes_to_free,
     make_policy,
@@ -71,9 +91,16 @@ from common import write_json
 
 # One 16-token block of SmolLM2-135M in fp16: 30 layers x (K, V) x 3 KV heads x 64 x 16 x 2 bytes.
 BLOCK_BYTES = 30 * 2 * 3 * 64 * 16 * 2
+LOW_WATERMARK = 0.8  # `bytes_to_free`'s default, as the tier's
 SINK, SYSTEM, NEWEST, DOC_EDGE, DOC_MIDDLE, ONE_OFF = 8.0, 2.0, 1.5, 1.0, 0.6, 1.0
 CLASSES = ("sys", "doc", "chat", "oneoff")
 POLICIES = ("a2cr", "lru", "lfu")
+# A²CR with other settings, for `--policies` (name -> the a2cr_config changes)
+VARIANTS: dict[str, dict[str, Any]] = {
+    # the performance guide's weights: measured attention and short-horizon recency take part
+    "a2cr-guide": {"attention_weight": 0.4, "frequency_weight": 0.3, "recency_weight": 0.3},
+    "a2cr-no-admission": {"promotion_admission": False},  # every NVMe hit is promoted
+}
 
 
 @dataclass(frozen=True)
@@ -103,7 +130,7 @@ class Request:
 class Trace:
     requests: list[Request]
     block_bytes: int
-    params: TraceParams
+    params: TraceParams | MultiRoundParams
 
 
 def _arrivals(rng: random.Random, rate: float, duration: float) -> list[float]:
@@ -187,6 +214,49 @@ def make_trace(params: TraceParams | None = None, block_bytes: int = BLOCK_BYTES
     return Trace(requests, block_bytes, p)
 
 
+@dataclass(frozen=True)
+class MultiRoundParams:
+    """LMCache's multi-round QA, scaled to blocks: `users` share one system prompt; each
+    user's first turn brings its own context (LMCache's user history prompt), every turn
+    re-reads system prompt + the whole history and appends a question and its answer.
+    Rounds visit every user once, in a seeded shuffled order, so a user comes back after
+    between 0 and 2·(users - 1) other users' turns. Requests arrive as a Poisson process
+    (mean gap `mean_gap_s`: the users' turns queue behind each other)."""
+
+    seed: int = 0
+    users: int = 32
+    rounds: int = 8
+    system_blocks: int = 4
+    context_blocks: tuple[int, int] = (16, 32)
+    question_blocks: tuple[int, int] = (1, 2)
+    answer_blocks: tuple[int, int] = (2, 4)
+    mean_gap_s: float = 2.0
+
+
+def make_multiround_trace(params: MultiRoundParams | None = None, block_bytes: int = BLOCK_BYTES) -> Trace:
+    """Attention as in `make_trace`'s chat: sink 8, system 2, history 0.5 + 0.5·0.6^turns_back
+    (the context is turn 0), the new turn (question + answer, or the context) 1.5."""
+    p = params or MultiRoundParams()
+    rng = random.Random(p.seed)
+    system = [f"sys:mr:{i}" for i in range(p.system_blocks)]
+    history: list[list[tuple[str, int]]] = [[] for _ in range(p.users)]  # per user: (hash, turn)
+    requests, t = [], 0.0
+    for turn in range(p.rounds):
+        order = list(range(p.users))
+        rng.shuffle(order)
+        for user in order:
+            t += rng.expovariate(1.0 / p.mean_gap_s)
+            past = history[user]
+            size = rng.randint(*p.question_blocks) + rng.randint(*p.answer_blocks)
+            if turn == 0:
+                size += rng.randint(*p.context_blocks)
+            new = [f"chat:u{user}:{len(past) + j}" for j in range(size)]
+            weights = [SYSTEM] * len(system) + [0.5 + 0.5 * 0.6 ** (turn - k) for _, k in past]
+            requests.append(_request(rng, t, system + [h for h, _ in past] + new, weights + [NEWEST] * size))
+            past += [(h, turn) for h in new]
+    return Trace(requests, block_bytes, p)
+
+
 class Level(enum.Enum):
     CPU = "cpu"
     NVME = "nvme"
@@ -237,20 +307,34 @@ class TwoLevelStore:
             self._cleanup()
             self.next_cleanup += self.cleanup_interval
         cpu, nvme = self.blocks[Level.CPU], self.blocks[Level.NVME]
-        for h, mass in zip(request.blocks, request.mass, strict=True):
+        policy = self.policy[Level.CPU]
+        # CPU at its low watermark or above: a promotion displaces a resident, if admitted
+        full = self.used[Level.CPU] >= LOW_WATERMARK * self.capacity[Level.CPU]
+        bar = policy.promotion_bar(cpu.values()) if full else None
+        leading = True  # the engine reuses the leading run of stored blocks only
+        for position, (h, mass) in enumerate(zip(request.blocks, request.mass, strict=True)):
             kind = h.split(":", 1)[0]
-            if h in cpu:
-                outcome, stats = "cpu", cpu[h]
-            elif h in nvme:
-                outcome, stats = "nvme", nvme[h]
-                self._promote(stats)
-            else:
-                outcome, stats = "miss", BlockStats(BlockHash(h), block_bytes, self.now, self.now)
+            stats = cpu.get(h) or nvme.get(h)
+            if stats is None:
+                outcome, stats, leading = (
+                    "miss",
+                    BlockStats(BlockHash(h), block_bytes, self.now, self.now),
+                    False,
+                )
                 self._add(Level.CPU, stats)
                 self.count["bytes_recomputed"] += block_bytes
+            elif not leading:  # stored behind a missing block: recomputed, and put again (an access)
+                outcome = "hole"
+                self.count["bytes_recomputed"] += block_bytes
+            elif h in cpu:
+                outcome = "cpu"
+            else:
+                outcome = "nvme"
+                self._promote(stats, admits(bar, stats.hits))
             self.count[outcome] += 1
             self.count[f"{kind}:{outcome}"] += 1
-            self.policy[Level.CPU].touch(stats)
+            stats.position = position
+            policy.touch(stats)
             observe_attention(stats, mass, len(request.blocks))
         self._make_room(Level.CPU)
         self._make_room(Level.NVME)
@@ -263,12 +347,16 @@ class TwoLevelStore:
         del self.blocks[level][stats.block_hash]
         self.used[level] -= stats.size_bytes
 
-    def _promote(self, stats: BlockStats) -> None:
-        """NVMe -> CPU: one read; the NVMe file stays unless the tiers are exclusive."""
+    def _promote(self, stats: BlockStats, admitted: bool = True) -> None:
+        """NVMe -> CPU: one read; the NVMe file stays unless the tiers are exclusive. A block the
+        policy does not admit (`promotion_bar`) is read and served from NVMe, not kept in CPU."""
+        self.count["bytes_promoted"] += stats.size_bytes
+        if not admitted:
+            self.count["not_admitted"] += 1
+            return
         if self.copies is Copies.EXCLUSIVE:
             self._remove(Level.NVME, stats)
         self._add(Level.CPU, stats)
-        self.count["bytes_promoted"] += stats.size_bytes
 
     def _demote(self, victims: list[BlockStats]) -> None:
         """CPU -> NVMe: a write only for blocks without an NVMe copy."""
@@ -326,26 +414,50 @@ def replay(
     cleanup: bool = True,
     copies: Copies = Copies.KEEP_REDUNDANT_FIRST,
 ) -> dict[str, Any]:
-    """Runs `trace` through a fresh store; capacities in bytes, hit rates in blocks."""
+    """Runs `trace` through a fresh store; capacities in bytes, hit rates in blocks.
+    `policy_name`: a `tier.policy`, or one of `VARIANTS` (A²CR with `config` so changed)."""
     capacity = {Level.CPU: cpu_capacity, Level.NVME: nvme_capacity}
-    store = TwoLevelStore(policy_name, config or A2crConfig(), capacity, cleanup, copies)
+    config = config or A2crConfig()
+    policy = policy_name
+    if policy_name in VARIANTS:
+        policy, config = "a2cr", dataclasses.replace(config, **VARIANTS[policy_name])
+    store = TwoLevelStore(policy, config, capacity, cleanup, copies)
     for request in trace.requests:
         store.serve(request, trace.block_bytes)
     store.check_integrity()
     c = store.count
 
     def rate(prefix: str, outcomes: tuple[str, ...] = ("cpu", "nvme")) -> float:
-        n = sum(c[prefix + o] for o in ("cpu", "nvme", "miss"))
+        n = sum(c[prefix + o] for o in ("cpu", "nvme", "hole", "miss"))
         return sum(c[prefix + o] for o in outcomes) / n if n else 0.0
 
     return {
         "policy": policy_name,
-        "hit_rate": {"cpu": rate("", ("cpu",)), "nvme": rate("", ("nvme",)), "total": rate("")},
+        "hit_rate": {
+            "cpu": rate("", ("cpu",)),
+            "nvme": rate("", ("nvme",)),
+            "total": rate(""),
+            "stored": rate("", ("cpu", "nvme", "hole")),
+        },
         "hit_rate_by_class": {kind: rate(f"{kind}:") for kind in CLASSES},
         "bytes_moved": c["bytes_demoted"] + c["bytes_promoted"],
         **{k: c[k] for k in ("bytes_demoted", "bytes_promoted", "bytes_dropped", "bytes_recomputed")},
         "threshold_demotions": c["threshold_demotions"],
+        "not_admitted": c["not_admitted"],
     }
+
+
+WORKLOADS = ("replay", "multiround")
+
+
+def workload_trace(workload: str, seed: int, duration_s: float = 3600.0) -> Trace:
+    """The documented trace of `workload` ("replay": `make_trace`; "multiround":
+    `make_multiround_trace`) with its defaults but `seed` (and the replay's `duration_s`)."""
+    if workload == "replay":
+        return make_trace(TraceParams(seed=seed, duration_s=duration_s))
+    if workload == "multiround":
+        return make_multiround_trace(MultiRoundParams(seed=seed))
+    raise ValueError(f"workload: expected one of {', '.join(WORKLOADS)}, got {workload!r}")
 
 
 def replay_all(
@@ -353,21 +465,23 @@ def replay_all(
     nvme_blocks: int,
     seed: int,
     *,
+    workload: str = "replay",
     duration_s: float = 3600.0,
     cleanup: bool = True,
     copies: Copies = Copies.KEEP_REDUNDANT_FIRST,
     policies: tuple[str, ...] = POLICIES,
 ) -> dict[str, Any]:
-    """The documented trace (`TraceParams` defaults but `seed`) through every policy.
+    """The documented trace of `workload` (`workload_trace`) through every policy.
 
     Returns {"hit_rate": {policy: total block hit rate}, "bytes_moved": {policy: bytes},
     "params": the trace and store settings, "details": {policy: `replay`'s dict}}.
     About 3 s per seed at the default sizes (500 / 4000 blocks).
     """
-    trace = make_trace(TraceParams(seed=seed, duration_s=duration_s))
+    trace = workload_trace(workload, seed, duration_s)
     cpu, nvme = cpu_blocks * trace.block_bytes, nvme_blocks * trace.block_bytes
     details = {name: replay(name, trace, cpu, nvme, cleanup=cleanup, copies=copies) for name in policies}
     params = {
+        "workload": workload,
         **dataclasses.asdict(trace.params),
         "cpu_blocks": cpu_blocks,
         "nvme_blocks": nvme_blocks,
@@ -413,10 +527,11 @@ def median_rows(runs: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def print_table(rows: dict[str, list[float]]) -> None:
-    print(f"{'policy':<8}" + "".join(f"{h:>10}" for h in COLUMNS))
+    width = max(8, *(len(name) + 1 for name in rows))
+    print(f"{'policy':<{width}}" + "".join(f"{h:>10}" for h in COLUMNS))
     for name, values in rows.items():
         print(
-            f"{name:<8}"
+            f"{name:<{width}}"
             + "".join(f"{v:>10.3f}" for v in values[:6])
             + "".join(f"{v:>10.0f}" for v in values[6:])
         )
@@ -429,9 +544,10 @@ def _ints(text: str) -> list[int]:
 def main() -> int:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--workload", choices=WORKLOADS, default="replay")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--cpu-blocks", type=_ints, default=[500], help="one or a comma list (a sweep)")
-    parser.add_argument("--nvme-blocks", type=int, default=4000)
+    parser.add_argument("--nvme-blocks", type=_ints, default=[4000], help="one or a comma list (a sweep)")
     parser.add_argument("--seeds", type=_ints, default=[0], help="comma list; tables show medians")
     parser.add_argument("--duration", type=float, default=3600.0, help="seconds of trace time")
     parser.add_argument("--no-cleanup", action="store_true", help="no periodic threshold demotion")
@@ -441,12 +557,13 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     out: list[dict[str, Any]] = []
-    for cpu_blocks in args.cpu_blocks:
+    for cpu_blocks, nvme_blocks in itertools.product(args.cpu_blocks, args.nvme_blocks):
         runs = [
             replay_all(
                 cpu_blocks,
-                args.nvme_blocks,
+                nvme_blocks,
                 seed,
+                workload=args.workload,
                 duration_s=args.duration,
                 cleanup=not args.no_cleanup,
                 copies=Copies(args.copies),
@@ -456,7 +573,7 @@ def main() -> int:
         ]
         p = runs[0]["params"]
         ideal = statistics.median(run["params"]["ideal_hit_rate"] for run in runs)
-        print(f"\ncpu_blocks {cpu_blocks}, nvme_blocks {args.nvme_blocks}, copies {args.copies}")
+        print(f"\n{args.workload}: cpu_blocks {cpu_blocks}, nvme_blocks {nvme_blocks}, copies {args.copies}")
         print(
             f"seeds {args.seeds}; seed {args.seeds[0]}: {p['requests']} requests, {p['block_accesses']} reads"
         )

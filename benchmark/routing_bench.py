@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import statistics
@@ -233,7 +234,6 @@ def kv_pool_bytes(model: Path, prefix_tokens: int, workers: int, share: float, b
     of the workers' pools together: blocks = ceil(prefix blocks / (share · workers)), in the
     model's fp32 block size (a CPU worker's dtype)."""
     import json
-    import math
 
     config = json.loads((model / "config.json").read_text())
     config = config.get("text_config", config)
@@ -253,6 +253,7 @@ class Outcome:
     tokens: int
     prompt_tokens: int
     cached_tokens: int
+    error: str = ""  # the gRPC status of a request that failed (timed out, say)
 
 
 async def run_multitenant(address: str, workload: MultiTenant, timeout_s: float) -> list[Outcome]:
@@ -289,13 +290,19 @@ async def run_multitenant(address: str, workload: MultiTenant, timeout_s: float)
 
         async def arrive(a: Arrival) -> Outcome:
             await asyncio.sleep(max(0.0, start + a.at - loop.time()))
-            return await send(a.prompt, a.step, start + a.at, start)
+            try:
+                return await send(a.prompt, a.step, start + a.at, start)
+            except grpc.aio.AioRpcError as exc:  # counted, not fatal: an overloaded step is a result
+                return Outcome(a.step, math.inf, loop.time() - start, 0, 0, 0, exc.code().name)
 
         return list(await asyncio.gather(*(arrive(a) for a in workload.arrivals)))
 
 
 def step_stats(outcomes: list[Outcome], workload: MultiTenant) -> dict[str, dict[str, float]]:
-    """Per step (keyed by its rate): ttft_p50_ms, ttft_p90_ms, tok_s, prefix_hit_rate."""
+    """Per step (keyed by its rate): ttft_p50_ms, ttft_p90_ms, tok_s, prefix_hit_rate, errors.
+    A failed request counts as an infinitely late first token in the percentiles (a p90 of
+    inf: more than a tenth failed); tok/s is the step's completion tokens over the time from its
+    first arrival to its last finish (requests that run into the next step included)."""
     stats: dict[str, dict[str, float]] = {}
     for step, rate in enumerate(workload.rates):
         mine = [o for o in outcomes if o.step == step]
@@ -307,6 +314,7 @@ def step_stats(outcomes: list[Outcome], workload: MultiTenant) -> dict[str, dict
             "ttft_p90_ms": 1000 * percentile(ttfts, 0.9),
             "tok_s": sum(o.tokens for o in mine) / (max(o.finished for o in mine) - first_arrival),
             "prefix_hit_rate": sum(o.cached_tokens for o in mine) / prompt if prompt else 0.0,
+            "errors": sum(1 for o in mine if o.error),
         }
     return stats
 
@@ -422,7 +430,8 @@ def main_multitenant(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     workload = make_multitenant(args)
     tokenizer = AutoTokenizer.from_pretrained(model)
     prefix_tokens = sum(len(tokenizer(s).input_ids) for s in workload.systems)
-    pool = kv_pool_bytes(model, prefix_tokens, args.workers, args.prefix_share)
+    block_size = int(parse_settings(args.set).get("worker.block_size", 16))
+    pool = kv_pool_bytes(model, prefix_tokens, args.workers, args.prefix_share, block_size)
     print(f"{args.tenants} tenants, {prefix_tokens} prefix tokens; KV pool {pool / 2**20:.1f} MiB per worker",
           file=sys.stderr)  # fmt: skip
     runs: dict[str, list[dict[str, dict[str, float]]]] = {p: [] for p in args.policies}
@@ -437,7 +446,8 @@ def main_multitenant(args: argparse.Namespace, model: Path) -> dict[str, Any]:
             print(f"run {run} {policy}: {runs[policy][-1]}", file=sys.stderr)
     steps = [f"{r:g}" for r in workload.rates]
     data: dict[str, Any] = {"params": vars(args) | {"kv_cache_bytes": pool, "prefix_tokens": prefix_tokens}}
-    for key in ("ttft_p50_ms", "ttft_p90_ms", "tok_s", "prefix_hit_rate"):
+    data["settings"] = {p: policy_settings(p, args, pool) for p in args.policies}
+    for key in ("ttft_p50_ms", "ttft_p90_ms", "tok_s", "prefix_hit_rate", "errors"):
         data[key] = {
             p: {s: statistics.median(r[s][key] for r in rs) for s in steps} for p, rs in runs.items()
         }

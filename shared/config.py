@@ -199,10 +199,18 @@ class GpuPoolConfig:
 
 @dataclass(frozen=True, slots=True)
 class A2crConfig:
+    """A²CR's weights and parameters (services/tier/policy.py has the formula). The performance
+    guide's weights were 0.4 / 0.3 / 0.3; measured (benchmark/policy_replay.py), any weight on
+    the attention share or on short-horizon recency lowers hit rates, so the defaults rank by
+    the decayed frequency alone (README, "A²CR eviction")."""
+
     time_decay_factor: float = 0.05
-    attention_weight: float = 0.4
-    frequency_weight: float = 0.3
-    recency_weight: float = 0.3
+    attention_weight: float = 0.0
+    frequency_weight: float = 1.0
+    recency_weight: float = 0.0
+    frequency_horizon: float = 300.0  # seconds: F's hit count decays as exp(-idle / frequency_horizon)
+    # an NVMe hit enters a full CPU tier only if read more often than its least-read proven block
+    promotion_admission: bool = True
     eviction_threshold: float = 0.2
     cleanup_interval: float = 60.0
     adaptive: bool = True  # scale threshold and decay with tier pressure at each cleanup (tier/policy.py)

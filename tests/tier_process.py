@@ -58,9 +58,15 @@ class TierProcess:
 
 
 def start_tier(
-    tmp: Path, redis_url: str, namespace: str, redis: dict[str, object] | None = None, **tier: object
+    tmp: Path,
+    redis_url: str,
+    namespace: str,
+    redis: dict[str, object] | None = None,
+    a2cr: dict[str, object] | None = None,
+    **tier: object,
 ) -> TierProcess:
-    """A tier process on a free port; `tier` overrides its settings, `redis` the Redis ones."""
+    """A tier process on a free port; `tier` overrides its settings, `redis` the Redis ones,
+    `a2cr` the a2cr_config ones."""
     port = free_port()
     nvme_dir = tmp / "nvme"
     settings = {
@@ -78,7 +84,7 @@ def start_tier(
     config = {
         "tier": settings,
         "redis": {"url": redis_url, "namespace": namespace, **(redis or {})},
-        "a2cr_config": {"cleanup_interval": 0.2},
+        "a2cr_config": {"cleanup_interval": 0.2, **(a2cr or {})},
         "shutdown_grace_s": 2.0,
         "observability": {"metrics_port": 0},  # several tiers may run at once
     }

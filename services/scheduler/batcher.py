@@ -16,9 +16,10 @@ a worst-case reservation, so a placed request never waits on the worker for
 memory held by another placement.
 
 The router may hold a request for a busy worker (no free slot, its KV fits) that holds
-more of its prompt (MoR's `wait_budget`): it stays queued until a slot frees there or the
-budget, counted from the first time it was held, runs out; requests behind it go on being
-placed meanwhile, and the plan wakes up when the budget ends.
+more of its prompt (MoR's `wait_budget`, at most `aging_interval_s`, and never past the
+request's deadline): it stays queued until a slot frees there or the budget, counted from
+the first time it was held, runs out; requests behind it go on being placed meanwhile, and
+the plan wakes up when the budget ends.
 
 Lower-priority requests may pass one that does not fit yet (backfill), unless
 it has waited `aging_interval_s` or more: then nothing behind it is placed until
@@ -120,6 +121,18 @@ class BatchOptimizer:
         plan.wake_at = min(wakes, default=None)
         return plan
 
+    @staticmethod
+    def _hold(request: QueuedRequest, budget: float, now: float, plan: Plan) -> bool:
+        """Keeps `request` queued while `budget` seconds from the first time it was held have not
+        passed, and would still end before its deadline; the plan wakes when the budget ends."""
+        held_since = now if request.held_since is None else request.held_since
+        until = held_since + budget
+        if now >= until or (request.deadline is not None and until >= request.deadline):
+            return False
+        request.held_since = held_since
+        plan.wake_at = until if plan.wake_at is None else min(plan.wake_at, until)
+        return True
+
     def _place(self, request: QueuedRequest, now: float, registry: WorkerRegistry, plan: Plan) -> bool:
         """Places `request` if it can go somewhere now; False: place nothing more this round."""
         live = [w for w in registry.serving(request.model) if w.worker_id not in request.exclude]
@@ -141,13 +154,10 @@ class BatchOptimizer:
             return not starving
         worker = self.router.choose(request, candidates, resident)
         busy = [w for w in fitting if w.inflight >= batch_limit(w, self.config)]
-        budget = self.router.wait_budget(request, worker, busy, resident) if busy else 0.0
-        if budget > 0.0:
-            request.held_since = now if request.held_since is None else request.held_since
-            if now < request.held_since + budget:  # wait for a busy worker; the next may pass
-                wake = request.held_since + budget
-                plan.wake_at = wake if plan.wake_at is None else min(plan.wake_at, wake)
-                return True
+        budget = self.router.wait_budget(request, candidates, worker, busy, resident) if busy else 0.0
+        if budget > 0.0 and self._hold(request, min(budget, self.config.aging_interval_s), now, plan):
+            return True  # it waits for a busy worker; the requests behind it may pass
+        request.held_since = None  # a later hold (after a failover, say) starts afresh
         registry.place(worker, need[worker.worker_id])
         self.hints.record(worker.worker_id, request.prefix.hashes, now)
         plan.assignments.append(Assignment(request, worker, need[worker.worker_id], resident))

@@ -55,9 +55,9 @@ def routing_outcome(
 
     `cached_blocks`: its prompt blocks resident on `chosen` (the batcher's count: Redis'
     answer or the scheduler's placement hints). Another worker's count is the larger of
-    Redis' (`prefix.device`) and `resident` (what the batcher saw for the candidates it
-    weighed); only workers still `live` count, so one that died since cannot make a
-    placement look like it went away from the prefix.
+    Redis' (`prefix.device`) and `resident` (what the batcher saw for every live worker of
+    the model, busy ones included); only workers still `live` count, so one that died since
+    cannot make a placement look like it went away from the prefix.
     """
     resident = resident or {}
     elsewhere = max(

@@ -27,9 +27,9 @@ the cheapest:
     device(w)  = 0.5·a + 0.3·util(w)        on a CPU worker   (the seed's cpu_cost)
                = 0.5·(1 - a) + 0.3·util(w)  on a GPU worker   (the seed's gpu_cost)
 
-When every worker holding more of the prompt is busy (no free batch slot), the
-request may wait for one of them in the scheduler's queue, as long as the prefill it
-would save (`wait_budget`), while requests behind it go on being placed.
+When the worker MoR would pick is busy (no free batch slot), the request may wait
+for it in the scheduler's queue, at most as long as the prefill it would save there
+(`wait_budget`), while requests behind it go on being placed.
 
 Ties go to the worker picked least recently, then the smaller id. Death-spiral
 guard: a worker already holding more than `max_imbalance` requests above the
@@ -40,6 +40,7 @@ and `inflight` counts placements at once, not at the next heartbeat.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -86,12 +87,13 @@ class Router(Protocol):
     def wait_budget(
         self,
         request: QueuedRequest,
+        candidates: Sequence[WorkerInfo],
         chosen: WorkerInfo,
         busy: Sequence[WorkerInfo],
         resident: Mapping[str, int],
     ) -> float:
         """Seconds the request may stay queued for one of `busy` (no free batch slot now, its KV
-        would fit) rather than go to `chosen` now; 0: go now."""
+        would fit) rather than go now to `chosen`, picked among `candidates`; 0: go now."""
         ...
 
 
@@ -146,37 +148,46 @@ class MoRRouter:
         costs = {w.worker_id: self.cost(request, w, resident.get(w.worker_id, 0)).total for w in eligible}
         return min(eligible, key=lambda w: (round(costs[w.worker_id], 9), w.last_picked, w.worker_id))
 
+    def prefill_seconds(self, request: QueuedRequest, worker: WorkerInfo, resident: int) -> float:
+        """The prompt's prefill on `worker`: uncomputed tokens over its measured prefill speed
+        (`assumed_prefill_tokens_per_s` until it has measured)."""
+        rate = worker.load.prefill_tokens_per_s or self.config.assumed_prefill_tokens_per_s
+        return self.uncomputed_tokens(request, worker, resident) / rate
+
     def wait_budget(
         self,
         request: QueuedRequest,
+        candidates: Sequence[WorkerInfo],
         chosen: WorkerInfo,
         busy: Sequence[WorkerInfo],
         resident: Mapping[str, int],
     ) -> float:
-        """Waiting for a busy worker that holds more of the prompt (ski rental): at most as long
-        as the prompt tokens it would save would take to prefill on `chosen`,
+        """How long to wait for a busy worker rather than go to `chosen` (the pick among the
+        `candidates` with a free slot) now: the prefill time that worker would save (ski rental),
 
-            budget = f · (uncomputed(chosen) - min over busy b of uncomputed(b)) / prefill_tok_s(chosen)
+            budget = f · max over holders h of (prefill_s(chosen) - prefill_s(h))
 
-        with f = `prefix_wait_factor` (1; 0 turns waiting off) and prefill_tok_s as `chosen`
-        measured it (`assumed_prefill_tokens_per_s` until then); 0 when that saves less than a
-        block. Busy workers past max_imbalance above `chosen` do
-        not count. A request that waits its whole budget and then goes to `chosen` has lost at
-        most the time its prefill there takes anyway: so it never does worse than twice the
-        better choice, and under load, where every slot is taken, a prefix stays with the workers
-        that hold it instead of going to whichever slot frees first (computed again there, which
-        takes longer still and feeds the queue)."""
-        limit = chosen.inflight + self.config.max_imbalance
-        holders = [w for w in busy if w.inflight <= limit]
-        if not holders or self.config.prefix_wait_factor <= 0.0:
+        where a holder is a busy worker that `choose` would take over every candidate if one of
+        its slots were free (MoR's own costs decide, max_imbalance included), f =
+        `prefix_wait_factor` (1; 0 turns waiting off), prefill_s(w) = uncomputed(w) / w's
+        measured prefill tokens per second; 0 when it saves less than one block's prefill on
+        `chosen`. Under load, when every slot is taken, this keeps a prefix with the workers that
+        hold it instead of sending it to whichever slot frees first, where it is computed again
+        (which takes longer still and feeds the queue). The bound is on the wait chosen, not on the
+        whole queueing: the free slot may be taken meanwhile by a request that passes this one."""
+        if self.config.prefix_wait_factor <= 0.0 or not busy:
             return 0.0
-        mine = self.uncomputed_tokens(request, chosen, resident.get(chosen.worker_id, 0))
-        best = min(self.uncomputed_tokens(request, w, resident.get(w.worker_id, 0)) for w in holders)
-        bs = request.prefix.block_size or chosen.block_size or 1
-        if mine - best < bs:
-            return 0.0
+        mine = self.prefill_seconds(request, chosen, resident.get(chosen.worker_id, 0))
+        saved = 0.0
+        for holder in busy:
+            freed = dataclasses.replace(holder, inflight=holder.inflight - 1)
+            if self.choose(request, [*candidates, freed], resident) is freed:
+                saved = max(
+                    saved, mine - self.prefill_seconds(request, holder, resident.get(holder.worker_id, 0))
+                )
         rate = chosen.load.prefill_tokens_per_s or self.config.assumed_prefill_tokens_per_s
-        return self.config.prefix_wait_factor * (mine - best) / rate
+        bs = request.prefix.block_size or chosen.block_size or 1
+        return self.config.prefix_wait_factor * saved if saved >= bs / rate else 0.0
 
 
 class RoundRobinRouter:
@@ -198,6 +209,7 @@ class RoundRobinRouter:
     def wait_budget(
         self,
         request: QueuedRequest,
+        candidates: Sequence[WorkerInfo],
         chosen: WorkerInfo,
         busy: Sequence[WorkerInfo],
         resident: Mapping[str, int],
@@ -224,6 +236,7 @@ class LeastLoadedRouter:
     def wait_budget(
         self,
         request: QueuedRequest,
+        candidates: Sequence[WorkerInfo],
         chosen: WorkerInfo,
         busy: Sequence[WorkerInfo],
         resident: Mapping[str, int],

@@ -48,6 +48,7 @@ from wicore.tier.policy import (
     BlockStats,
     EvictionPolicy,
     TunedParams,
+    admits,
     below_threshold,
     bytes_to_free,
     make_policy,
@@ -192,12 +193,17 @@ class TierManager:
 
         Each tier is asked for what the faster ones lacked; reads from a durable tier are
         checksum-verified (a corrupt copy is deleted and counts as a miss), and what a
-        slower tier returns is promoted to the fastest.
+        slower tier returns is promoted to the fastest: every block while that tier is below its
+        low watermark, otherwise those its policy admits (`promotion_bar`, counted before this read).
         """
         wanted = list(dict.fromkeys(hashes))
+        position = {h: i for i, h in enumerate(wanted)}
+        now = self._clock()  # one read of a chain: one moment, its blocks ordered by position
         found: dict[BlockHash, tuple[EncodedBlock, StorageTier]] = {}
         slower: dict[BlockHash, EncodedBlock] = {}
         remaining = wanted
+        bar: int | None = None  # the fastest tier's promotion bar, computed once, when needed
+        bar_known = False
         for i, tier in enumerate(self.tiers):
             if not remaining:
                 break
@@ -208,9 +214,12 @@ class TierManager:
                     missing.append(block_hash)
                 elif block_hash in self._blocks:
                     found[block_hash] = (block, tier.kind)
-                    self._touch(block_hash)
                     if i > 0:
-                        slower[block_hash] = block
+                        if not bar_known:
+                            bar, bar_known = self._promotion_bar(), True
+                        if admits(bar, self._blocks[block_hash].hits):
+                            slower[block_hash] = block
+                    self._touch(block_hash, now, position[block_hash])
             self._copies_left([h for h in missing if h in held])  # a damaged copy, deleted on read
             remaining = missing
         if slower:
@@ -236,8 +245,10 @@ class TierManager:
         present = [h for h in wanted if h in self._blocks]
         slower = [h for h in present if not first.contains(h)]
         in_first = len(present) - len(slower)
-        for block_hash in present:  # a request is about to read them: an access
-            self._touch(block_hash)
+        now = self._clock()
+        for i, block_hash in enumerate(wanted):  # a request is about to read them: an access
+            if block_hash in self._blocks:
+                self._touch(block_hash, now, i)
         promoted = 0
         if slower:
             read = await self._read(slower)
@@ -503,10 +514,22 @@ class TierManager:
         self._blocks.pop(block_hash, None)
         self._dirty.add(block_hash)
 
-    def _touch(self, block_hash: BlockHash) -> None:
+    def _promotion_bar(self) -> int | None:
+        """The fastest tier's policy's `promotion_bar` over its blocks; None (promote everything)
+        while that tier is below its low watermark: a promotion then displaces nothing."""
+        first = self.tiers[0]
+        if first.used_bytes < self.config.low_watermark * first.capacity_bytes:
+            return None
+        return self._access.promotion_bar(self._blocks[h] for h in first.sizes() if h in self._blocks)
+
+    def _touch(self, block_hash: BlockHash, at: float | None = None, position: int | None = None) -> None:
+        """Counts an access; `at` / `position`: the moment and index of a chain read (`get`,
+        `prefetch`: hashes come first block first), so that the chain's leaves are its victims first."""
         stats = self._blocks.get(block_hash)
         if stats is not None:
-            self._access.touch(stats)
+            if position is not None:
+                stats.position = position
+            self._access.touch(stats, at)
             self._dirty.add(block_hash)
 
     def _created(self, block_hash: BlockHash, now: float) -> float:

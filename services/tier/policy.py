@@ -5,14 +5,33 @@ tensors. A policy only *scores* blocks (higher = worth keeping); the selection
 helpers below turn scores into victims, the same way for every policy, so that
 policies can be swapped and compared on one trace.
 
-    score ▲                                    keep
-          │  ● system prompt: A high, F high
-          │      ● chat turn just written: R high
-          │         ● document block, read twice
+    score ▲  F = c / (1 + c),  c = hits · exp(-idle / 300 s)       keep
+          │  ● system prompt: read by every request
+          │      ● chat history, read again each turn
+          │         ● block just written, read once (c = 1: 0.5)
     thr ──┼──────────────────────────────  A²CR only: below this, demoted at cleanup
-          │  ● one-off prompt, minutes old
-          ▼                                    victims under pressure go first:
-                                               lowest score, then older last_access, then hash
+          │  ● one-off prompt, minutes old; a session that ended
+          ▼                                    victims under pressure go first: lowest score,
+                                               then older last_access, then the deeper position
+                                               in its chain (leaf before root), then hash
+
+What A²CR's default score is, and why (benchmark/policy_replay.py, README "A²CR eviction"):
+- The engine reuses the leading run of a chain: a block is worth keeping only while its whole
+  prefix is, and every read of a block is also a read of its prefix. So a prefix is reused at
+  least as often as anything behind it, and the number of reads through a block, aged, is the
+  estimate of its reuse: F, a decayed frequency (LRFU's). Blocks read together (one chain) tie
+  on it and lose their leaves first (`_victim_order`).
+- The measured attention share A does not predict reuse: it ranks a chain's newest turn above
+  the history it depends on, and a document's middle below its edges though they are reused
+  together; what it does see (the sink, the system prompt) F sees too. Every weighting of A
+  tried (0.1 to 0.4 added, or a factor) lowered the hit rates measured, so its default weight
+  is 0 (a2cr_config.attention_weight keeps it available; the worker still measures it for the
+  device pool's second chance).
+- Short-horizon recency R (the guide's λ 0.02-0.1/s: under a minute) is LRU inside the score:
+  users who come back after more blocks than a tier holds find them gone. Default weight 0.
+- Admission (`promotion_bar`, TinyLFU's): an NVMe hit enters a full CPU tier only if it was
+  read more often than the CPU's least-read block with proven reuse, so a loop over more blocks
+  than CPU RAM holds keeps a stable share there instead of cycling it all through.
 
 Under capacity pressure a tier frees bytes down to a low watermark
 (`bytes_to_free`), taking `select_victims` in order.
@@ -32,9 +51,11 @@ from wicore.kv.hashing import BlockHash
 
 Clock = Callable[[], float]
 
-# F = hits / (hits + k): with k = 4 a block read once scores 0.2, four times 0.5,
-# sixteen times 0.8; frequency saturates instead of growing without bound.
-FREQUENCY_K = 4.0
+# F = c / (c + k), c the decayed hit count: with k = 1 a block just read once scores 0.5 (the
+# middle, as A's uniform prior), read four times 0.8; frequency saturates instead of growing
+# without bound, and the threshold 0.2 (0.4 under pressure) demotes a block whose decayed count
+# fell below 1/4 (2/3) of a read: read once and idle for τ·ln 4 ≈ 7 min (τ·ln 1.5 ≈ 2 min).
+FREQUENCY_K = 1.0
 
 
 @dataclass(slots=True)
@@ -42,7 +63,9 @@ class BlockStats:
     """What a policy knows about one stored block. Times are the injected clock's seconds.
 
     `attention` stays in [0, 1]; `hits` counts accesses (`touch`), the first included;
-    `observations` counts the attention samples folded into `attention`.
+    `observations` counts the attention samples folded into `attention`; `position` is the
+    block's index in the chain of its latest access (0: the chain's first block, or unknown):
+    among blocks last read at the same moment, the deeper one is the victim first.
     """
 
     block_hash: BlockHash
@@ -52,6 +75,7 @@ class BlockStats:
     hits: int = 0
     attention: float = UNIFORM_ATTENTION
     observations: int = 0
+    position: int = 0
 
     def __post_init__(self) -> None:
         if self.size_bytes < 0:
@@ -62,6 +86,8 @@ class BlockStats:
             raise ValueError(f"observations: must be >= 0, got {self.observations}")
         if not 0.0 <= self.attention <= 1.0:
             raise ValueError(f"attention: must be in [0, 1], got {self.attention}")
+        if self.position < 0:
+            raise ValueError(f"position: must be >= 0, got {self.position}")
 
 
 def observe_attention(
@@ -135,9 +161,22 @@ class EvictionPolicy(Protocol):
 
     def score(self, stats: BlockStats) -> float: ...
 
-    def touch(self, stats: BlockStats) -> None: ...
+    def touch(self, stats: BlockStats, at: float | None = None) -> None:
+        """Counts an access at `at` (None: the clock now); the blocks of one chain read together
+        are touched with one `at`, so that `position` orders them."""
+        ...
 
     def tune(self, pressure: float) -> TunedParams | None: ...
+
+    def promotion_bar(self, residents: Iterable[BlockStats]) -> int | None:
+        """None: a block read from a slower tier is always copied into the full faster tier;
+        a number: only a block with more `hits` than that, before this read (`admits`)."""
+        ...
+
+
+def admits(bar: int | None, hits_before: int) -> bool:
+    """Whether a block read `hits_before` times before this read is promoted past `bar`."""
+    return bar is None or hits_before > bar
 
 
 def _touch(stats: BlockStats, now: float) -> None:
@@ -146,7 +185,8 @@ def _touch(stats: BlockStats, now: float) -> None:
 
 
 class A2CRPolicy:
-    """Attention-aware cache replacement; owns the current (tuned) threshold and decay.
+    """A²CR (attention, frequency, recency); owns the current (tuned) threshold and decay (the
+    decay is R's: with the default weights only the threshold matters).
 
     Starts with `config.eviction_threshold` / `config.time_decay_factor`; after `tune(p)`
     it uses `adaptive_params(p, config)` (the configured values scaled by the guide's
@@ -164,6 +204,11 @@ class A2CRPolicy:
             value = getattr(config, field)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ConfigError(f"a2cr_config.{field}: must be a finite number >= 0, got {value}")
+        if not (math.isfinite(config.frequency_horizon) and config.frequency_horizon > 0.0):
+            raise ConfigError(
+                f"a2cr_config.frequency_horizon: must be a finite number of seconds > 0, "
+                f"got {config.frequency_horizon}"
+            )
         if not frequency_k > 0.0:
             raise ValueError(f"frequency_k: must be > 0, got {frequency_k}")
         self._config = config
@@ -176,32 +221,48 @@ class A2CRPolicy:
         return self.params.eviction_threshold
 
     def score(self, stats: BlockStats) -> float:
-        """score(b, t) = w_a·A(b) + w_f·F(b) + w_r·R(b, t), each term in [0, 1]:
+        """score(b, t) = w_a·A(b) + w_f·F(b, t) + w_r·R(b, t), each term in [0, 1]:
 
+        F(b, t) = c / (c + k),  c = hits · exp(-age / τ)   the decayed frequency: every read
+                  counts, and counts less the longer the block has been idle;
+                  τ = frequency_horizon (300 s), k = frequency_k (1)
         A(b)    = stats.attention: mean of the samples r / (1 + r), r = mass * blocks_in_sequence,
                   with the prior 0.5 counted as 2 samples, an EMA (weight 0.1) after 8
                   (`observe_attention`)
-        F(b)    = hits / (hits + k), k = frequency_k (default 4)
-        R(b, t) = exp(-λ · max(0, t - last_access)), λ = the tuned time_decay_factor,
-                  t = clock(); a last_access in the future counts as "now".
-        w_a, w_f, w_r = a2cr_config.{attention,frequency,recency}_weight.
+        R(b, t) = exp(-λ · age), λ = the tuned time_decay_factor
+        age     = max(0, t - last_access), t = clock(): a last_access in the future counts as "now".
+        w_a, w_f, w_r = a2cr_config.{attention,frequency,recency}_weight: 0, 1, 0 by default, so
+        the default score is F alone (see the module docstring for why).
         """
         c = self._config
-        frequency = stats.hits / (stats.hits + self._k)
         age = max(0.0, self._clock() - stats.last_access)
-        recency = math.exp(-self.params.time_decay_factor * age)
-        return (
-            c.attention_weight * stats.attention + c.frequency_weight * frequency + c.recency_weight * recency
-        )
+        decayed = stats.hits * math.exp(-age / c.frequency_horizon)
+        frequency = decayed / (decayed + self._k)
+        score = c.frequency_weight * frequency
+        if c.attention_weight:
+            score += c.attention_weight * stats.attention
+        if c.recency_weight:
+            score += c.recency_weight * math.exp(-self.params.time_decay_factor * age)
+        return score
 
-    def touch(self, stats: BlockStats) -> None:
-        _touch(stats, self._clock())
+    def touch(self, stats: BlockStats, at: float | None = None) -> None:
+        _touch(stats, self._clock() if at is None else at)
 
     def tune(self, pressure: float) -> TunedParams:
         tuned = adaptive_params(pressure, self._config)  # checks `pressure` either way
         if self._config.adaptive:
             self.params = tuned
         return self.params
+
+    def promotion_bar(self, residents: Iterable[BlockStats]) -> int | None:
+        """TinyLFU's admission: the fewest `hits` among the residents read at least twice (None
+        when there is none). A block read from NVMe is copied into a full CPU tier only if it was
+        read more often than that: a loop over more blocks than the tier holds then keeps a
+        stable share in it instead of replacing it all, returning user after returning user.
+        `a2cr_config.promotion_admission: false`: None (every read block is promoted)."""
+        if not self._config.promotion_admission:
+            return None
+        return min((b.hits for b in residents if b.hits >= 2), default=None)
 
 
 class LRUPolicy:
@@ -217,10 +278,13 @@ class LRUPolicy:
     def score(self, stats: BlockStats) -> float:
         return stats.last_access
 
-    def touch(self, stats: BlockStats) -> None:
-        _touch(stats, self._clock())
+    def touch(self, stats: BlockStats, at: float | None = None) -> None:
+        _touch(stats, self._clock() if at is None else at)
 
     def tune(self, pressure: float) -> None:
+        return None
+
+    def promotion_bar(self, residents: Iterable[BlockStats]) -> None:
         return None
 
 
@@ -237,10 +301,13 @@ class LFUPolicy:
     def score(self, stats: BlockStats) -> float:
         return float(stats.hits)
 
-    def touch(self, stats: BlockStats) -> None:
-        _touch(stats, self._clock())
+    def touch(self, stats: BlockStats, at: float | None = None) -> None:
+        _touch(stats, self._clock() if at is None else at)
 
     def tune(self, pressure: float) -> None:
+        return None
+
+    def promotion_bar(self, residents: Iterable[BlockStats]) -> None:
         return None
 
 
@@ -257,8 +324,10 @@ def make_policy(name: TierPolicy, config: A2crConfig, clock: Clock) -> EvictionP
 
 
 def _victim_order(policy: EvictionPolicy, blocks: Iterable[BlockStats]) -> list[BlockStats]:
-    """Lowest score first; ties: older last_access first, then block hash."""
-    return sorted(blocks, key=lambda b: (policy.score(b), b.last_access, b.block_hash))
+    """Lowest score first; ties: older last_access first, then the deeper `position` (a chain
+    loses its leaves before its root: a block is reusable only behind its whole prefix),
+    then block hash. The same for every policy."""
+    return sorted(blocks, key=lambda b: (policy.score(b), b.last_access, -b.position, b.block_hash))
 
 
 def below_threshold(policy: EvictionPolicy, blocks: Iterable[BlockStats]) -> list[BlockStats]:

@@ -14,8 +14,9 @@
   that, the oldest are abandoned (counted), never blocking the engine.
 - `load` returns the longest run of a request's chain after its device prefix that
   can be brought back and is worth it: a leading run of tier blocks is loaded only as far
-  as loading saves time over recomputing, both as measured on this worker (costs.py), so
-  a tier hit is never slower than a miss. Concurrent requests for the same blocks share one load; a
+  as loading saves time over recomputing, both as measured on this worker (costs.py); a
+  tier measured slower is not loaded from, but tried again every 16th time, to measure it
+  again. Concurrent requests for the same blocks share one load; a
   block evicted between Lookup and GetBlocks just ends the run (the rest is
   recomputed). With the tier down, `load` returns nothing at once.
 - The first block of a sequence is sent with `SINK_TOKENS` attention-sink tokens,
@@ -38,7 +39,7 @@ from wicore.kv.block import Codec, EncodedBlock, StorageTier
 from wicore.kv.client import TierClient
 from wicore.kv.codecs import decode, encode
 from wicore.kv.hashing import BlockHash
-from wicore.worker.costs import CostMeter, blocks_worth_loading
+from wicore.worker.costs import EXPLORE_EVERY, CostMeter, blocks_worth_loading
 from wicore.worker.kv_io import Spilled
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class KvOffloader:
         self.block_size = block_size
         self.costs = costs or CostMeter()  # the engine's: its prefill speed, and the loads timed here
         self.measured_loads = measured_loads  # False: load every block found (worker.tier_loads always)
+        self._declines = 0  # load runs cut short because loading measured slower than recomputing
         self.stats = OffloadStats()
         self._pending: collections.OrderedDict[BlockHash, Spilled] = collections.OrderedDict()
         self._queue: collections.deque[BlockHash] = collections.deque()
@@ -150,6 +152,10 @@ class KvOffloader:
                 self.costs.prefill_s_per_token.value * self.block_size if self.measured_loads else 0.0
             )
             worth = blocks_worth_loading(tiers, self.costs.load_seconds(), recompute_s)
+            if worth < len(tiers):
+                self._declines += 1
+                if self._declines % EXPLORE_EVERY == 0:  # measure the slow tier again now and then
+                    worth = len(tiers)
             self.stats.declined += len(tiers) - worth
             wanted = list(itertools.takewhile(lambda h: h not in self._loading, chain[i : i + worth]))
             if not wanted:

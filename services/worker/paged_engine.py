@@ -138,15 +138,16 @@ class PagedEngine:
         sampling = [item for item in batch if item.samples]
         self.num_steps += 1
         every = self.config.attention_sample_every
+        # a decode computes one known token (plus proposals); more is a prompt chunk
+        computed = [item.num_tokens - len(item.proposed) for item in batch]
+        prompt_tokens = sum(n for n in computed if n > 1)
         model_started = time.perf_counter()
         logits, key_mass = self.runner.run(batch, probe=every > 0 and self.num_steps % every == 0)
         for item in batch:
             item.seq.num_computed += item.num_tokens - len(item.proposed)
         outputs = self._sample(logits, sampling)  # accepted proposals join num_computed
-        elapsed = (
-            time.perf_counter() - model_started
-        )  # the pass and the sampling (which waits for the device)
-        self.costs.record_step(elapsed, sum(item.num_tokens for item in batch))
+        elapsed = time.perf_counter() - model_started  # the pass and the sampling (waits for the device)
+        self.costs.record_step(elapsed, prompt_tokens, sum(item.num_tokens for item in batch))
         if self.speculator is not None:
             self.speculator.stepped(elapsed)
         for item in batch:

@@ -11,12 +11,14 @@ import os
 import random
 import shutil
 import signal
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from wicore.kv.hashing import reusable_chain
@@ -130,6 +132,13 @@ async def test_a_pushed_out_prefix_comes_back_from_the_tier(
         )
 
     await until(reported, f"the worker to report blocks loaded from {where}, and its measured costs")
+    with urllib.request.urlopen(f"http://{stack.metrics['worker-0']}/metrics", timeout=10) as reply:
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    assert families["wicore:prefill_tokens_per_second"].samples[0].value > 0
+    (load_s,) = [s for s in families["wicore:kv_block_load_seconds"].samples if s.labels["source"] == where]
+    assert load_s.value > 0
+    # worker.tier_loads is "always" in the tests' stacks: nothing was declined
+    assert families["wicore:kv_blocks_load_declined"].samples[0].value == 0
 
 
 async def test_partial_hit_loads_up_to_the_gap(

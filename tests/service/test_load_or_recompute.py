@@ -17,7 +17,7 @@ from wicore.kv.client import TierClient
 from wicore.kv.hashing import BlockHash
 from wicore.server import CHANNEL_OPTIONS
 from wicore.v1 import tier_pb2_grpc
-from wicore.worker.costs import CostMeter
+from wicore.worker.costs import EXPLORE_EVERY, CostMeter
 from wicore.worker.offload import KvOffloader, OffloadStats, Reload
 
 from tier_process import TierProcess, delete_namespace, kv_of, new_hash, put, start_tier, stop, wait_up
@@ -74,7 +74,7 @@ async def test_loads_are_timed_and_a_slow_tier_is_not_loaded_from(tier: TierProc
     assert measured > 0.0 and stats.declined == 0
 
     # Recomputing a block measured at a tenth of its load time: every block is recomputed.
-    costs.record_step(measured / 10 * 64 / BLOCK_TOKENS, 64)
+    costs.prefill_s_per_token.value = measured / 10 / BLOCK_TOKENS
     reload, stats = await load(tier, costs, chain)
     assert reload.kv == [] and stats.declined == 4 and stats.loaded[StorageTier.CPU] == 0
 
@@ -91,3 +91,21 @@ async def test_a_tier_faster_than_recomputing_is_loaded_from(tier: TierProcess) 
     costs.prefill_s_per_token.value = 10 * measured / BLOCK_TOKENS  # recomputing: 10x the load
     reload, stats = await load(tier, costs, chain)
     assert len(reload.kv) == 4 and stats.declined == 0 and stats.loaded[StorageTier.CPU] == 4
+
+
+async def test_a_declined_tier_is_measured_again_every_explore_every_runs(tier: TierProcess) -> None:
+    """One slow sample must not turn a tier off for good: every EXPLORE_EVERY-th run that would be
+    declined is loaded (and timed) anyway."""
+    costs = CostMeter()
+    chain = await stored_chain(tier, 2)
+    client = TierClient(tier.address)
+    offloader = KvOffloader(client, Codec.RAW, block_size=BLOCK_TOKENS, costs=costs)
+    try:
+        costs.load_s_per_block[StorageTier.CPU].value = 10.0  # one pathological sample: 10 s a block
+        costs.prefill_s_per_token.value = 0.001  # 16 ms a block to recompute
+        loaded = [len((await offloader.load(chain)).kv) for _ in range(EXPLORE_EVERY)]
+    finally:
+        await client.close()
+    assert loaded == [0] * (EXPLORE_EVERY - 1) + [2]
+    assert offloader.stats.declined == 2 * (EXPLORE_EVERY - 1)
+    assert costs.load_seconds()[StorageTier.CPU] < 10.0  # the real load time pulled it down

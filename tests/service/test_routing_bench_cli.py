@@ -4,6 +4,7 @@ policy, every load step, in its table and its JSON (keys as the README quotes th
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,16 @@ def test_multitenant_ramp_reports_every_policy_at_every_step(tmp_path: Path) -> 
     assert all(data["ttft_p90_ms"][p][s] >= data["ttft_p50_ms"][p][s] for p in policies for s in ("20", "40"))
     # the tenants' prompts were sent once each before the ramp: their prefixes are cached somewhere
     assert all(0 < rate <= 1 for steps in data["prefix_hit_rate"].values() for rate in steps.values())
-    assert data["params"]["kv_cache_bytes"] > 0 and data["params"]["prefix_tokens"] > 3 * 40
+    assert all(n == 0 for steps in data["errors"].values() for n in steps.values())
+    settings = data["settings"]
+    assert settings["mor_nowait"]["scheduler.routing_policy"] == "mor"
+    assert settings["mor_nowait"]["scheduler.prefix_wait_factor"] == 0
+    assert "scheduler.prefix_wait_factor" not in settings["mor"]
+    assert settings["least_loaded"]["worker.kv_offload"] is False
+    # 73 % of the two pools hold the three prefixes: each pool holds 3 / (0.73 * 2) of them
+    pool_blocks = settings["mor"]["worker.kv_cache_bytes"] // (4 * 2 * 2 * 16 * 16 * 4)  # tiny Llama, fp32
+    prefix_blocks = math.ceil(data["params"]["prefix_tokens"] / 16)
+    assert pool_blocks == math.ceil(prefix_blocks / (0.73 * 2))
     assert "p90 ratio" in done.stdout and "least_loaded" in done.stdout
 
 

@@ -49,7 +49,13 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 async def tier(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, redis_client: redis.Redis
 ) -> AsyncIterator[TierProcess]:
-    running = start_tier(tmp_path_factory.mktemp("tier"), redis_url, f"wicore-test-{uuid.uuid4().hex}")
+    # every NVMe hit promoted: these tests check the mechanics (test_tier_manager.py the admission)
+    running = start_tier(
+        tmp_path_factory.mktemp("tier"),
+        redis_url,
+        f"wicore-test-{uuid.uuid4().hex}",
+        a2cr={"promotion_admission": False},
+    )
     try:
         await wait_up(running)
         yield running
@@ -284,10 +290,12 @@ async def test_serves_without_redis(tmp_path: Path) -> None:
 async def test_attention_observations_change_the_eviction_order(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis
 ) -> None:
-    """a is older than b, so without attention a would be demoted first; a worker reports that
-    a takes most of its sequence's attention and b none, and b goes instead."""
+    """With the performance guide's weights (attention 0.4, the default is 0): a is older than b,
+    so without attention a would be demoted first; a worker reports that a takes most of its
+    sequence's attention and b none, and b goes instead."""
     namespace = f"wicore-test-{uuid.uuid4().hex}"
-    running = start_tier(tmp_path, redis_url, namespace, cpu_capacity_bytes=3 * BLOCK_BYTES)
+    guide = {"attention_weight": 0.4, "frequency_weight": 0.3, "recency_weight": 0.3}
+    running = start_tier(tmp_path, redis_url, namespace, a2cr=guide, cpu_capacity_bytes=3 * BLOCK_BYTES)
     try:
         await wait_up(running)
         a, b, c, d = (new_hash() for _ in range(4))

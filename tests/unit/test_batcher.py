@@ -122,11 +122,34 @@ def test_a_held_request_takes_the_holders_slot_when_it_frees() -> None:
 
 
 def test_the_wait_is_priced_with_the_workers_measured_prefill_speed() -> None:
-    other = worker("other", inflight=7)
-    other.load.prefill_tokens_per_s = 3840.0  # 384 tokens in 0.1 s
-    s = Scene(worker("holder", inflight=8), other)
+    other, holder = worker("other", inflight=7), worker("holder", inflight=8)
+    other.load.prefill_tokens_per_s = holder.load.prefill_tokens_per_s = 3840.0  # 384 tokens in 0.1 s
+    s = Scene(holder, other)
     s.add(request("r", prompt=400, blocks=24, device={"holder": 24}))
     assert s.plan().wake_at == pytest.approx(100.1)
+
+
+def test_no_wait_that_would_end_past_the_deadline_and_none_longer_than_an_aging_interval() -> None:
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=7))
+    s.add(request("r", prompt=400, blocks=24, device={"holder": 24}, deadline=100.3))  # budget 0.384
+    assert s.placed() == [("r", "other")]
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=7), aging_interval_s=0.1)
+    s.add(request("r", prompt=400, blocks=24, device={"holder": 24}))
+    assert s.plan().wake_at == pytest.approx(100.1)
+
+
+def test_a_request_placed_after_a_wait_starts_afresh_if_it_comes_back() -> None:
+    """A failover sends the same request back to the queue: its next wait has a whole budget."""
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=7), worker("third", inflight=7))
+    r = request("r", prompt=400, blocks=24, device={"holder": 24})
+    s.add(r)
+    assert s.placed() == [] and r.held_since == 100.0
+    s.clock.now = 100.5
+    assert s.placed() == [("r", "other")] and r.held_since is None
+    r.exclude = frozenset({"other"})  # "other" failed it: back to the queue, as the servicer does
+    s.add(r)
+    plan = s.plan()
+    assert plan.assignments == [] and plan.wake_at == pytest.approx(100.5 + 0.384)
 
 
 @pytest.mark.parametrize("policy", ["least_loaded", "round_robin"])
@@ -137,8 +160,9 @@ def test_load_only_policies_never_wait(policy: str) -> None:
 
 
 def test_no_wait_for_a_holder_far_above_max_imbalance_or_when_nothing_is_saved() -> None:
-    s = Scene(worker("holder", inflight=8), worker("other", inflight=3))
-    s.add(request("r", prompt=400, blocks=24, device={"holder": 24}))  # 5 above other (max_imbalance 4)
+    s = Scene(worker("holder", inflight=8), worker("other", inflight=2))
+    # with a slot free the holder would run 7, 5 above other (max_imbalance 4): MoR would not pick it
+    s.add(request("r", prompt=400, blocks=24, device={"holder": 24}))
     assert s.placed() == [("r", "other")]
     s = Scene(worker("holder", inflight=8), worker("other", inflight=7))
     s.add(request("r2", prompt=400, blocks=24, device={"holder": 24, "other": 24}))

@@ -30,7 +30,8 @@ D1, D2 = "0123456789abcdef" * 4, "fedcba9876543210" * 4
 def test_defaults_keep_the_seed_section_names() -> None:
     c = load_config()
     assert c == Config()
-    assert c.a2cr_config.attention_weight == 0.4 and c.a2cr_config.time_decay_factor == 0.05
+    assert c.a2cr_config.attention_weight == 0.0 and c.a2cr_config.time_decay_factor == 0.05
+    assert (c.a2cr_config.frequency_weight, c.a2cr_config.frequency_horizon) == (1.0, 300.0)
     assert c.gpu_config.cuda_optimization.mixed_precision == "bf16"  # as vLLM and TGI on GPUs
     assert c.gpu_config.gpu_memory_utilization == 0.9 and c.gpu_config.memory_limit_per_gpu == 0.0
     assert c.gateway.port == 50051
@@ -213,5 +214,7 @@ def test_the_performance_guides_blocks_load(tmp_path: Path, suffix: str) -> None
     assert gpu.target_devices == ("gpu:0", "gpu:1") and gpu.memory_limit_per_gpu == 15.0 and gpu.enable_p2p
     assert gpu.cuda_optimization == CudaOptimization(True, True, MixedPrecision.FP16)
     assert c.gpu_pool_config.max_size == 15 * 1024**3 and c.gpu_pool_config.enable_defragmentation
-    assert c.a2cr_config == A2crConfig(cleanup_interval=60.0)  # the guide's values are the defaults
+    # the guide's values are the defaults but its weights (the defaults rank by decayed frequency)
+    guide_weights = {"attention_weight": 0.4, "frequency_weight": 0.3, "recency_weight": 0.3}
+    assert c.a2cr_config == A2crConfig(cleanup_interval=60.0, **guide_weights)
     assert c.worker == Config().worker and c.tier == Config().tier

@@ -22,6 +22,7 @@ from wicore.tier.policy import (
     LRUPolicy,
     TunedParams,
     adaptive_params,
+    admits,
     below_threshold,
     bytes_to_free,
     make_policy,
@@ -52,6 +53,21 @@ def clock() -> ManualClock:
 @pytest.fixture
 def a2cr(clock: ManualClock) -> A2CRPolicy:
     return A2CRPolicy(A2crConfig(), clock)
+
+
+# The performance guide's weights: attention and short-horizon recency take part.
+GUIDE_WEIGHTS = A2crConfig(attention_weight=0.4, frequency_weight=0.3, recency_weight=0.3)
+
+
+@pytest.fixture
+def guide(clock: ManualClock) -> A2CRPolicy:
+    return A2CRPolicy(GUIDE_WEIGHTS, clock)
+
+
+def decayed_f(hits: int, idle: float) -> float:
+    """F = c / (1 + c), c = hits · exp(-idle / 300): the default score."""
+    c = hits * math.exp(-idle / 300.0)
+    return c / (1.0 + c)
 
 
 # --- attention -------------------------------------------------------------------
@@ -90,7 +106,7 @@ def test_attention_alpha_falls_to_its_floor() -> None:
         attention_alpha(0)
 
 
-def test_one_sample_does_not_outrank_steady_evidence(a2cr: A2CRPolicy) -> None:
+def test_one_sample_does_not_outrank_steady_evidence(guide: A2CRPolicy) -> None:
     """A one-off block read once with a large share vs a chat block read four times at a modest share."""
     one_off, chat = block("one-off", 100.0, hits=4), block("chat", 100.0, hits=4)
     observe_attention(one_off, 0.3, 10)  # A_obs 0.75
@@ -99,7 +115,7 @@ def test_one_sample_does_not_outrank_steady_evidence(a2cr: A2CRPolicy) -> None:
     observe_attention(chat, 0.3, 10)
     # one-off 0.5 + 0.25/3 = 0.583; chat (1 + 4·0.5 + 0.75) / 7 = 0.536: closer than one sample says
     assert (one_off.attention, chat.attention) == (pytest.approx(0.5 + 0.25 / 3), pytest.approx(3.75 / 7))
-    assert a2cr.score(one_off) - a2cr.score(chat) == pytest.approx(0.4 * (0.5 + 0.25 / 3 - 3.75 / 7))
+    assert guide.score(one_off) - guide.score(chat) == pytest.approx(0.4 * (0.5 + 0.25 / 3 - 3.75 / 7))
 
 
 @pytest.mark.parametrize(
@@ -121,30 +137,64 @@ def test_block_stats_validates(kwargs: dict) -> None:
 # --- A²CR score --------------------------------------------------------------------
 
 
-def test_a2cr_score_exact(a2cr: A2CRPolicy) -> None:
-    stats = block("x", last_access=90.0, hits=4, attention=0.75)
-    # 0.4·0.75 + 0.3·4/(4+4) + 0.3·exp(-0.05·10)
-    assert a2cr.score(stats) == pytest.approx(0.3 + 0.15 + 0.3 * math.exp(-0.5), abs=1e-12)
+def test_a2cr_score_exact(a2cr: A2CRPolicy, guide: A2CRPolicy) -> None:
+    stats = block("x", last_access=90.0, hits=4, attention=0.75)  # now 100: idle 10 s
+    c = 4 * math.exp(-10 / 300)
+    assert a2cr.score(stats) == pytest.approx(c / (1 + c), abs=1e-12)  # the default: F alone
+    # the guide's weights: 0.4·0.75 + 0.3·F + 0.3·exp(-0.05·10)
+    assert guide.score(stats) == pytest.approx(0.3 + 0.3 * c / (1 + c) + 0.3 * math.exp(-0.5), abs=1e-12)
 
 
-def test_a2cr_score_of_future_access_counts_as_now(a2cr: A2CRPolicy) -> None:
-    assert a2cr.score(block("x", last_access=500.0, hits=4, attention=0.0)) == pytest.approx(0.15 + 0.3)
+def test_a2cr_score_of_future_access_counts_as_now(a2cr: A2CRPolicy, guide: A2CRPolicy) -> None:
+    assert a2cr.score(block("x", last_access=500.0, hits=4, attention=0.0)) == pytest.approx(0.8)
+    assert guide.score(block("x", last_access=500.0, hits=4, attention=0.0)) == pytest.approx(0.24 + 0.3)
 
 
 def test_a2cr_score_follows_clock_and_touch(clock: ManualClock, a2cr: A2CRPolicy) -> None:
-    stats = block("x", last_access=100.0, hits=0, attention=0.5)
-    assert a2cr.score(stats) == pytest.approx(0.2 + 0.0 + 0.3)
-    clock.now = 120.0
-    assert a2cr.score(stats) == pytest.approx(0.2 + 0.3 * math.exp(-1.0))
+    stats = block("x", last_access=100.0, hits=1, attention=0.5)
+    assert a2cr.score(stats) == pytest.approx(0.5)  # read once, just now
+    clock.now = 400.0
+    assert a2cr.score(stats) == pytest.approx(decayed_f(1, 300.0))  # c = 1/e
     a2cr.touch(stats)
-    assert (stats.hits, stats.last_access) == (1, 120.0)
-    assert a2cr.score(stats) == pytest.approx(0.2 + 0.3 * 0.2 + 0.3)
+    assert (stats.hits, stats.last_access) == (2, 400.0)
+    assert a2cr.score(stats) == pytest.approx(2 / 3)  # the count decays since the last read only
+    a2cr.touch(stats, at=350.0)  # a chain read that began earlier
+    assert (stats.hits, stats.last_access) == (3, 350.0)
+
+
+def test_decayed_frequency_resists_scans_and_forgets_idle_blocks(
+    clock: ManualClock, a2cr: A2CRPolicy
+) -> None:
+    """Proven reuse outranks a fresh block read once (LRU evicts the reused one first), and an
+    idle block's reads count less and less (LFU keeps it for ever)."""
+    clock.now = 1000.0
+    blocks = [
+        block("reused", last_access=700.0, hits=4),  # c = 4·e^-1 = 1.47: F 0.595
+        block("fresh", last_access=999.0, hits=1),  # c = 0.997: F 0.499
+        block("idle", last_access=0.0, hits=50),  # c = 50·e^-3.33 = 1.78: F 0.641
+        block("recent", last_access=990.0, hits=2),  # c = 2·e^-0.033 = 1.93: F 0.659
+    ]
+    assert [a2cr.score(b) for b in blocks] == pytest.approx(
+        [decayed_f(4, 300.0), decayed_f(1, 1.0), decayed_f(50, 1000.0), decayed_f(2, 10.0)]
+    )
+    assert names(select_victims(a2cr, blocks, 40)) == ["fresh", "reused", "idle", "recent"]
+    assert names(select_victims(LRUPolicy(clock), blocks, 40)) == ["idle", "reused", "recent", "fresh"]
+    assert names(select_victims(LFUPolicy(clock), blocks, 40)) == ["fresh", "recent", "reused", "idle"]
 
 
 def test_a2cr_weights_and_k_come_from_config(clock: ManualClock) -> None:
-    config = A2crConfig(attention_weight=1.0, frequency_weight=2.0, recency_weight=0.0)
-    policy = A2CRPolicy(config, clock, frequency_k=1.0)
-    assert policy.score(block("x", 0.0, hits=3, attention=0.25)) == pytest.approx(0.25 + 2.0 * 0.75)
+    config = A2crConfig(
+        attention_weight=1.0, frequency_weight=2.0, recency_weight=0.0, frequency_horizon=100.0
+    )
+    policy = A2CRPolicy(config, clock, frequency_k=2.0)
+    c = 3 * math.exp(-1.0)  # idle 100 s, horizon 100 s
+    assert policy.score(block("x", 0.0, hits=3, attention=0.25)) == pytest.approx(0.25 + 2.0 * c / (c + 2.0))
+
+
+@pytest.mark.parametrize("horizon", [0.0, -1.0, math.inf, math.nan])
+def test_a2cr_rejects_bad_frequency_horizon(clock: ManualClock, horizon: float) -> None:
+    with pytest.raises(ConfigError, match=r"a2cr_config\.frequency_horizon"):
+        A2CRPolicy(A2crConfig(frequency_horizon=horizon), clock)
 
 
 @pytest.mark.parametrize(
@@ -180,14 +230,15 @@ def test_adaptive_rejects_bad_pressure(pressure: float) -> None:
         adaptive_params(pressure)
 
 
-def test_a2cr_uses_tuned_values(a2cr: A2CRPolicy) -> None:
+def test_a2cr_uses_tuned_values(guide: A2CRPolicy) -> None:
     stats = block("x", last_access=90.0, hits=4, attention=0.75)
-    assert a2cr.threshold == 0.2  # the config's, before any tune
-    assert a2cr.tune(0.95) == TunedParams(0.4, 0.1)
-    assert a2cr.threshold == 0.4
-    assert a2cr.score(stats) == pytest.approx(0.45 + 0.3 * math.exp(-1.0))
-    a2cr.tune(0.1)
-    assert a2cr.score(stats) == pytest.approx(0.45 + 0.3 * math.exp(-0.2))
+    f = 0.3 * decayed_f(4, 10.0)
+    assert guide.threshold == 0.2  # the config's, before any tune
+    assert guide.tune(0.95) == TunedParams(0.4, 0.1)
+    assert guide.threshold == 0.4
+    assert guide.score(stats) == pytest.approx(0.3 + f + 0.3 * math.exp(-1.0))  # the decay is R's
+    guide.tune(0.1)
+    assert guide.score(stats) == pytest.approx(0.3 + f + 0.3 * math.exp(-0.2))
 
 
 @pytest.mark.parametrize(
@@ -242,15 +293,14 @@ def test_eviction_order_per_policy(clock: ManualClock, a2cr: A2CRPolicy) -> None
     assert names(select_victims(LFUPolicy(clock), corpus(), everything)) == [
         "oneoff-b", "oneoff-a", "doc", "chat", "sys",
     ]  # fmt: skip
-    # a2cr scores: doc 0.16+0.1+0.3e^-3 = 0.275, oneoff-a 0.08+0.06+0.3e^-0.05 = 0.425,
-    # oneoff-b 0.12+0.06+0.3e^-0.1 = 0.451, chat 0.2+0.129+0.3e^-0.25 = 0.562,
-    # sys 0.36+0.265+0.3e^-4.5 = 0.628
-    assert names(select_victims(a2cr, corpus(), everything)) == ["doc", "oneoff-a", "oneoff-b", "chat", "sys"]
+    # a2cr scores, c / (1 + c) with c = hits·e^(-idle/300): oneoff-b 0.498, oneoff-a 0.499,
+    # doc (c 1.64) 0.621, chat (c 2.95) 0.747, sys (c 22.2) 0.957
+    assert names(select_victims(a2cr, corpus(), everything)) == ["oneoff-b", "oneoff-a", "doc", "chat", "sys"]
 
 
 def test_a2cr_keeps_hot_old_block_that_lru_evicts(clock: ManualClock, a2cr: A2CRPolicy) -> None:
     assert names(select_victims(LRUPolicy(clock), corpus(), 10)) == ["sys"]
-    assert names(select_victims(a2cr, corpus(), 10)) == ["doc"]
+    assert names(select_victims(a2cr, corpus(), 10)) == ["oneoff-b"]
 
 
 def test_select_victims_stops_at_enough_bytes(clock: ManualClock) -> None:
@@ -262,7 +312,15 @@ def test_select_victims_stops_at_enough_bytes(clock: ManualClock) -> None:
     assert select_victims(lru, blocks, 0) == []
 
 
-@pytest.mark.parametrize("make", [LRUPolicy, LFUPolicy, lambda c: A2CRPolicy(A2crConfig(), c)])
+EVERY_POLICY = [
+    LRUPolicy,
+    LFUPolicy,
+    lambda c: A2CRPolicy(A2crConfig(), c),
+    lambda c: A2CRPolicy(GUIDE_WEIGHTS, c),
+]
+
+
+@pytest.mark.parametrize("make", EVERY_POLICY)
 def test_ties_are_deterministic(clock: ManualClock, make) -> None:
     policy: EvictionPolicy = make(clock)
     # Same hits and attention: "c" goes first (older, or lower score), then a, b, d tie and go by hash.
@@ -271,13 +329,43 @@ def test_ties_are_deterministic(clock: ManualClock, make) -> None:
         assert names(select_victims(policy, list(permutation), 1000)) == ["c", "a", "b", "d"]
 
 
+@pytest.mark.parametrize("make", EVERY_POLICY)
+def test_a_chain_read_together_loses_its_leaves_first(clock: ManualClock, make) -> None:
+    """Blocks read at one moment tie on every score: the deepest goes first, the root last (a block
+    is reusable only behind its whole prefix), whatever the hashes say."""
+    policy: EvictionPolicy = make(clock)
+    chain = [block(name, 50.0) for name in ("d", "c", "b", "a")]  # root "d" ... leaf "a"
+    for position, stats in enumerate(chain):
+        stats.position = position
+    other = block("z", 40.0)  # as often, but read earlier: first under every policy
+    for permutation in itertools.permutations([*chain, other]):
+        assert names(select_victims(policy, list(permutation), 1000)) == ["z", "a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="position"):
+        BlockStats(BlockHash("x"), 1, created=0.0, last_access=0.0, position=-1)
+
+
+def test_promotion_bar_is_the_least_read_proven_resident(clock: ManualClock, a2cr: A2CRPolicy) -> None:
+    residents = [block("once", 0.0, hits=1), block("five", 0.0, hits=5), block("three", 0.0, hits=3)]
+    assert a2cr.promotion_bar(residents) == 3  # "once" has not proven reuse: not the bar
+    assert (admits(3, 3), admits(3, 4), admits(None, 1)) == (False, True, True)
+    assert a2cr.promotion_bar([block("once", 0.0, hits=1)]) is None  # nothing proven: admit all
+    off = A2CRPolicy(A2crConfig(promotion_admission=False), clock)
+    assert off.promotion_bar(residents) is None
+    assert (
+        LRUPolicy(clock).promotion_bar(residents) is None
+        and LFUPolicy(clock).promotion_bar(residents) is None
+    )
+
+
 def test_below_threshold(clock: ManualClock, a2cr: A2CRPolicy) -> None:
-    clock.now = 1000.0  # recency has decayed to ~0 for every block
-    # scores: sys 0.36+0.264 = 0.624, chat 0.2+0.129 = 0.329, doc 0.16+0.1 = 0.26,
-    # oneoff-b 0.12+0.06 = 0.18, oneoff-a 0.08+0.06 = 0.14
-    assert names(below_threshold(a2cr, corpus())) == ["oneoff-a", "oneoff-b"]
+    clock.now = 400.0  # about the frequency horizon since the one-off blocks were read
+    # scores: sys (c 8.18) 0.891, chat (c 1.09) 0.520, doc (c 0.60) 0.376,
+    # oneoff-a (c 0.367) 0.2683, oneoff-b (c 0.366) 0.2676
+    assert names(below_threshold(a2cr, corpus())) == []
     a2cr.tune(0.8)  # threshold 0.3
-    assert names(below_threshold(a2cr, corpus())) == ["oneoff-a", "oneoff-b", "doc"]
+    assert names(below_threshold(a2cr, corpus())) == ["oneoff-b", "oneoff-a"]
+    a2cr.tune(0.95)  # threshold 0.4
+    assert names(below_threshold(a2cr, corpus())) == ["oneoff-b", "oneoff-a", "doc"]
     assert below_threshold(LRUPolicy(clock), corpus()) == []
     assert below_threshold(LFUPolicy(clock), corpus()) == []
 
@@ -353,7 +441,7 @@ def _serve(store, time: float, *blocks: str) -> None:
 @pytest.mark.parametrize(("copies", "written"), [("keep", 2), ("exclusive", 3)])
 def test_replay_promotion_keeps_the_nvme_copy(copies: str, written: int) -> None:
     store = _store(replay_module.Copies(copies))
-    _serve(store, 1.0, "doc:a", "doc:b")  # CPU full: a (tie on time, hash first) written to NVMe
+    _serve(store, 1.0, "doc:b", "doc:a")  # CPU full: a (tie on time, the deeper first) written to NVMe
     _serve(store, 2.0, "doc:a")  # NVMe hit, promoted; b demoted (written)
     _serve(store, 3.0, "doc:c")  # a demoted again: free while its NVMe copy exists
     assert (store.count["nvme"], store.count["miss"], store.count["bytes_promoted"]) == (1, 3, 1)
@@ -364,7 +452,7 @@ def test_replay_promotion_keeps_the_nvme_copy(copies: str, written: int) -> None
 @pytest.mark.parametrize(("copies", "kept"), [("keep", "doc:a"), ("keep-redundant-first", "doc:b")])
 def test_replay_nvme_may_drop_redundant_copies_first(copies: str, kept: str) -> None:
     store = _store(replay_module.Copies(copies), nvme_blocks=2)
-    _serve(store, 1.0, "doc:a", "doc:b")
+    _serve(store, 1.0, "doc:b", "doc:a")  # a, the leaf, demoted
     _serve(store, 2.0, "doc:a")  # NVMe {a (also in CPU), b}: over 90 %, one to drop
     assert list(store.blocks[replay_module.Level.NVME]) == [kept]
 

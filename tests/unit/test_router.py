@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -91,21 +92,39 @@ def test_tier_blocks_are_priced_by_what_the_worker_measured() -> None:
     assert mor.tier_price(w, StorageTier.NVME, 16) == CONFIG.tier_nvme_cost
 
 
-def test_mor_wait_budget_is_the_prefill_the_busy_holder_saves() -> None:
+def test_mor_wait_budget_is_the_prefill_time_the_busy_holder_saves() -> None:
     mor = MoRRouter(CONFIG)
     r = request("r", prompt=400, blocks=24, device={"holder": 20})
     chosen, holder = worker("chosen", inflight=7), worker("holder", inflight=8)
-    # chosen recomputes 400 tokens, the holder 400 - 20*16 = 80: 320 tokens at 1,000/s.
-    assert mor.wait_budget(r, chosen, [holder], {"holder": 20}) == pytest.approx(0.32)
-    chosen.load.prefill_tokens_per_s = 3200.0
-    assert mor.wait_budget(r, chosen, [holder], {"holder": 20}) == pytest.approx(0.1)
-    assert mor.wait_budget(r, chosen, [holder], {"holder": 20, "chosen": 20}) == 0.0
-    assert mor.wait_budget(r, chosen, [holder], {"holder": 20, "chosen": 19}) == pytest.approx(16 / 3200)
-    assert mor.wait_budget(r, chosen, [], {}) == 0.0
-    chosen.inflight = 3  # the holder runs 5 more than chosen, past max_imbalance 4: no wait
-    assert mor.wait_budget(r, chosen, [holder], {"holder": 20}) == 0.0
-    assert LeastLoadedRouter(CONFIG).wait_budget(r, chosen, [holder], {"holder": 20}) == 0.0
-    assert RoundRobinRouter(CONFIG).wait_budget(r, chosen, [holder], {"holder": 20}) == 0.0
+    # chosen computes 400 tokens, the holder 400 - 20*16 = 80, both at the assumed 1,000/s.
+    assert mor.wait_budget(r, [chosen], chosen, [holder], {"holder": 20}) == pytest.approx(0.32)
+    chosen.load.prefill_tokens_per_s = 4000.0  # chosen measured faster: 0.1 s against 0.08 s
+    assert mor.wait_budget(r, [chosen], chosen, [holder], {"holder": 20}) == pytest.approx(0.02)
+    holder.load.prefill_tokens_per_s = 500.0  # the holder slower still: its 80 tokens take 0.16 s
+    assert mor.wait_budget(r, [chosen], chosen, [holder], {"holder": 20}) == 0.0
+    chosen.load.prefill_tokens_per_s = holder.load.prefill_tokens_per_s = 0.0
+    assert mor.wait_budget(r, [chosen], chosen, [holder], {"holder": 20, "chosen": 20}) == 0.0
+    # one block saved: 16 tokens, a block's prefill, the least worth waiting for
+    assert mor.wait_budget(r, [chosen], chosen, [holder], {"holder": 20, "chosen": 19}) == pytest.approx(
+        0.016
+    )
+    assert mor.wait_budget(r, [chosen], chosen, [], {}) == 0.0
+    assert LeastLoadedRouter(CONFIG).wait_budget(r, [chosen], chosen, [holder], {"holder": 20}) == 0.0
+    assert RoundRobinRouter(CONFIG).wait_budget(r, [chosen], chosen, [holder], {"holder": 20}) == 0.0
+
+
+def test_mor_waits_only_for_a_worker_it_would_choose_if_it_had_a_slot() -> None:
+    mor = MoRRouter(CONFIG)
+    r = request("r", prompt=400, blocks=24, device={"holder": 20})
+    holder = worker("holder", inflight=8)
+    idle = worker("idle")  # 0 in flight: the holder, 7 with a slot freed, is past max_imbalance (4)
+    assert mor.choose(r, [idle, dataclasses.replace(holder, inflight=7)], {"holder": 20}) is idle
+    assert mor.wait_budget(r, [idle], idle, [holder], {"holder": 20}) == 0.0
+    # Within max_imbalance but cheaper to compute anew on the nearly idle worker: MoR's own costs
+    # (queue 7/8 against 3/8 outweighs the prefill term) send it there, so it does not wait either.
+    light = worker("light", inflight=3)
+    assert mor.choose(r, [light, dataclasses.replace(holder, inflight=7)], {"holder": 20}) is light
+    assert mor.wait_budget(r, [light], light, [holder], {"holder": 20}) == 0.0
 
 
 def test_a_tier_on_another_node_is_a_miss() -> None:
@@ -196,6 +215,6 @@ def test_prefix_wait_factor_scales_the_wait_and_zero_turns_it_off() -> None:
     r = request("r", prompt=400, blocks=24, device={"holder": 20})
     chosen, holder = worker("chosen", inflight=7), worker("holder", inflight=8)
     twice = MoRRouter(SchedulerConfig(prefix_wait_factor=2.0))
-    assert twice.wait_budget(r, chosen, [holder], {"holder": 20}) == pytest.approx(0.64)
+    assert twice.wait_budget(r, [chosen], chosen, [holder], {"holder": 20}) == pytest.approx(0.64)
     never = MoRRouter(SchedulerConfig(prefix_wait_factor=0.0))
-    assert never.wait_budget(r, chosen, [holder], {"holder": 20}) == 0.0
+    assert never.wait_budget(r, [chosen], chosen, [holder], {"holder": 20}) == 0.0

@@ -83,12 +83,20 @@ async def metadata(redis_url: str, redis_client: redis.Redis) -> AsyncIterator[B
         redis_client.delete(*keys)
 
 
+# The performance guide's weights: the measured attention share takes part in the score.
+GUIDE_WEIGHTS = A2crConfig(attention_weight=0.4, frequency_weight=0.3, recency_weight=0.3)
+
+
 def make(
-    tmp_path: Path, clock: ManualClock, metadata: BlockMetadata | None = None, **changes: object
+    tmp_path: Path,
+    clock: ManualClock,
+    metadata: BlockMetadata | None = None,
+    a2cr: A2crConfig | None = None,
+    **changes: object,
 ) -> TierManager:
     tc = config(**changes)
     return TierManager(
-        tc, A2crConfig(), metadata, tmp_path / "nvme" if tc.nvme_capacity_bytes else None, clock
+        tc, a2cr or A2crConfig(), metadata, tmp_path / "nvme" if tc.nvme_capacity_bytes else None, clock
     )
 
 
@@ -155,7 +163,7 @@ async def test_raw_round_trip_is_exact_and_q8_is_bounded(tmp_path: Path, clock: 
 async def test_overflow_demotes_lowest_scores_to_nvme_and_a_hit_promotes(
     tmp_path: Path, clock: ManualClock
 ) -> None:
-    manager = make(tmp_path, clock)
+    manager = make(tmp_path, clock, a2cr=A2crConfig(promotion_admission=False))
     await put(manager, clock, 0, 1, 2, 3)
     for _ in range(3):  # 2 and 3 are read often: frequency and recency keep them
         await manager.get([h(2), h(3)])
@@ -182,8 +190,33 @@ async def test_overflow_demotes_lowest_scores_to_nvme_and_a_hit_promotes(
     }
 
 
-async def test_attention_decides_among_equals(tmp_path: Path, clock: ManualClock) -> None:
-    manager = make(tmp_path, clock, nvme_capacity_bytes=0)
+@pytest.mark.parametrize("admission", [True, False])
+async def test_a_full_cpu_tier_admits_only_blocks_read_more_than_its_least_read(
+    tmp_path: Path, clock: ManualClock, admission: bool
+) -> None:
+    """TinyLFU's admission: an NVMe hit read fewer times than the CPU tier's least-read proven block
+    is served from NVMe and stays there; one read more often is promoted."""
+    manager = make(tmp_path, clock, a2cr=A2crConfig(promotion_admission=admission))
+    await put(manager, clock, 0, 1, 2, 3)
+    await manager.get([h(0)])  # 0: read twice
+    await put(manager, clock, 4, 5)  # CPU full: 1 and 2 (read once, oldest) go to NVMe
+    assert tiers(manager, 0, 1, 2, 3, 4, 5) == [CPU, NVME, NVME, CPU, CPU, CPU]
+    ((_, block, tier),) = await manager.get([h(1)])  # read once before; the least-read proven: 0, twice
+    assert (block, tier) == (raw(1), NVME)
+    assert tiers(manager, 1) == [NVME if admission else CPU]
+    assert manager._blocks[h(1)].hits == 2  # an access either way
+    if admission:
+        await manager.get([h(2)])
+        await manager.get([h(2)])  # now read twice before: not more than 0 either
+        await manager.get([h(2)])  # three times: promoted
+        assert tiers(manager, 2) == [CPU] and manager.stats().blocks_promoted == 1
+    manager.check_integrity()
+
+
+async def test_attention_decides_among_equals_with_the_guide_weights(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    manager = make(tmp_path, clock, a2cr=GUIDE_WEIGHTS, nvme_capacity_bytes=0)
     clock.now += 1.0
     await manager.put([(h(i), raw(i)) for i in range(4)])  # same time, same hits
     # 2 gets almost all attention, 0 and 3 little, 1 none at all.
@@ -222,21 +255,39 @@ async def test_cleanup_demotes_below_threshold_and_tunes_to_pressure(
     tmp_path: Path, clock: ManualClock
 ) -> None:
     manager = make(tmp_path, clock, cpu_capacity_bytes=8 * RAW_BYTES)
-    await put(manager, clock, 0, 1)
-    await manager.get([h(1)])
-    clock.now += 3600.0  # an hour idle: recency ~ 0
+    await put(manager, clock, 0, 1)  # at 101 and 102
+    await manager.get([h(1)])  # 1: two hits
+    clock.now += 300.0  # idle for about the frequency horizon
     await put(manager, clock, 2)
     await manager.cleanup()  # pressure 3/8 < 0.7: threshold 0.2, decay 0.02
     params = manager.stats().params[CPU]
     assert params is not None and (params.eviction_threshold, params.time_decay_factor) == (0.2, 0.02)
-    # 0: A 0.5, F 1/5, R 0 -> 0.26; 1 has two hits -> 0.29 ... all above 0.2: nothing moves.
+    # F = c / (1 + c), c = hits · exp(-idle / 300): 0 -> c 0.365, F 0.267; 1 -> c 0.733, F 0.423
     assert tiers(manager, 0, 1, 2) == [CPU, CPU, CPU]
     await put(manager, clock, 3, 4, 5, 6, 7)  # 8/8 > 0.9 at the next cleanup: threshold 0.4
     await manager.cleanup()
     params = manager.stats().params[CPU]
     assert params is not None and params.eviction_threshold == 0.4
-    assert tiers(manager, 0, 1) == [NVME, NVME]  # the idle ones scored below 0.4
+    # 0 (read once, idle 307 s): F 0.264 < 0.4, demoted; 1 (read twice, idle 306 s): F 0.419 stays
+    assert tiers(manager, 0, 1) == [NVME, CPU]
     assert all(t is CPU for t in tiers(manager, 2, 3, 4, 5, 6, 7))
+
+
+@pytest.mark.parametrize("policy", [TierPolicy.A2CR, TierPolicy.LRU, TierPolicy.LFU])
+async def test_a_chain_read_together_loses_its_leaf_first(
+    tmp_path: Path, clock: ManualClock, policy: TierPolicy
+) -> None:
+    """A GetBlocks reads a chain (first block first) at one moment: under pressure its deepest block
+    leaves first, never its root (the hashes would have picked 0, the root)."""
+    manager = make(tmp_path, clock, policy=policy, nvme_capacity_bytes=0)
+    await put(manager, clock, 0, 1, 2, 3)
+    clock.now += 1.0
+    assert len(await manager.get([h(0), h(1), h(2), h(3)])) == 4
+    assert {manager._blocks[h(i)].position for i in range(4)} == {0, 1, 2, 3}
+    assert await put(manager, clock, 4) == [h(3)]
+    assert manager.lookup([h(0), h(1), h(2), h(3)]) == [CPU, CPU, CPU]
+    # next: LRU takes 2, the chain's new leaf; A²CR and LFU take 4, read once, before the chain read twice
+    assert await put(manager, clock, 5) == [h(2) if policy is TierPolicy.LRU else h(4)]
 
 
 async def test_nvme_full_evicts_its_lowest_and_reports_lost_blocks(

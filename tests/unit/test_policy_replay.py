@@ -1,0 +1,188 @@
+"""benchmark/policy_replay.py: the multi-round QA trace, prefix-aware hit counting, and the CLI's JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from wicore.config import A2crConfig
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmark" / "policy_replay.py"
+
+
+def _load():
+    if "policy_replay" in sys.modules:
+        return sys.modules["policy_replay"]
+    spec = importlib.util.spec_from_file_location("policy_replay", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["policy_replay"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+r = _load()
+
+
+def per_user(trace) -> dict[str, list[tuple[int, tuple[str, ...]]]]:
+    """user -> [(request index, the request's blocks after the system prompt)]."""
+    turns: dict[str, list[tuple[int, tuple[str, ...]]]] = defaultdict(list)
+    system = r.MultiRoundParams().system_blocks
+    for i, request in enumerate(trace.requests):
+        own = request.blocks[system:]
+        turns[own[0].split(":")[1]].append((i, own))
+    return turns
+
+
+# --- the multi-round QA trace ----------------------------------------------------------
+
+
+def test_multiround_is_seeded() -> None:
+    a, b = r.make_multiround_trace(), r.make_multiround_trace(r.MultiRoundParams(seed=0))
+    assert a.requests == b.requests
+    assert r.make_multiround_trace(r.MultiRoundParams(seed=1)).requests != a.requests
+
+
+def test_multiround_users_share_one_system_prompt() -> None:
+    trace = r.make_multiround_trace()
+    p = trace.params
+    assert len(trace.requests) == p.users * p.rounds
+    system = trace.requests[0].blocks[: p.system_blocks]
+    assert system == tuple(f"sys:mr:{i}" for i in range(p.system_blocks))
+    assert all(request.blocks[: p.system_blocks] == system for request in trace.requests)
+    assert all(
+        not h.startswith("sys:") for request in trace.requests for h in request.blocks[p.system_blocks :]
+    )
+    assert all(sum(request.mass) == pytest.approx(1.0) for request in trace.requests)
+    sink = sum(request.mass[0] for request in trace.requests)  # weight 8 against the others' 2
+    assert all(sink > 2.5 * sum(request.mass[i] for request in trace.requests) for i in (1, 2, 3))
+
+
+def test_multiround_histories_grow_by_a_question_and_an_answer() -> None:
+    trace = r.make_multiround_trace()
+    p = trace.params
+    turns = per_user(trace)
+    assert len(turns) == p.users
+    for user, history in turns.items():
+        assert len(history) == p.rounds
+        first = history[0][1]
+        assert p.context_blocks[0] + 3 <= len(first) <= p.context_blocks[1] + 6
+        assert first == tuple(f"chat:{user}:{j}" for j in range(len(first)))
+        for (_, before), (_, after) in itertools.pairwise(history):
+            assert after[: len(before)] == before  # the whole history, re-read
+            assert 3 <= len(after) - len(before) <= 6  # plus a question (1-2) and its answer (2-4)
+
+
+def test_multiround_users_return_after_others_in_a_shuffled_order() -> None:
+    trace = r.make_multiround_trace()
+    p = trace.params
+    orders = [
+        [request.blocks[p.system_blocks].split(":")[1] for request in trace.requests[k : k + p.users]]
+        for k in range(0, len(trace.requests), p.users)
+    ]
+    assert all(sorted(order) == sorted(orders[0]) for order in orders)  # each round: every user once
+    assert len({tuple(order) for order in orders}) == p.rounds  # not a fixed loop
+    gaps = [
+        b - a - 1 for history in per_user(trace).values() for (a, _), (b, _) in itertools.pairwise(history)
+    ]
+    assert min(gaps) < p.users // 4 and max(gaps) > p.users * 3 // 2  # others' turns in between vary
+    times = [request.time for request in trace.requests]
+    assert times == sorted(times)
+
+
+def test_multiround_demand_is_a_few_times_the_cpu_tier() -> None:
+    trace = r.make_multiround_trace()
+    unique = len({h for request in trace.requests for h in request.blocks})
+    assert 3 * 500 < unique < 5 * 500
+    assert r.workload_trace("multiround", 0).requests == trace.requests
+    with pytest.raises(ValueError, match="workload"):
+        r.workload_trace("loop", 0)
+
+
+# --- the store: the engine reuses the leading run only ---------------------------------
+
+
+def test_a_block_behind_a_missing_one_is_a_hole_not_a_hit() -> None:
+    capacity = {r.Level.CPU: 100, r.Level.NVME: 100}  # 1-byte blocks: nothing is evicted
+    store = r.TwoLevelStore("lru", A2crConfig(), capacity, cleanup=False)
+    store.serve(r.Request(1.0, ("doc:a", "doc:b", "doc:c"), (0.5, 0.25, 0.25)), 1)
+    store._remove(r.Level.CPU, store.blocks[r.Level.CPU]["doc:b"])  # b gone, a and c stored
+    store.serve(r.Request(2.0, ("doc:a", "doc:b", "doc:c"), (0.5, 0.25, 0.25)), 1)
+    assert (store.count["cpu"], store.count["miss"], store.count["hole"]) == (1, 4, 1)
+    c = store.blocks[r.Level.CPU]["doc:c"]
+    assert (c.hits, c.last_access, c.position) == (2, 2.0, 2)  # recomputed, put again: an access
+    store.check_integrity()
+
+
+def test_replay_reports_reused_and_stored_hit_rates() -> None:
+    trace = r.make_trace(r.TraceParams(duration_s=120.0))
+    result = r.replay("lru", trace, 50 * trace.block_bytes, 200 * trace.block_bytes)
+    rates = result["hit_rate"]
+    assert rates["total"] == pytest.approx(rates["cpu"] + rates["nvme"])
+    assert rates["total"] <= rates["stored"]
+    assert result["bytes_moved"] == result["bytes_demoted"] + result["bytes_promoted"]
+    variant = r.replay("a2cr-no-admission", trace, 50 * trace.block_bytes, 200 * trace.block_bytes)
+    assert variant["policy"] == "a2cr-no-admission" and variant["not_admitted"] == 0
+
+
+def test_a2cr_keeps_a_stable_share_of_the_multiround_loop() -> None:
+    """Users returning after more blocks than the tiers hold: LRU keeps what is needed last;
+    A²CR's decayed frequency and promotion admission keep a stable share (measured: +21 to +25
+    points at 250 CPU / 1,000 NVMe blocks, 3 seeds)."""
+    result = r.replay_all(250, 1000, 0, workload="multiround")
+    rates = result["hit_rate"]
+    assert rates["a2cr"] > rates["lru"] + 0.1
+    assert result["bytes_moved"]["a2cr"] < result["bytes_moved"]["lru"]
+    assert result["params"]["workload"] == "multiround" and result["params"]["users"] == 32
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+def _run(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--json", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "a2cr - lru total hit rate per seed" in done.stdout
+    return json.loads(out.read_text())
+
+
+def test_cli_multiround_sweep_writes_hit_rate_and_bytes_moved_per_policy(tmp_path: Path) -> None:
+    data = _run(
+        tmp_path,
+        "--workload",
+        "multiround",
+        "--cpu-blocks",
+        "40",
+        "--nvme-blocks",
+        "80,400",
+        "--seeds",
+        "0,1",
+    )
+    assert [s["params"]["nvme_blocks"] for s in data["sweep"]] == [80, 400]
+    for cell in data["sweep"]:
+        assert cell["params"]["workload"] == "multiround" and cell["params"]["seeds"] == [0, 1]
+        for key in ("hit_rate", "bytes_moved"):
+            assert set(cell["policy"][key]) == {"a2cr", "lru", "lfu"}
+        assert len(cell["runs"]) == 2
+        for run in cell["runs"]:
+            assert set(run["hit_rate"]) == set(run["bytes_moved"]) == {"a2cr", "lru", "lfu"}
+            assert set(run["details"]["a2cr"]["hit_rate"]) == {"cpu", "nvme", "total", "stored"}
+
+
+def test_cli_replay_single_cell(tmp_path: Path) -> None:
+    data = _run(
+        tmp_path, "--duration", "60", "--cpu-blocks", "40", "--nvme-blocks", "200", "--policies", "a2cr,lru"
+    )
+    assert data["params"]["workload"] == "replay" and data["params"]["duration_s"] == 60.0
+    assert set(data["policy"]["hit_rate"]) == set(data["policy"]["bytes_moved"]) == {"a2cr", "lru"}
+    assert all(0.0 <= v <= 1.0 for v in data["policy"]["hit_rate"].values())
