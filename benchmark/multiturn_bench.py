@@ -27,6 +27,8 @@ each on a fresh stack (state dir, NVMe dir, Redis namespace):
     cpu_only   offload on; CPU tier large, no NVMe tier
     nvme_only  offload on; no CPU tier, NVMe large
     recompute  offload off (the device prefix cache only)
+    hmt_lru    hmt with `tier.policy: lru` (hmt_lfu: lfu) instead of A²CR: the eviction
+               policies compared on returning-turn TTFT through the real tiers
 
 Lossy tier codecs can change the generated text slightly; this is a speed benchmark.
 Hit tokens by tier: cpu / nvme = blocks the tier's GetBlocks served from each tier x block
@@ -64,6 +66,8 @@ if TYPE_CHECKING:
     from stack import Stack
 
 MODES = ("hmt", "cpu_only", "nvme_only", "recompute")
+# hmt under another eviction policy than the default (A²CR): the tiers' tier.policy
+POLICY_MODES = {"hmt_lru": "lru", "hmt_lfu": "lfu"}
 MiB = 2**20
 TTFT_TARGET = 0.5  # returning-turn TTFT p50 of hmt, as a fraction of recompute's
 
@@ -86,6 +90,7 @@ class ModeRun:
     turns: list[Turn]
     tier_hits: dict[str, int]  # blocks served per tier during the workload (and NVMe reads)
     tier_stats: dict[str, Any]  # the tier's Stats after the workload
+    costs: dict[str, float]  # what the worker measured: prefill tok/s, seconds to load a block per tier
 
     @property
     def tok_s(self) -> float:
@@ -209,6 +214,21 @@ async def warm_up(address: str) -> None:
                 await asyncio.sleep(1)
 
 
+def worker_costs(stack: Stack) -> dict[str, float]:
+    """The worker's measured prefill speed and per-tier block load time, from its /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{stack.metrics['worker-0']}/metrics", timeout=10) as reply:
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    costs = {"prefill_tokens_per_s": families["wicore:prefill_tokens_per_second"].samples[0].value}
+    load = families.get("wicore:kv_block_load_seconds")
+    for sample in load.samples if load else []:
+        costs[f"load_s_per_block_{sample.labels['source']}"] = sample.value
+    return costs
+
+
 async def tier_stats(stack: Stack) -> dict[str, Any]:
     """The stack's tier's Stats, over a channel with the stack's internal token."""
     from google.protobuf.json_format import MessageToDict
@@ -251,8 +271,10 @@ def mode_settings(mode: str, args: argparse.Namespace, run: int) -> dict[str, An
         "worker.kv_offload": mode != "recompute",
         "redis.namespace": f"multiturn-{os.getpid()}-{run}-{mode}",
     }
-    if mode == "hmt":
+    if mode == "hmt" or mode in POLICY_MODES:
         settings |= {"tier.cpu_capacity_bytes": args.hmt_cpu_bytes, "tier.nvme_capacity_bytes": large}
+        if mode in POLICY_MODES:
+            settings["tier.policy"] = POLICY_MODES[mode]
     elif mode == "cpu_only":
         settings |= {"tier.cpu_capacity_bytes": large, "tier.nvme_capacity_bytes": 0}
     elif mode == "nvme_only":
@@ -274,9 +296,11 @@ def run_mode(
             before = asyncio.run(tier_stats(stack))
             wall, turns = asyncio.run(run_workload(stack.gateway, conversations, order, args))
             after = asyncio.run(tier_stats(stack))
+            costs = worker_costs(stack)
     hits = served_blocks(before, after)
-    result = ModeRun(mode, wall, turns, hits, after)
+    result = ModeRun(mode, wall, turns, hits, after, costs)
     print(f"[{mode} run {run}] {wall:.1f} s, {result.tok_s:.2f} tok/s, tier blocks {hits}", file=sys.stderr)
+    print(f"[{mode} run {run}] the worker measured {costs}", file=sys.stderr)
     return result
 
 
@@ -411,17 +435,21 @@ def parse_args() -> argparse.Namespace:
     add("--kv-cache-mib", type=int, default=128, help="device KV pool (worker.kv_cache_bytes)")
     add("--hmt-cpu-conversations", type=float, default=3.0, help="hmt: CPU tier sized for this many")
     add("--large-tier-mib", type=int, default=1024, help="the tiers that should not fill up")
-    add("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    add(
+        "--modes", default=",".join(MODES),
+        help=f"comma-separated subset of {','.join([*MODES, *POLICY_MODES])} (hmt_lru: hmt with LRU tiers)",
+    )  # fmt: skip
     add("--runs", type=int, default=1)
     add("--seed", type=int, default=7)
     add("--block-size", type=int, default=16)
     add("--max-batched-tokens", type=int, default=512)
     add("--keep-state", help="keep each stack's state dir (logs, NVMe files) under this folder")
+    add("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="more settings, every stack")
     add("--json")
     args = parser.parse_args()
     args.modes = [m for m in args.modes.split(",") if m]
-    if set(args.modes) - set(MODES):
-        parser.error(f"unknown modes {sorted(set(args.modes) - set(MODES))}")
+    if unknown := set(args.modes) - set(MODES) - set(POLICY_MODES):
+        parser.error(f"unknown modes {sorted(unknown)}")
     return args
 
 
@@ -461,7 +489,7 @@ def main() -> int:
     data["params"] = params | {"requests": len(order), "conversation_blocks": blocks, "runtime_s": runtime}
     data["order"] = order
     data["runs"] = {
-        m: [{"wall_s": r.wall_s, "tier_hits": r.tier_hits, "tier_stats": r.tier_stats,
+        m: [{"wall_s": r.wall_s, "tier_hits": r.tier_hits, "tier_stats": r.tier_stats, "costs": r.costs,
              "turns": [asdict(t) for t in r.turns]} for r in runs]
         for m, runs in results.items()
     }  # fmt: skip

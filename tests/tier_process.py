@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,20 @@ def stop(tier: TierProcess) -> None:
     if tier.proc.poll() is None:
         tier.proc.kill()
         tier.proc.wait(timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def running_tier(tmp: Path, redis_url: str, **tier: object) -> AsyncIterator[TierProcess]:
+    """A tier process in a fresh Redis namespace, serving; killed and its keys deleted after."""
+    running = start_tier(tmp, redis_url, f"wicore-test-{uuid.uuid4().hex}", **tier)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await wait_up(running)
+        yield running
+    finally:
+        stop(running)
+        delete_namespace(client, running.namespace)
+        client.close()
 
 
 def delete_namespace(client: redis.Redis, namespace: str) -> None:

@@ -190,7 +190,21 @@ class MoRRouter:
         return self.config.prefix_wait_factor * saved if saved >= bs / rate else 0.0
 
 
-class RoundRobinRouter:
+class NeverWaits:
+    """For the load-only policies: a request never waits for a particular worker."""
+
+    def wait_budget(
+        self,
+        request: QueuedRequest,
+        candidates: Sequence[WorkerInfo],
+        chosen: WorkerInfo,
+        busy: Sequence[WorkerInfo],
+        resident: Mapping[str, int],
+    ) -> float:
+        return 0.0
+
+
+class RoundRobinRouter(NeverWaits):
     """Takes workers in turn (by id), skipping those that cannot take the request now."""
 
     name = "round_robin"
@@ -206,18 +220,8 @@ class RoundRobinRouter:
         self._last = chosen.worker_id
         return chosen
 
-    def wait_budget(
-        self,
-        request: QueuedRequest,
-        candidates: Sequence[WorkerInfo],
-        chosen: WorkerInfo,
-        busy: Sequence[WorkerInfo],
-        resident: Mapping[str, int],
-    ) -> float:
-        return 0.0
 
-
-class LeastLoadedRouter:
+class LeastLoadedRouter(NeverWaits):
     """The lowest batch occupancy; ties: least recently picked, then the smaller id."""
 
     name = "least_loaded"
@@ -232,16 +236,6 @@ class LeastLoadedRouter:
             candidates,
             key=lambda w: (w.inflight / batch_limit(w, self.config), w.last_picked, w.worker_id),
         )
-
-    def wait_budget(
-        self,
-        request: QueuedRequest,
-        candidates: Sequence[WorkerInfo],
-        chosen: WorkerInfo,
-        busy: Sequence[WorkerInfo],
-        resident: Mapping[str, int],
-    ) -> float:
-        return 0.0
 
 
 ROUTERS: Mapping[RoutingPolicy, type[MoRRouter] | type[RoundRobinRouter] | type[LeastLoadedRouter]] = {

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_cli import run_benchmark
 
 from tiny_models import save_tiny
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +20,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmark" / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-    )
+    return run_benchmark(script, *args)
 
 
 @pytest.mark.parametrize("backend", ["cascade", "gather"])

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from bench_cli import run_benchmark
 
 from tiny_models import save_tiny
 
-ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("off", "ngram", "draft")
 WORKLOADS = ("chat", "rewrite", "code")
 
@@ -23,13 +22,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def spec_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmark" / "spec_bench.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=ROOT,
-    )
+    return run_benchmark("spec_bench.py", *args)
 
 
 def test_spec_bench_reports_every_method_on_every_workload(tiny: Path, tmp_path: Path) -> None:

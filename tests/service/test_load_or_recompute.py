@@ -4,12 +4,10 @@ their measured recompute are recomputed (a tier hit is never slower than a miss)
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-import redis
 import torch
 
 from wicore.kv.block import Codec, StorageTier
@@ -20,29 +18,15 @@ from wicore.v1 import tier_pb2_grpc
 from wicore.worker.costs import EXPLORE_EVERY, CostMeter
 from wicore.worker.offload import KvOffloader, OffloadStats, Reload
 
-from tier_process import TierProcess, delete_namespace, kv_of, new_hash, put, start_tier, stop, wait_up
+from tier_process import TierProcess, kv_of, new_hash, put, running_tier
 
 BLOCK_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-async def tier(
-    tmp_path_factory: pytest.TempPathFactory, redis_url: str, redis_client: redis.Redis
-) -> AsyncIterator[TierProcess]:
-    running = start_tier(tmp_path_factory.mktemp("tier"), redis_url, f"wicore-test-{uuid.uuid4().hex}")
-    try:
-        await wait_up(running)
+async def tier(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> AsyncIterator[TierProcess]:
+    async with running_tier(tmp_path_factory.mktemp("tier"), redis_url) as running:
         yield running
-    finally:
-        stop(running)
-        delete_namespace(redis_client, running.namespace)
 
 
 async def stored_chain(tier: TierProcess, n: int) -> list[BlockHash]:

@@ -6,22 +6,14 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from bench_cli import run_benchmark
 
 
 def routing_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "benchmark" / "routing_bench.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=ROOT,
-    )
+    return run_benchmark("routing_bench.py", *args, timeout_s=400)
 
 
 def test_multitenant_ramp_reports_every_policy_at_every_step(tmp_path: Path) -> None:
