@@ -105,22 +105,12 @@ def save_small_llama(path: Path) -> Path:
     """A random 26M-parameter Llama (8 layers, hidden 512, 2 KV heads) with the tests' byte-level
     tokenizer: prefill costs what it would on a real small model, so a prefix miss is expensive
     and a hit cheap, and a ramp still runs in minutes on two cores."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny_models import save_tiny
 
-    from tiny_models import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    return save_tiny(
+        "llama", path, max_context=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=2,
     )  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def policy_settings(policy: str, args: argparse.Namespace, kv_cache_bytes: int = 0) -> dict[str, Any]:
@@ -231,18 +221,19 @@ def make_multitenant(args: argparse.Namespace) -> MultiTenant:
 
 def kv_pool_bytes(model: Path, prefix_tokens: int, workers: int, share: float, block_size: int = 16) -> int:
     """Each worker's KV pool such that `prefix_tokens` (all the tenants' prefixes) take `share`
-    of the workers' pools together: blocks = ceil(prefix blocks / (share · workers)), in the
-    model's fp32 block size (a CPU worker's dtype)."""
-    import json
+    of the workers' pools together: blocks = ceil(prefix blocks / (share · workers)), each of the
+    size the worker's own pool gives it in fp32 (a CPU worker's dtype)."""
+    from types import SimpleNamespace
 
-    config = json.loads((model / "config.json").read_text())
-    config = config.get("text_config", config)
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv_heads = config.get("num_key_value_heads") or heads
-    block_bytes = config["num_hidden_layers"] * 2 * kv_heads * head_dim * block_size * 4
-    blocks = math.ceil(math.ceil(prefix_tokens / block_size) / (share * workers))
-    return blocks * block_bytes
+    import torch
+    from transformers import AutoConfig
+
+    from wicore.worker.model_runner import kv_layout
+    from wicore.worker.paged_attention import KVPool
+
+    layers, kv_heads, head_dim = kv_layout(SimpleNamespace(config=AutoConfig.from_pretrained(model)))
+    block_bytes = KVPool.bytes_per_block(layers, block_size, kv_heads, head_dim, torch.float32)
+    return math.ceil(math.ceil(prefix_tokens / block_size) / (share * workers)) * block_bytes
 
 
 @dataclass

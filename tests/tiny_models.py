@@ -62,10 +62,10 @@ def _common(tokenizer: PreTrainedTokenizerFast, max_context: int) -> dict[str, o
     }
 
 
-def _config(family: str, tokenizer: PreTrainedTokenizerFast, max_context: int):  # type: ignore[no-untyped-def]
+def _config(family: str, tokenizer: PreTrainedTokenizerFast, max_context: int, **sizes: int):  # type: ignore[no-untyped-def]
     from transformers import Gemma3TextConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = _common(tokenizer, max_context)
+    common = _common(tokenizer, max_context) | sizes
     if family == "llama":
         return LlamaConfig(**common)
     if family == "mistral":  # every layer slides over the last 8 positions
@@ -88,12 +88,13 @@ def _config(family: str, tokenizer: PreTrainedTokenizerFast, max_context: int): 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
-def save_tiny(family: str, path: Path, seed: int = 0, max_context: int = 1024) -> Path:
-    """A tiny model of `family` with random weights, saved like a real checkpoint."""
+def save_tiny(family: str, path: Path, seed: int = 0, max_context: int = 1024, **sizes: int) -> Path:
+    """A tiny model of `family` with random weights, saved like a real checkpoint; `sizes`
+    override the config's (hidden_size=512, num_hidden_layers=8, ...)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
-    config = _config(family, tokenizer, max_context)
+    config = _config(family, tokenizer, max_context, **sizes)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

@@ -154,7 +154,7 @@ class BatchOptimizer:
             return not starving
         worker = self.router.choose(request, candidates, resident)
         busy = [w for w in fitting if w.inflight >= batch_limit(w, self.config)]
-        budget = self.router.wait_budget(request, candidates, worker, busy, resident) if busy else 0.0
+        budget = self.router.wait_budget(request, candidates, worker, busy, resident)
         if budget > 0.0 and self._hold(request, min(budget, self.config.aging_interval_s), now, plan):
             return True  # it waits for a busy worker; the requests behind it may pass
         request.held_since = None  # a later hold (after a failover, say) starts afresh
