@@ -6,7 +6,9 @@ Each variant is the model as a worker loads it (`load_model` with the variant's
 settings), against the reference: fp32 with transformers' own kernels
 (`cpu_kernels: default`, bit for bit what `generate` computes):
 
-  - `onednn`: fp32 weights packed for oneDNN (`cpu_kernels: onednn`, today's default)
+  - `auto`:   fp32 through the kernels measured fastest at load (`cpu_kernels: auto`, the
+              default: MKL or oneDNN by row count)
+  - `onednn`: fp32 weights packed for oneDNN at every row count (`cpu_kernels: onednn`)
   - `bf16`:   `worker.dtype: bfloat16` (weights, activations and KV)
   - `int8`:   `worker.weight_quant: int8` (int8 weights, one scale per output channel)
 
@@ -36,6 +38,7 @@ from fidelity_bench import Tally, load_prompts
 
 VARIANTS = {
     "fp32": {"worker.cpu_kernels": "default"},
+    "auto": {"worker.cpu_kernels": "auto"},
     "onednn": {"worker.cpu_kernels": "onednn"},
     "bf16": {"worker.dtype": "bfloat16"},
     "int8": {"worker.weight_quant": "int8"},
@@ -137,7 +140,7 @@ def main() -> int:
         print(f"{name}: {results[name]}", file=sys.stderr)
         del loaded
 
-    base = results.get("onednn") or next(iter(results.values()))
+    base = results.get("auto") or next(iter(results.values()))
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"\nweight formats, SmolLM2, {torch.get_num_threads()} threads ({capability})")
     print("| variant | top-1 % | mean KL | identical % | batch 1 tok/s | batch 16 tok/s | prefill tok/s |")

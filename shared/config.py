@@ -64,8 +64,11 @@ class WorkerDtype(enum.StrEnum):
 
 
 class CpuKernels(enum.StrEnum):
-    """`worker.cpu_kernels`: `onednn` (faster; not bit-identical to generate()) or `default`."""
+    """`worker.cpu_kernels`: `auto` measures MKL and oneDNN kernels at load and multiplies each
+    row count through the fastest; `onednn` uses oneDNN at every size (both not bit-identical to
+    generate()); `default` keeps the model's own layers, bit for bit."""
 
+    AUTO = "auto"
     ONEDNN = "onednn"
     DEFAULT = "default"
 
@@ -356,7 +359,7 @@ class WorkerConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_bytes: int = 1 * GiB  # KV pool on CPU; on a GPU gpu_config.gpu_memory_utilization decides
     max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
-    cpu_kernels: CpuKernels = CpuKernels.ONEDNN
+    cpu_kernels: CpuKernels = CpuKernels.AUTO
     attention_backend: AttentionBackend = AttentionBackend.CASCADE
     weight_quant: WeightQuant = WeightQuant.NONE
     num_threads: int = 0  # torch threads on CPU; 0: torch's default (`wicore up` splits the cores)

@@ -36,7 +36,7 @@ from wicore.worker.async_engine import AsyncEngine
 from wicore.worker.checkpoints import load_causal_lm
 from wicore.worker.convert import ModelDefaults
 from wicore.worker.costs import CostMeter
-from wicore.worker.cpu_kernels import use_int8_linears, use_onednn_linears
+from wicore.worker.cpu_kernels import use_cpu_linears, use_int8_linears
 from wicore.worker.draft import DraftProposer
 from wicore.worker.kv_budget import cuda_memory, gpu_kv_blocks
 from wicore.worker.metrics import WorkerMetrics
@@ -82,8 +82,9 @@ def load_model(config: Config) -> LoadedModel:
             raise ConfigError("worker.weight_quant: int8 runs on CPU workers only; use none on a GPU")
         use_int8_linears(model)
         kv_identity += "+int8"  # other weights, other KV: never share cached blocks with fp weights
-    elif wc.cpu_kernels == CpuKernels.ONEDNN and device.type == "cpu":
-        use_onednn_linears(model)
+    elif wc.cpu_kernels != CpuKernels.DEFAULT and device.type == "cpu":
+        table = use_cpu_linears(model, measure=wc.cpu_kernels == CpuKernels.AUTO)
+        log.info("linear layers: %s (worker.cpu_kernels: %s)", table.describe(), wc.cpu_kernels)
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
     return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, kv_identity))
 

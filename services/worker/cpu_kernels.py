@@ -1,11 +1,28 @@
-"""Linear layers for CPU workers: oneDNN-packed fp32/bf16 weights, and int8 weights.
+"""Linear layers for CPU workers: fp32/bf16 weights through the kernel measured fastest for
+each number of rows, and int8 weights.
 
-`torch.ops.mkldnn._linear_pointwise` with a weight reordered once into oneDNN's
-blocked layout runs the small-M GEMMs of a decode step markedly faster than
-the default MKL `sgemm` path here (measured: a 16x576 @ 576x3072 GEMM 0.56 ms vs
-0.94 ms; the 49152-row LM head 20 ms vs 32 ms). Its results differ from MKL's in
-the last bits, so greedy output can differ from `model.generate` at near-ties:
-`worker.cpu_kernels: default` keeps the model's own kernels, bit for bit.
+A decode step multiplies every weight by a few rows (one per running sequence), so its
+speed is how fast a kernel streams the weight from memory, and which kernel does that
+best depends on the machine, not only on the shape. Measured over SmolLM2's 211 linear
+layers (fp32, 2 threads, 538 MB a sweep):
+
+| rows | `F.linear` (MKL, x @ W.T) | W @ x.T (MKL) | oneDNN packed | machine |
+|---|---|---|---|---|
+| 1 | 27.7 ms | - | 31.0 ms | Intel Xeon, AMX |
+| 1 | 45.1 ms | 17.3 ms (as 2 rows) | 25.8 ms | AMD EPYC, AVX-512 |
+| 2 | 72.6 ms | 17.3 ms | 29.2 ms | AMD EPYC, AVX-512 |
+| 16 | 66.7 ms | 56.4 ms | 33.8 ms | AMD EPYC, AVX-512 |
+
+(MKL runs one row as a matrix-vector product on one core; W @ x.T with two rows is a
+GEMM that both cores share, at the machine's read bandwidth.) So `worker.cpu_kernels:
+auto`, the default, measures the candidates at load: one sweep over all of the model's
+own layers per candidate and row count (`TUNED_ROWS`), the fastest of three, and every
+layer then multiplies n rows with the kernel measured fastest at the smallest tuned
+count >= n (oneDNN above the last: prefill is compute-bound, where it wins). A kernel
+no row count chose gives up its copy of the weights. `onednn` uses oneDNN at every size
+(one copy). Packed and MKL results differ in the last bits, so greedy output can differ
+from `model.generate` at near-ties: `worker.cpu_kernels: default` keeps the model's own
+kernels, bit for bit.
 
 `worker.weight_quant: int8` stores every linear layer's weight as int8 with one
 symmetric scale per output channel (`Int8Linear`) and multiplies through torch's own
@@ -15,52 +32,126 @@ fp32 bytes; activations stay in the model's dtype.
 
 from __future__ import annotations
 
+import bisect
+import enum
 import functools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+TUNED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
-class OneDnnLinear(nn.Module):
-    """A linear layer through oneDNN with its weight prepacked for `batch_hint` rows.
 
-    Up to `MKL_ROWS` rows (decode at batch 1 or 2) an fp32 layer multiplies its plain weight
-    with MKL instead: there MKL streams the weight near memory bandwidth and the packed kernel
-    did not (SmolLM2's linear layers at one row: 27.7 ms vs 31.0 ms a step on the AMX machine,
-    and a whole batch-1 decode step 42 ms vs 52-76 ms). An fp32 layer so keeps both copies of
-    its weight (`worker.cpu_kernels: default` keeps one). bf16 stays on oneDNN, faster there
-    at every size."""
+class Kernel(enum.StrEnum):
+    ONEDNN = "onednn"  # the weight reordered once into oneDNN's blocked layout
+    MKL = "mkl"  # F.linear on the plain weight: x @ W.T
+    MKL_WT = "mkl_wt"  # W @ x.T on the plain weight, at least two rows (one is padded)
 
-    MKL_ROWS = 2
 
-    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+@dataclass(frozen=True, slots=True)
+class KernelTable:
+    """Which kernel multiplies n rows: `kernels[i]` up to `rows[i]` rows, oneDNN above the last."""
+
+    rows: tuple[int, ...] = ()
+    kernels: tuple[Kernel, ...] = ()
+
+    def pick(self, rows: int) -> Kernel:
+        i = bisect.bisect_left(self.rows, rows)
+        return self.kernels[i] if i < len(self.kernels) else Kernel.ONEDNN
+
+    @property
+    def uses_plain(self) -> bool:
+        return any(k is not Kernel.ONEDNN for k in self.kernels)
+
+    def describe(self) -> str:
+        """`rows 1-2 mkl_wt, 3-64 onednn, above onednn`: consecutive counts with one kernel merged."""
+        spans: list[str] = []
+        low = 1
+        for i, (high, kernel) in enumerate(zip(self.rows, self.kernels, strict=True)):
+            if i + 1 < len(self.kernels) and self.kernels[i + 1] is kernel:
+                continue
+            spans.append(f"{low}-{high} {kernel}" if low != high else f"{low} {kernel}")
+            low = high + 1
+        spans.append(f"{low}+ {Kernel.ONEDNN}")
+        return "rows " + ", ".join(spans)
+
+
+class CpuLinear(nn.Module):
+    """A linear layer that multiplies through the kernel its model's `KernelTable` names for the
+    number of rows. It holds its weight reordered for oneDNN (packed for `batch_hint` rows) and,
+    while any row count uses an MKL kernel, plain as well."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int, table: KernelTable) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.plain = weight if weight.dtype == torch.float32 else None
+        self.plain: torch.Tensor | None = weight
+        self.table = table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        out = self.multiply(flat, self.table.pick(flat.shape[0]))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def multiply(self, flat: torch.Tensor, kernel: Kernel) -> torch.Tensor:
+        """flat [rows, in] -> [rows, out] through `kernel`."""
         rows = flat.shape[0]
-        if rows <= self.MKL_ROWS and self.plain is not None:
-            return torch.nn.functional.linear(x, self.plain, self.bias)
-        bucket = _bucket(rows)
-        if bucket != rows:
-            flat = torch.nn.functional.pad(flat, (0, 0, 0, bucket - rows))
-        elif not flat.is_contiguous():
-            flat = flat.contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return out[:rows].view(*x.shape[:-1], self.out_features)
+        if kernel is Kernel.ONEDNN or self.plain is None:
+            bucket = _bucket(rows)
+            if bucket != rows:
+                flat = torch.nn.functional.pad(flat, (0, 0, 0, bucket - rows))
+            elif not flat.is_contiguous():
+                flat = flat.contiguous()
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            return out[:rows]
+        if kernel is Kernel.MKL:
+            return torch.nn.functional.linear(flat, self.plain, self.bias)
+        if rows == 1:
+            flat = torch.cat((flat, flat))
+        out = torch.matmul(self.plain, flat.t()).t()[:rows].contiguous()
+        return out if self.bias is None else out.add_(self.bias)
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes a forward pass reads of the weights (one of the two copies)."""
+        """Bytes a forward pass reads of the weights (one of the copies)."""
         bias = 0 if self.bias is None else self.bias.nbytes
         return self.in_features * self.out_features * self.packed.element_size() + bias
+
+
+def tune(
+    layers: Sequence[CpuLinear], rows: Sequence[int] = TUNED_ROWS, repeats: int = 3
+) -> tuple[KernelTable, dict[int, dict[str, float]]]:
+    """The fastest kernel at each row count, timed over all `layers` in turn (one warm-up sweep,
+    then the fastest of `repeats`: a sweep reads every weight from memory, as a decode step does),
+    and the seconds each candidate took."""
+    if not layers:
+        return KernelTable(), {}
+    dtype = layers[0].packed.dtype
+    seconds: dict[int, dict[str, float]] = {}
+    chosen: list[Kernel] = []
+    with torch.inference_mode():
+        for n in rows:
+            inputs = {f: torch.randn(n, f).to(dtype) for f in {layer.in_features for layer in layers}}
+            timed: dict[str, float] = {}
+            for kernel in Kernel:
+                best = float("inf")
+                for repeat in range(repeats + 1):
+                    start = time.perf_counter()
+                    for layer in layers:
+                        layer.multiply(inputs[layer.in_features], kernel)
+                    if repeat:
+                        best = min(best, time.perf_counter() - start)
+                timed[kernel.value] = best
+            seconds[n] = timed
+            chosen.append(Kernel(min(timed, key=timed.__getitem__)))
+    return KernelTable(tuple(rows), tuple(chosen)), seconds
 
 
 def _bucket(rows: int) -> int:
@@ -128,11 +219,21 @@ def _replace_linears(model: Any, make: Any, dtypes: tuple[torch.dtype, ...]) -> 
     return replaced
 
 
-def use_onednn_linears(model: Any, batch_hint: int = 16) -> int:
+def use_cpu_linears(model: Any, measure: bool, batch_hint: int = 16) -> KernelTable:
     """Replaces every fp32 nn.Linear of a CPU model, and every bf16 one where oneDNN packs bf16
-    weights on this CPU (AVX-512 or AVX-NE-CONVERT); returns how many."""
+    weights on this CPU (AVX-512 or AVX-NE-CONVERT), by a `CpuLinear`: with `measure`, each row
+    count through the kernel `tune` measured fastest here, otherwise oneDNN at every size.
+    Returns the table the layers use."""
     dtypes = tuple(d for d in (torch.float32, torch.bfloat16) if onednn_packs(d))
-    return _replace_linears(model, lambda linear: OneDnnLinear(linear, batch_hint), dtypes)
+    provisional = KernelTable()
+    _replace_linears(model, lambda linear: CpuLinear(linear, batch_hint, provisional), dtypes)
+    layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    table = tune(layers)[0] if measure else provisional
+    for layer in layers:
+        layer.table = table
+        if not table.uses_plain:
+            layer.plain = None
+    return table
 
 
 @functools.cache

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from wicore.config import load_config
 from wicore.worker.app import load_model
-from wicore.worker.cpu_kernels import Int8Linear, OneDnnLinear, quantize_int8
+from wicore.worker.cpu_kernels import CpuLinear, Int8Linear, quantize_int8
 from wicore.worker.paged_engine import EngineConfig, PagedEngine
 
 from tiny_models import engine_greedy, generate_greedy, save_tiny
@@ -55,7 +55,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_linear_is_replaced_and_the_kv_identity_changes(tiny: Path) -> None:
     fp32 = load_model(load_config(None, {}, {"worker.model": str(tiny)}))
     int8 = load_model(load_config(None, {}, {"worker.model": str(tiny), "worker.weight_quant": "int8"}))
-    linears = [m for m in int8.model.modules() if isinstance(m, torch.nn.Linear | OneDnnLinear)]
+    linears = [m for m in int8.model.modules() if isinstance(m, torch.nn.Linear | CpuLinear)]
     assert linears == []
     assert sum(isinstance(m, Int8Linear) for m in int8.model.modules()) == 4 * 7 + 1  # 4 layers + the head
     # Blocks computed with other weights are other blocks: the prefix cache must not mix them.

@@ -60,7 +60,7 @@ class Family:
             self._expected[key] = out[0, ids.shape[1] :].tolist()
         return self._expected[key]
 
-    def engine(self, kernels: str = "onednn", **config: int) -> PagedEngine:
+    def engine(self, kernels: str = "auto", **config: int) -> PagedEngine:
         overrides = {"worker.model": str(self.path), "worker.cpu_kernels": kernels}
         loaded = load_model(load_config(None, {}, overrides))
         return PagedEngine(loaded.model, EngineConfig(**config), loaded.fingerprint)
@@ -80,7 +80,7 @@ def tokens(outputs: list[StepOutput]) -> list[int]:
 
 
 def greedy(
-    family: Family, prompts: list[str], max_new: int = 20, kernels: str = "onednn", **engine_config: int
+    family: Family, prompts: list[str], max_new: int = 20, kernels: str = "auto", **engine_config: int
 ) -> PagedEngine:
     engine = family.engine(kernels, **engine_config)
     requests = [EngineRequest(f"r{i}", family.ids(p), max_new) for i, p in enumerate(prompts)]

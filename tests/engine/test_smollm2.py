@@ -44,7 +44,7 @@ def smollm2() -> tuple[str, list[list[int]], dict[int, list[int]]]:
     return str(path), ids, expected
 
 
-@pytest.mark.parametrize("kernels", ["default", "onednn"])
+@pytest.mark.parametrize("kernels", ["default", "auto"])
 def test_smollm2_matches_generate_with_chunks_and_prefix_hits(smollm2: tuple, kernels: str) -> None:
     path, ids, expected = smollm2
     loaded = load_model(load_config(None, {}, {"worker.model": path, "worker.cpu_kernels": kernels}))

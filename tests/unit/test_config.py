@@ -84,7 +84,10 @@ def test_round_trip_through_plain_data(tmp_path: Path) -> None:
             {"worker.dtype": "float64"},
             "worker.dtype: expected one of 'auto', 'float32', 'float16', 'bfloat16', got 'float64'",
         ),
-        ({"worker.cpu_kernels": "mkl"}, "worker.cpu_kernels: expected one of 'onednn', 'default', got 'mkl'"),
+        (
+            {"worker.cpu_kernels": "mkl"},
+            "worker.cpu_kernels: expected one of 'auto', 'onednn', 'default', got 'mkl'",
+        ),
         (
             {"gpu_config.cuda_optimization.mixed_precision": "fp8"},
             "gpu_config.cuda_optimization.mixed_precision: expected one of 'fp32', 'fp16', 'bf16', got 'fp8'",

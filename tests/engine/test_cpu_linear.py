@@ -1,0 +1,89 @@
+"""CpuLinear (`worker.cpu_kernels: auto | onednn`): every kernel computes the layer (equal to
+`F.linear` within rounding), each row count goes through the kernel its table names, and
+`tune` names the kernel it measured fastest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wicore.worker.cpu_kernels import CpuLinear, Kernel, KernelTable, onednn_packs, tune, use_cpu_linears
+
+
+@pytest.mark.parametrize("kernel", list(Kernel))
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 70])
+def test_every_kernel_computes_the_layer(kernel: Kernel, rows: int) -> None:
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(96, 80)
+    table = KernelTable((1000,), (kernel,))
+    layer = CpuLinear(linear, 16, table)
+    x = torch.randn(2, rows, 96)  # a batch dimension too: rows are counted flat
+    want = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    got = layer(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    if kernel is Kernel.MKL:
+        assert torch.equal(got, want)  # F.linear itself
+    assert layer.weight_nbytes == 96 * 80 * 4 + 80 * 4
+
+
+def test_the_table_picks_by_row_count_and_onednn_above_its_last() -> None:
+    table = KernelTable((1, 2, 4, 8), (Kernel.MKL, Kernel.MKL_WT, Kernel.ONEDNN, Kernel.MKL))
+    assert [table.pick(n) for n in (1, 2, 3, 4, 5, 8, 9, 500)] == [
+        Kernel.MKL,
+        Kernel.MKL_WT,
+        Kernel.ONEDNN,
+        Kernel.ONEDNN,
+        Kernel.MKL,
+        Kernel.MKL,
+        Kernel.ONEDNN,
+        Kernel.ONEDNN,
+    ]
+    assert table.describe() == "rows 1 mkl, 2 mkl_wt, 3-4 onednn, 5-8 mkl, 9+ onednn"
+    assert KernelTable().describe() == "rows 1+ onednn"
+
+
+def test_each_row_count_runs_the_weight_copy_its_kernel_reads() -> None:
+    layer = CpuLinear(torch.nn.Linear(32, 24, bias=False), 16, KernelTable((2,), (Kernel.MKL_WT,)))
+    assert layer.plain is not None
+    layer.plain = torch.zeros_like(layer.plain)  # only the MKL kernels see this
+    x = torch.randn(3, 32)
+    assert torch.equal(layer(x[:1]), torch.zeros(1, 24))
+    assert torch.equal(layer(x[:2]), torch.zeros(2, 24))
+    assert layer(x).abs().sum() > 0  # 3 rows: oneDNN's packed copy
+
+
+def test_tune_names_the_fastest_kernel_it_measured_at_each_row_count() -> None:
+    layers = [CpuLinear(torch.nn.Linear(64, 64), 16, KernelTable()) for _ in range(3)]
+    table, seconds = tune(layers, rows=(1, 4, 32), repeats=2)
+    assert table.rows == (1, 4, 32) and sorted(seconds) == [1, 4, 32]
+    for n, kernel in zip(table.rows, table.kernels, strict=True):
+        assert set(seconds[n]) == {k.value for k in Kernel}
+        assert seconds[n][kernel.value] == min(seconds[n].values())
+
+
+def test_use_cpu_linears_shares_one_table_and_drops_the_copy_no_kernel_reads() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(5, 16)
+    want = model(x)
+    table = use_cpu_linears(model, measure=False)
+    layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
+    assert len(layers) == 2 and table == KernelTable()
+    assert all(layer.table is table and layer.plain is None for layer in layers)  # oneDNN only
+    assert torch.allclose(model(x), want, atol=1e-5)
+    measured = use_cpu_linears(model2 := torch.nn.Sequential(torch.nn.Linear(16, 8)), measure=True)
+    assert measured.rows and all(isinstance(m.table, KernelTable) for m in model2 if isinstance(m, CpuLinear))
+    assert (model2[0].plain is not None) == measured.uses_plain
+
+
+@pytest.mark.skipif(not onednn_packs(torch.bfloat16), reason="oneDNN does not pack bf16 weights on this CPU")
+@pytest.mark.parametrize("kernel", list(Kernel))
+def test_bf16_layers_run_every_kernel_in_bf16(kernel: Kernel) -> None:
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    layer = CpuLinear(linear, 16, KernelTable((8,), (kernel,)))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(
+        got.float(), torch.nn.functional.linear(x, linear.weight, linear.bias).float(), atol=0.05
+    )
