@@ -212,7 +212,7 @@ class A2crConfig:
     frequency_weight: float = 1.0
     recency_weight: float = 0.0
     frequency_horizon: float = 300.0  # seconds: F's hit count decays as exp(-idle / frequency_horizon)
-    # an NVMe hit enters a full CPU tier only if read more often than its least-read proven block
+    # an NVMe hit enters a full CPU tier only if read more often than its median resident
     promotion_admission: bool = True
     eviction_threshold: float = 0.2
     cleanup_interval: float = 60.0

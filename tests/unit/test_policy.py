@@ -344,11 +344,21 @@ def test_a_chain_read_together_loses_its_leaves_first(clock: ManualClock, make) 
         BlockStats(BlockHash("x"), 1, created=0.0, last_access=0.0, position=-1)
 
 
-def test_promotion_bar_is_the_least_read_proven_resident(clock: ManualClock, a2cr: A2CRPolicy) -> None:
+def test_promotion_bar_is_the_residents_lower_median(clock: ManualClock, a2cr: A2CRPolicy) -> None:
+    """An NVMe hit enters a full CPU tier only if it was read more often than the median resident."""
     residents = [block("once", 0.0, hits=1), block("five", 0.0, hits=5), block("three", 0.0, hits=3)]
-    assert a2cr.promotion_bar(residents) == 3  # "once" has not proven reuse: not the bar
+    assert a2cr.promotion_bar(residents) == 3
     assert (admits(3, 3), admits(3, 4), admits(None, 1)) == (False, True, True)
-    assert a2cr.promotion_bar([block("once", 0.0, hits=1)]) is None  # nothing proven: admit all
+    # The lower median, in any order: [1, 1, 1, 2] -> 1 (the least-read twice-read resident would be 2)
+    fresh = [block(f"new{i}", 0.0, hits=1) for i in range(3)] + [block("twice", 0.0, hits=2)]
+    for permutation in itertools.permutations(fresh):
+        assert a2cr.promotion_bar(permutation) == 1
+    assert a2cr.promotion_bar([*fresh, block("hot", 0.0, hits=9)]) == 1  # [1, 1, 1, 2, 9]
+    assert a2cr.promotion_bar([block("a", 0.0, hits=h) for h in (4, 2, 8, 6)]) == 4  # [2, 4, 6, 8]
+    # A tier of mostly once-read blocks admits a block read twice before, not one read once.
+    assert (admits(1, 1), admits(1, 2)) == (False, True)
+    assert a2cr.promotion_bar([block("once", 0.0, hits=1)] * 3) is None  # nothing read twice: admit all
+    assert a2cr.promotion_bar([]) is None
     off = A2CRPolicy(A2crConfig(promotion_admission=False), clock)
     assert off.promotion_bar(residents) is None
     assert (
@@ -476,3 +486,25 @@ def test_redundant_copies_are_victims_before_sole_copies(clock: ManualClock) -> 
     assert names(select_victims_redundant_first(policy, blocks, 15, {"c", "d"})) == ["c", "d"]
     assert names(select_victims_redundant_first(policy, blocks, 25, {"c", "d"})) == ["c", "d", "a"]
     assert names(select_victims_redundant_first(policy, blocks, 15, set())) == ["a", "b"]
+
+
+def test_replay_admits_an_nvme_hit_read_more_often_than_the_median_resident() -> None:
+    """A²CR's admission in the replay's store: CPU holds b (read twice) and three blocks read once
+    (median 1), so a block read once before stays on NVMe when read (served from there), and is
+    promoted when read again, having been read twice before (b, the least-read twice-read resident,
+    would have kept it out)."""
+    r = replay_module
+    capacity = {r.Level.CPU: 5, r.Level.NVME: 20}  # 1-byte blocks; watermarks 90 % / 80 %
+    store = r.TwoLevelStore("a2cr", A2crConfig(), capacity, cleanup=False)
+    for t, name in enumerate("abcde", start=1):
+        _serve(store, float(t), f"doc:{name}")  # the fifth crosses 90 %: a, the oldest, demoted
+    _serve(store, 5.5, "doc:b")
+    cpu, nvme = store.blocks[r.Level.CPU], store.blocks[r.Level.NVME]
+    assert sorted(cpu) == ["doc:b", "doc:c", "doc:d", "doc:e"] and list(nvme) == ["doc:a"]
+    assert store.policy[r.Level.CPU].promotion_bar(cpu.values()) == 1
+    _serve(store, 6.0, "doc:a")  # read once before: not more than the median resident
+    assert (store.count["nvme"], store.count["not_admitted"], "doc:a" in cpu) == (1, 1, False)
+    _serve(store, 7.0, "doc:a")  # read twice before: promoted, its NVMe copy kept
+    assert (store.count["nvme"], store.count["not_admitted"], "doc:a" in cpu) == (2, 1, True)
+    assert sorted(nvme) == ["doc:a", "doc:c"]  # the promotion displaced c, the oldest once-read block
+    assert (store.count["bytes_promoted"], store.count["bytes_demoted"]) == (2, 2)

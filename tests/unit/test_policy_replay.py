@@ -143,6 +143,19 @@ def test_a2cr_keeps_a_stable_share_of_the_multiround_loop() -> None:
     assert result["params"]["workload"] == "multiround" and result["params"]["users"] == 32
 
 
+def test_a2cr_serves_more_of_the_multiround_loop_from_cpu_when_nvme_holds_it_all() -> None:
+    """NVMe holds every history: every policy hits every stored block, and the bytes moved decide.
+    Admission past the median CPU resident keeps a stable share in CPU RAM (measured: 22-23 %
+    fewer bytes than LRU at 500 CPU / 4,000 NVMe blocks, 3 seeds; 17-20 % with the least-read
+    twice-read resident as the bar)."""
+    result = r.replay_all(500, 4000, 0, workload="multiround", policies=("a2cr", "lru"))
+    rates, moved = result["hit_rate"], result["bytes_moved"]
+    assert rates["a2cr"] == rates["lru"] == pytest.approx(result["params"]["ideal_hit_rate"])
+    assert moved["a2cr"] < 0.8 * moved["lru"]
+    a2cr, lru = result["details"]["a2cr"], result["details"]["lru"]
+    assert a2cr["hit_rate"]["cpu"] > lru["hit_rate"]["cpu"] + 0.1
+
+
 # --- the command line -------------------------------------------------------------------
 
 
