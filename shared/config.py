@@ -97,6 +97,15 @@ class AttentionBackend(enum.StrEnum):
     GATHER = "gather"
 
 
+class ModelImpl(enum.StrEnum):
+    """`worker.model_impl`: `auto` runs WiCore's own forward pass where the family has one
+    (Llama, Mistral, Qwen2, Qwen3: worker/decoder.py; fewer operations per layer, the same
+    arithmetic) and transformers' modules otherwise; `transformers` always runs the modules."""
+
+    AUTO = "auto"
+    TRANSFORMERS = "transformers"
+
+
 class SpecMethod(enum.StrEnum):
     """`worker.speculative.method`: `ngram` proposes the continuation of the sequence's latest
     n-gram where it occurred before (prompt lookup); `draft` runs a smaller model with the same
@@ -361,6 +370,7 @@ class WorkerConfig:
     max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
     cpu_kernels: CpuKernels = CpuKernels.AUTO
     attention_backend: AttentionBackend = AttentionBackend.CASCADE
+    model_impl: ModelImpl = ModelImpl.AUTO
     weight_quant: WeightQuant = WeightQuant.NONE
     num_threads: int = 0  # torch threads on CPU; 0: torch's default (`wicore up` splits the cores)
     kv_offload: bool = True  # spill reclaimed prefix blocks to the tier service and load them back

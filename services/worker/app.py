@@ -174,6 +174,7 @@ def engine_config(config: Config, model: Any, draft: bool = False) -> EngineConf
         max_num_batched_tokens=wc.max_num_batched_tokens,
         attention_sample_every=wc.attention_sample_every,
         attention_backend=wc.attention_backend,
+        model_impl=wc.model_impl,
     )
 
 

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from wicore.config import AttentionBackend
+from wicore.config import AttentionBackend, ModelImpl
 from wicore.errors import ConfigError
 from wicore.worker.batch_scheduler import ScheduledSeq
 from wicore.worker.cascade import Part, shared_prefixes
+from wicore.worker.decoder import Decoder
 from wicore.worker.paged_attention import KVPool, PagedCache, StepMetadata, register
 
 # Families whose attention the paged path reproduces exactly (tested against generate()).
@@ -51,10 +52,14 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         attention_backend: AttentionBackend = AttentionBackend.CASCADE,
+        model_impl: ModelImpl = ModelImpl.AUTO,
     ) -> None:
         check_supported(model)
         self.attention_backend = AttentionBackend(attention_backend)
         self.model = model
+        # WiCore's own forward pass where the family has one; transformers' modules otherwise.
+        use_own = ModelImpl(model_impl) is ModelImpl.AUTO and Decoder.supports(model)
+        self.decoder = Decoder(model) if use_own else None
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_layout(model)
         self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, model.dtype, self.device)
@@ -184,6 +189,9 @@ class ModelRunner:
             meta.probe_layer = self.probe_layer
         if rows.numel() == 0:
             rows = rows.new_tensor([ids.shape[0] - 1])  # nothing samples: keep one row, cheaply
+        if self.decoder is not None:
+            logits = self.decoder(ids, positions, meta, rows).float()
+            return (logits if any(item.samples for item in batch) else logits[:0]), meta.key_mass
         out = self.model(
             input_ids=ids[None],
             position_ids=positions[None],

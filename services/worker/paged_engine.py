@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from wicore.config import AttentionBackend
+from wicore.config import AttentionBackend, ModelImpl
 from wicore.errors import Overloaded
 from wicore.kv.attention import Observation
 from wicore.kv.hashing import BlockHash, extend_chain, reusable_blocks, root_hash
@@ -44,6 +44,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     attention_sample_every: int = 8  # measure attention (A²CR) every n-th step; 0: never
     attention_backend: AttentionBackend = AttentionBackend.CASCADE
+    model_impl: ModelImpl = ModelImpl.AUTO
 
     def __post_init__(self) -> None:
         if min(self.num_blocks, self.block_size, self.max_running, self.max_num_batched_tokens) < 1:
@@ -62,7 +63,9 @@ class PagedEngine:
     ) -> None:
         self.config = config
         self.speculator = speculator
-        self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.attention_backend)
+        self.runner = ModelRunner(
+            model, config.num_blocks, config.block_size, config.attention_backend, config.model_impl
+        )
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.scheduler = BatchScheduler(
             self.pool, config.max_running, config.max_num_batched_tokens, self._prefix_hashes

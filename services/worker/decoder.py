@@ -1,0 +1,141 @@
+"""WiCore's own forward pass for Llama-architecture decoders (Llama, Mistral, Qwen2, Qwen3).
+
+transformers' modules are written for every use (training, hooks, any cache, any mask),
+and a decode step pays for that generality in small operations: SmolLM2 took ~126 top-level
+torch calls per layer through them (views, transposes, casts, the rotary embedding's
+`rotate_half` per tensor, the cache's and the attention interface's reshuffles), about as
+much time at batch 1 as its matrix multiplies. `Decoder` runs the same arithmetic, in the
+same order, on the model's own parameters and linear layers (no copy of any weight), with
+what a packed, paged step needs and nothing else:
+
+    h = embed(ids)
+    per layer:  x = rms_norm(h);  q, k, v = x @ Wq, x @ Wk, x @ Wv   [T, heads, D]
+                (Qwen3: q, k = rms_norm(q), rms_norm(k) over D);  q, k = rope(q, k)
+                pool[layer][slots] = k, v;  a = paged_attention(q)  (cascade.py / gather)
+                h += a @ Wo;  x = rms_norm(h);  h += down(act(gate(x)) * up(x))
+    logits = lm_head(rms_norm(h[rows]))
+
+Each operation is the one transformers performs (RMS norms in float32 then cast,
+`q·cos + rotate_half(q)·sin` elementwise, residual sums), so with the model's own kernels
+(`worker.cpu_kernels: default`) greedy output is bit for bit `generate`'s: the tests hold
+it to that. `worker.model_impl: transformers` runs the model's modules instead (every
+family; Gemma 3 always, which has no `Decoder`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from wicore.worker.paged_attention import StepMetadata, paged_attention
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm: normalised in float32, cast back, then scaled."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)  # fused, and bit for bit the same
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin for x [T, heads, D], cos/sin [T, 1, D] (both halves equal):
+    elementwise the same sums transformers computes, in fewer operations."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., :half], sin[..., :half]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    attn: Any  # the model's attention module: its projections, layer_idx for the attention
+    mlp: Any
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_norm: torch.Tensor | None  # Qwen3's per-head norms
+    k_norm: torch.Tensor | None
+    window: int | None  # sliding-window attention: keys this many positions back are hidden
+
+
+class Decoder:
+    """Next-token logits for the packed tokens of one engine step (see the module docstring)."""
+
+    def __init__(self, model: Any) -> None:
+        inner = model.model
+        config = model.config
+        self.eps = float(config.rms_norm_eps)
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.final_norm = inner.norm.weight
+        self.lm_head = model.lm_head
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.layers = []
+        for layer in inner.layers[: config.num_hidden_layers]:
+            attn = layer.self_attn
+            q_norm = getattr(attn, "q_norm", None)
+            k_norm = getattr(attn, "k_norm", None)
+            window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+            self.layers.append(
+                Layer(
+                    attn=attn,
+                    mlp=layer.mlp,
+                    input_norm=layer.input_layernorm.weight,
+                    post_norm=layer.post_attention_layernorm.weight,
+                    q_norm=None if q_norm is None else q_norm.weight,
+                    k_norm=None if k_norm is None else k_norm.weight,
+                    window=window,
+                )
+            )
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        config = model.config
+        return (
+            getattr(config, "model_type", None) in FAMILIES
+            and getattr(config, "hidden_act", None) == "silu"
+            and not getattr(config, "pretraining_tp", 1) > 1
+        )
+
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """ids, positions [T]; rows: the packed indices to compute logits for -> [R, vocab]."""
+        tokens = ids.shape[0]
+        h = self.embed(ids)  # [T, hidden]
+        cos, sin = self.rotary(h, positions[None])  # [1, T, D]
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        pool, slots, eps = meta.pool, meta.slot_mapping, self.eps
+        for i, layer in enumerate(self.layers):
+            attn = layer.attn
+            x = rms_norm(h, layer.input_norm, eps)
+            q = attn.q_proj(x).view(tokens, self.heads, self.head_dim)
+            k = attn.k_proj(x).view(tokens, self.kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+            pool.keys[i].index_copy_(0, slots, k)
+            pool.values[i].index_copy_(0, slots, v)
+            out, _ = paged_attention(
+                attn,
+                q.transpose(0, 1)[None],
+                k,
+                v,
+                None,
+                scaling=attn.scaling,
+                sliding_window=layer.window,
+                wicore_meta=meta,
+            )  # [1, T, heads, D]
+            h = h + attn.o_proj(out.reshape(tokens, self.heads * self.head_dim))
+            x = rms_norm(h, layer.post_norm, eps)
+            mlp = layer.mlp
+            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        h = rms_norm(h.index_select(0, rows), self.final_norm, eps)
+        return self.lm_head(h)
