@@ -1,8 +1,9 @@
 """Replays seeded traces through a two-level KV store (CPU RAM, NVMe) under A²CR, LRU and
-LFU, and compares hit rates and bytes moved between the tiers.
+LFU, and compares hit rates and bytes moved between the tiers; `--policies ...,belady` adds
+an offline reference that knows the whole trace (`Belady`: no real tier can run it).
 
     python benchmark/policy_replay.py [--workload replay|multiround] [--cpu-blocks 500]
-        [--nvme-blocks 4000] [--seeds 0] [--policies a2cr,lru,lfu] --json OUT
+        [--nvme-blocks 4000] [--seeds 0] [--policies a2cr,lru,lfu[,belady]] --json OUT
 
 `--workload replay` (the default; `make_trace`), a request being the chain of block
 hashes of its sequence:
@@ -56,6 +57,8 @@ blocks read at the same moment (`wicore.tier.policy`).
     python benchmark/policy_replay.py --seeds 0,1,2 --cpu-blocks 250,500,1000,2000
     python benchmark/policy_replay.py --workload multiround --seeds 0,1,2 --cpu-blocks 250,500 \
         --nvme-blocks 1000,4000
+    python benchmark/policy_replay.py --workload multiround --seeds 0,1,2 --cpu-blocks 250,500 \
+        --nvme-blocks 4000 --policies a2cr,lru,belady
 """
 
 from __future__ import annotations
@@ -63,11 +66,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import heapq
 import itertools
 import random
 import statistics
 import sys
-from collections import Counter
+from bisect import bisect_right
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +107,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "a2cr-guide": {"attention_weight": 0.4, "frequency_weight": 0.3, "recency_weight": 0.3},
     "a2cr-no-admission": {"promotion_admission": False},  # every NVMe hit is promoted
 }
+BELADY = "belady"  # the offline reference (`Belady`), for `--policies`
 
 
 @dataclass(frozen=True)
@@ -272,23 +279,120 @@ class Copies(enum.Enum):
     KEEP_REDUNDANT_FIRST = "keep-redundant-first"
 
 
+class Belady:
+    """Belady's MIN with bypass: an offline reference that no real tier can run, as it reads
+    the whole trace in advance. Benchmark-only (not a `tier.policy`).
+
+    Scores a block -(index of the next request that reads it), never read again -inf, so a
+    tier under pressure evicts the block read farthest in the future first, CPU RAM and NVMe
+    alike (the store's mechanics are unchanged: watermarks, demotion writes, redundant NVMe
+    copies dropped first). Admission (`admits`): when CPU RAM is at its low
+    watermark, an NVMe hit is copied into it only if its next read comes before the farthest
+    next read among the CPU residents at the request's start; otherwise it is served from NVMe
+    (bypass), as MIN with the incoming block among the candidate victims would; an admitted
+    block displaces that resident for the request's later NVMe hits. One instance
+    serves both tiers; the store tells it which request is being served (`begin`).
+
+    What it bounds: the reads served from NVMe. MIN with bypass minimises the misses of one
+    cache of fixed size; here that cache is CPU RAM, a miss there an NVMe read or a
+    recomputation. With NVMe holding every block (multi-round QA, --nvme-blocks 4000) every
+    policy hits every stored block (equal hit rates) and bytes moved = NVMe reads + NVMe
+    writes; a block is written once, the first time it leaves CPU RAM, so the writes are at
+    least the trace's distinct blocks less the 90 % of CPU RAM that may hold some at the end.
+    Belady's NVMe reads plus that write floor are then (up to the points below) a lower bound
+    on any policy's bytes moved in this store, and belady's own bytes exceed it only by its
+    writes above the floor. What it does not bound:
+    - writes. Every CPU victim without an NVMe copy is written, as under every policy, also a
+      block never read again (`bytes_demoted_dead`: what an oracle allowed to discard those
+      would save on top); and MIN picks victims by next read only, not preferring a block that
+      already has an NVMe copy (free to evict) over one that needs a write. A write-aware
+      optimum could trade a later read for a write now, so its bytes may be lower still.
+    - the watermarks: CPU RAM evicts in batches (from 90 % down to 80 %), not one block per
+      miss, and admission sees the residents as of the request's start and not the blocks it
+      recomputes, so this is MIN's rule under the store's mechanics, not a proof.
+    - hit rate where tiers drop blocks (NVMe under pressure, as on the replay): the engine
+      reuses the leading run of a chain only, and MIN counts a read behind a missing block (a
+      hole, recomputed anyway) as a use, so keeping such a block can be wasted.
+    """
+
+    name = BELADY
+    threshold = None  # no periodic demotion: evicts under pressure only
+    params = None
+
+    def __init__(self, requests: list[Request]) -> None:
+        self._requests = requests
+        self._reads: dict[str, list[int]] = defaultdict(list)  # block -> indices of the requests reading it
+        for i, request in enumerate(requests):
+            for h in request.blocks:
+                self._reads[h].append(i)
+        self.request = -1  # index of the request being served (after its cleanup)
+
+    def begin(self, request: Request) -> None:
+        """The store starts serving `request`: the trace's next one."""
+        i = self.request + 1
+        if i >= len(self._requests) or self._requests[i] is not request:
+            raise ValueError(f"Belady: expected request {i} of its trace, got another")
+        self.request = i
+
+    def next_read(self, block_hash: str) -> float:
+        """Index of the first request after the current one that reads the block; inf if none."""
+        reads = self._reads.get(block_hash, [])
+        k = bisect_right(reads, self.request)
+        return reads[k] if k < len(reads) else float("inf")
+
+    def score(self, stats: BlockStats) -> float:
+        return -self.next_read(stats.block_hash)
+
+    def touch(self, stats: BlockStats, at: float | None = None) -> None:
+        stats.hits += 1
+        stats.last_access = self._requests[self.request].time if at is None else at
+
+    def tune(self, pressure: float) -> None:
+        return None
+
+    def promotion_bar(self, residents: Iterable[BlockStats]) -> None:
+        """None: the store asks `admits`, over `residents_by_next_read`, instead."""
+        return None
+
+    def residents_by_next_read(self, residents: Iterable[BlockStats]) -> list[float]:
+        """The next reads of `residents` (CPU RAM's, at the request's start) as a max-heap
+        (negated), which `admits` updates as the request's NVMe hits come in."""
+        heap = [-self.next_read(b.block_hash) for b in residents]
+        heapq.heapify(heap)
+        return heap
+
+    def admits(self, heap: list[float] | None, stats: BlockStats) -> bool:
+        """Whether an NVMe hit is copied into CPU RAM: always below the low watermark (`heap`
+        None); else if it is read again before the farthest resident, which it then displaces
+        in `heap` (the tier itself evicts after the request, `TwoLevelStore._make_room`)."""
+        if not heap:
+            return True
+        read = self.next_read(stats.block_hash)
+        if read >= -heap[0]:
+            return False
+        heapq.heapreplace(heap, -read)
+        return True
+
+
 class TwoLevelStore:
     """CPU and NVMe tiers under one policy (an instance per tier, one `BlockStats` per block,
     shared by its copies). Invariant (`check_integrity`): `used[level]` is the sum of the
     level's block sizes; a block in both tiers has one stats object; with `Copies.EXCLUSIVE`
-    no block is in both."""
+    no block is in both. `policy`: a `tier.policy` name (an instance per tier), or a `Belady`
+    oracle (one for both tiers, told each request as it starts)."""
 
     def __init__(
         self,
-        policy: str,
+        policy: str | Belady,
         config: A2crConfig,
         capacity: dict[Level, int],
         cleanup: bool,
         copies: Copies = Copies.KEEP_REDUNDANT_FIRST,
     ) -> None:
         self.now = 0.0
+        self.oracle = policy if isinstance(policy, Belady) else None
         self.policy: dict[Level, EvictionPolicy] = {
-            lv: make_policy(policy, config, self.clock) for lv in Level
+            lv: self.oracle or make_policy(policy, config, self.clock) for lv in Level
         }
         self.blocks: dict[Level, dict[str, BlockStats]] = {lv: {} for lv in Level}
         self.used = dict.fromkeys(Level, 0)
@@ -306,11 +410,14 @@ class TwoLevelStore:
         while self.now >= self.next_cleanup:
             self._cleanup()
             self.next_cleanup += self.cleanup_interval
+        if self.oracle:
+            self.oracle.begin(request)
         cpu, nvme = self.blocks[Level.CPU], self.blocks[Level.NVME]
         policy = self.policy[Level.CPU]
         # CPU at its low watermark or above: a promotion displaces a resident, if admitted
         full = self.used[Level.CPU] >= LOW_WATERMARK * self.capacity[Level.CPU]
         bar = policy.promotion_bar(cpu.values()) if full else None
+        heap = self.oracle.residents_by_next_read(cpu.values()) if full and self.oracle else None
         leading = True  # the engine reuses the leading run of stored blocks only
         for position, (h, mass) in enumerate(zip(request.blocks, request.mass, strict=True)):
             kind = h.split(":", 1)[0]
@@ -330,7 +437,8 @@ class TwoLevelStore:
                 outcome = "cpu"
             else:
                 outcome = "nvme"
-                self._promote(stats, admits(bar, stats.hits))
+                admitted = self.oracle.admits(heap, stats) if self.oracle else admits(bar, stats.hits)
+                self._promote(stats, admitted)
             self.count[outcome] += 1
             self.count[f"{kind}:{outcome}"] += 1
             stats.position = position
@@ -365,6 +473,8 @@ class TwoLevelStore:
             if stats.block_hash not in self.blocks[Level.NVME]:
                 self._add(Level.NVME, stats)
                 self.count["bytes_demoted"] += stats.size_bytes
+                if self.oracle and self.oracle.next_read(stats.block_hash) == float("inf"):
+                    self.count["bytes_demoted_dead"] += stats.size_bytes  # never read again
 
     def _drop(self, victims: list[BlockStats]) -> None:
         for stats in victims:
@@ -415,12 +525,15 @@ def replay(
     copies: Copies = Copies.KEEP_REDUNDANT_FIRST,
 ) -> dict[str, Any]:
     """Runs `trace` through a fresh store; capacities in bytes, hit rates in blocks.
-    `policy_name`: a `tier.policy`, or one of `VARIANTS` (A²CR with `config` so changed)."""
+    `policy_name`: a `tier.policy`, one of `VARIANTS` (A²CR with `config` so changed), or
+    "belady" (`Belady`, the offline reference: its result adds `bytes_demoted_dead`)."""
     capacity = {Level.CPU: cpu_capacity, Level.NVME: nvme_capacity}
     config = config or A2crConfig()
-    policy = policy_name
+    policy: str | Belady = policy_name
     if policy_name in VARIANTS:
         policy, config = "a2cr", dataclasses.replace(config, **VARIANTS[policy_name])
+    elif policy_name == BELADY:
+        policy = Belady(trace.requests)
     store = TwoLevelStore(policy, config, capacity, cleanup, copies)
     for request in trace.requests:
         store.serve(request, trace.block_bytes)
@@ -444,6 +557,7 @@ def replay(
         **{k: c[k] for k in ("bytes_demoted", "bytes_promoted", "bytes_dropped", "bytes_recomputed")},
         "threshold_demotions": c["threshold_demotions"],
         "not_admitted": c["not_admitted"],
+        **({"bytes_demoted_dead": c["bytes_demoted_dead"]} if store.oracle else {}),
     }
 
 
@@ -583,6 +697,13 @@ def main() -> int:
         if "a2cr" in rows and "lru" in rows:
             margins = [run["hit_rate"]["a2cr"] - run["hit_rate"]["lru"] for run in runs]
             print("a2cr - lru total hit rate per seed: " + ", ".join(f"{m:+.4f}" for m in margins))
+        for name in (n for n in rows if n != "lru" and "lru" in rows):
+            per_seed = [
+                f"{run['hit_rate'][name] - run['hit_rate']['lru']:+.4f} / "
+                f"{run['bytes_moved'][name] / run['bytes_moved']['lru'] - 1:+.1%}"
+                for run in runs
+            ]
+            print(f"{name} - lru per seed (hit rate / bytes moved): " + ", ".join(per_seed))
         summary = {
             key: {n: v[i] for n, v in rows.items()} for i, key in ((0, "hit_rate"), (6, "bytes_moved"))
         }
