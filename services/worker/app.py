@@ -20,6 +20,7 @@ from wicore.config import (
     CudaOptimization,
     GpuPoolConfig,
     MixedPrecision,
+    ModelImpl,
     SpecMethod,
     TierLoads,
     WeightQuant,
@@ -37,6 +38,7 @@ from wicore.worker.checkpoints import load_causal_lm
 from wicore.worker.convert import ModelDefaults
 from wicore.worker.costs import CostMeter
 from wicore.worker.cpu_kernels import use_cpu_linears, use_int8_linears
+from wicore.worker.decoder import Decoder, fuse_projections
 from wicore.worker.draft import DraftProposer
 from wicore.worker.kv_budget import cuda_memory, gpu_kv_blocks
 from wicore.worker.metrics import WorkerMetrics
@@ -77,6 +79,11 @@ def load_model(config: Config) -> LoadedModel:
     check_supported(model)
     model = model.to(device).eval()
     kv_identity = dtype.value
+    fast_linears = device.type == "cpu" and (
+        wc.weight_quant == WeightQuant.INT8 or wc.cpu_kernels != CpuKernels.DEFAULT
+    )
+    if fast_linears and wc.model_impl is ModelImpl.AUTO and Decoder.supports(model):
+        fuse_projections(model)  # one q/k/v and one gate/up multiply per layer (decoder.py)
     if wc.weight_quant == WeightQuant.INT8:
         if device.type != "cpu":
             raise ConfigError("worker.weight_quant: int8 runs on CPU workers only; use none on a GPU")

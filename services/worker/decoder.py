@@ -20,6 +20,12 @@ Each operation is the one transformers performs (RMS norms in float32 then cast,
 (`worker.cpu_kernels: default`) greedy output is bit for bit `generate`'s: the tests hold
 it to that. `worker.model_impl: transformers` runs the model's modules instead (every
 family; Gemma 3 always, which has no `Decoder`).
+
+With the CPU's tuned or int8 linear layers (anything but `worker.cpu_kernels: default`),
+`fuse_projections` first joins each layer's q, k and v projections into one layer and its
+gate and up projections into another, as vLLM's QKV and merged-column layers do: 4 matrix
+multiplies per layer instead of 7, each over a taller weight (SmolLM2's linear layers at
+one row: 16.9 ms a step instead of 19.3; at 16 rows 29.9 instead of 33.6, measured here).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from wicore.worker.paged_attention import StepMetadata, paged_attention
 
@@ -51,6 +58,50 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
+class Part(nn.Module):
+    """One projection of a fused layer, for transformers' modules, which call q_proj, k_proj and
+    v_proj one by one: it runs the fused layer (whatever replaced it: looked up on each call) and
+    keeps output features [start, stop). The Decoder calls the fused layer once instead."""
+
+    def __init__(self, owner: nn.Module, fused: str, start: int, stop: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not a submodule: the fused layer is the owner's
+        self.fused, self.start, self.stop = fused, start, stop
+        self.out_features = stop - start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.owner, self.fused)(x)[..., self.start : self.stop]
+
+
+def _join(owner: nn.Module, names: tuple[str, ...], fused: str) -> bool:
+    """Replaces the linear layers `names` of `owner` by one, `fused`, and each by its `Part`."""
+    parts = [getattr(owner, name) for name in names]
+    if not all(type(p) is nn.Linear for p in parts) or len({p.bias is None for p in parts}) != 1:
+        return False
+    weight = torch.cat([p.weight.detach() for p in parts])
+    layer = nn.Linear(parts[0].in_features, weight.shape[0], bias=parts[0].bias is not None)
+    layer = layer.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
+    layer.weight.data = weight
+    if layer.bias is not None:
+        layer.bias.data = torch.cat([p.bias.detach() for p in parts])  # type: ignore[union-attr]
+    setattr(owner, fused, layer)
+    start = 0
+    for name, part in zip(names, parts, strict=True):
+        setattr(owner, name, Part(owner, fused, start, start + part.out_features))
+        start += part.out_features
+    return True
+
+
+def fuse_projections(model: Any) -> int:
+    """Joins every layer's q/k/v projections into `qkv_proj` and gate/up into `gate_up_proj`
+    (transformers' modules still run, through `Part`s); returns how many layers were joined."""
+    joined = 0
+    for layer in model.model.layers:
+        joined += _join(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+        joined += _join(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")
+    return joined
+
+
 @dataclass(frozen=True, slots=True)
 class Layer:
     attn: Any  # the model's attention module: its projections, layer_idx for the attention
@@ -60,6 +111,15 @@ class Layer:
     q_norm: torch.Tensor | None  # Qwen3's per-head norms
     k_norm: torch.Tensor | None
     window: int | None  # sliding-window attention: keys this many positions back are hidden
+    qkv: tuple[int, int, int] | None  # output features of q, k, v in a fused qkv_proj; None: apart
+    gate_up: tuple[int, int] | None  # of gate and up in a fused gate_up_proj
+
+
+def _split(owner: nn.Module, names: tuple[str, ...], fused: str) -> Any:
+    """The output features of each of `names` when `fuse_projections` joined them, else None."""
+    if not hasattr(owner, fused):
+        return None
+    return tuple(getattr(owner, name).out_features for name in names)
 
 
 class Decoder:
@@ -91,6 +151,8 @@ class Decoder:
                     q_norm=None if q_norm is None else q_norm.weight,
                     k_norm=None if k_norm is None else k_norm.weight,
                     window=window,
+                    qkv=_split(attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                    gate_up=_split(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj"),
                 )
             )
 
@@ -115,9 +177,13 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             attn = layer.attn
             x = rms_norm(h, layer.input_norm, eps)
-            q = attn.q_proj(x).view(tokens, self.heads, self.head_dim)
-            k = attn.k_proj(x).view(tokens, self.kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
+            if layer.qkv:
+                q, k, v = attn.qkv_proj(x).split(layer.qkv, dim=-1)
+            else:
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+            q = q.view(tokens, self.heads, self.head_dim)
+            k = k.view(tokens, self.kv_heads, self.head_dim)
+            v = v.view(tokens, self.kv_heads, self.head_dim)
             if layer.q_norm is not None and layer.k_norm is not None:
                 q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
@@ -136,6 +202,10 @@ class Decoder:
             h = h + attn.o_proj(out.reshape(tokens, self.heads * self.head_dim))
             x = rms_norm(h, layer.post_norm, eps)
             mlp = layer.mlp
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if layer.gate_up:
+                gate, up = mlp.gate_up_proj(x).split(layer.gate_up, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            h = h + mlp.down_proj(F.silu(gate) * up)
         h = rms_norm(h.index_select(0, rows), self.final_norm, eps)
         return self.lm_head(h)

@@ -86,3 +86,26 @@ def test_with_the_fast_kernels_it_still_matches_the_modules_tokens(tiny: Path) -
         for eng in [engine(tiny, impl, kernels="auto")]
     }
     assert got["auto"] == got["transformers"]
+
+
+def test_fast_kernels_fuse_the_projections_and_the_modules_still_run(tiny: Path) -> None:
+    """Under tuned CPU kernels, q/k/v and gate/up become one layer each; transformers' own
+    forward over the fused model (through the Parts) still computes what it did before."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from wicore.worker.cpu_kernels import CpuLinear
+    from wicore.worker.decoder import Part
+
+    fused = engine(tiny, "auto", kernels="auto").runner.model
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    family_fuses = tiny.name != "tiny-gemma3"
+    assert isinstance(getattr(attn, "qkv_proj", None), CpuLinear) is family_fuses
+    assert isinstance(getattr(mlp, "gate_up_proj", None), CpuLinear) is family_fuses
+    assert isinstance(attn.q_proj, Part) is family_fuses
+    assert not any(isinstance(m, Part) for m in engine(tiny, "auto").runner.model.modules())  # exact mode
+    reference = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    ids = torch.tensor([list(AutoTokenizer.from_pretrained(tiny)(PROMPTS[0]).input_ids)])
+    fused.set_attn_implementation("sdpa")  # the engine's runner had put its paged attention in
+    with torch.inference_mode():
+        assert torch.allclose(fused(ids).logits, reference(ids).logits, atol=1e-4)
