@@ -83,7 +83,7 @@ def _join(owner: nn.Module, names: tuple[str, ...], fused: str) -> bool:
     layer = layer.to(device=weight.device, dtype=weight.dtype).requires_grad_(False)
     layer.weight.data = weight
     if layer.bias is not None:
-        layer.bias.data = torch.cat([p.bias.detach() for p in parts])  # type: ignore[union-attr]
+        layer.bias.data = torch.cat([p.bias.detach() for p in parts])
     setattr(owner, fused, layer)
     start = 0
     for name, part in zip(names, parts, strict=True):
