@@ -177,16 +177,21 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             attn = layer.attn
             x = rms_norm(h, layer.input_norm, eps)
-            if layer.qkv:
-                q, k, v = attn.qkv_proj(x).split(layer.qkv, dim=-1)
+            heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+            if layer.qkv and layer.q_norm is None:  # q and k side by side: one rotation for both
+                qkv = attn.qkv_proj(x)
+                qk = rope(qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d), cos, sin)
+                q, k = qk[:, :heads], qk[:, heads:]
+                v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
             else:
-                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            q = q.view(tokens, self.heads, self.head_dim)
-            k = k.view(tokens, self.kv_heads, self.head_dim)
-            v = v.view(tokens, self.kv_heads, self.head_dim)
-            if layer.q_norm is not None and layer.k_norm is not None:
-                q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
+                if layer.qkv:
+                    q, k, v = attn.qkv_proj(x).split(layer.qkv, dim=-1)
+                else:
+                    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+                q, k, v = q.view(tokens, heads, d), k.view(tokens, kv_heads, d), v.view(tokens, kv_heads, d)
+                if layer.q_norm is not None and layer.k_norm is not None:
+                    q, k = rms_norm(q, layer.q_norm, eps), rms_norm(k, layer.k_norm, eps)
+                q, k = rope(q, cos, sin), rope(k, cos, sin)
             pool.keys[i].index_copy_(0, slots, k)
             pool.values[i].index_copy_(0, slots, v)
             out, _ = paged_attention(
