@@ -18,8 +18,8 @@ GEMM that both cores share, at the machine's read bandwidth.) So `worker.cpu_ker
 auto`, the default, measures the candidates at load: one sweep over all of the model's
 own layers per candidate and row count (`TUNED_ROWS`), the fastest of three, and every
 layer then multiplies n rows with the kernel measured fastest at the smallest tuned
-count >= n (oneDNN above the last: prefill is compute-bound, where it wins). A kernel
-no row count chose gives up its copy of the weights. `onednn` uses oneDNN at every size
+count >= n (oneDNN above the last: prefill is compute-bound, where it wins). Each layer
+keeps its plain weight only while some row count uses an MKL kernel. `onednn` uses oneDNN at every size
 (one copy). Packed and MKL results differ in the last bits, so greedy output can differ
 from `model.generate` at near-ties: `worker.cpu_kernels: default` keeps the model's own
 kernels, bit for bit.
