@@ -87,3 +87,12 @@ def test_bf16_layers_run_every_kernel_in_bf16(kernel: Kernel) -> None:
     assert torch.allclose(
         got.float(), torch.nn.functional.linear(x, linear.weight, linear.bias).float(), atol=0.05
     )
+
+
+def test_tune_leaves_the_process_random_state_alone() -> None:
+    layers = [CpuLinear(torch.nn.Linear(32, 32), 16, KernelTable())]
+    torch.manual_seed(7)
+    want = torch.rand(4)
+    torch.manual_seed(7)
+    tune(layers, rows=(1, 2), repeats=1)
+    assert torch.equal(torch.rand(4), want)
