@@ -68,7 +68,7 @@ class KernelTable:
         return any(k is not Kernel.ONEDNN for k in self.kernels)
 
     def describe(self) -> str:
-        """`rows 1-2 mkl_wt, 3-64 onednn, above onednn`: consecutive counts with one kernel merged."""
+        """`rows 1-2 mkl_wt, 3-64 onednn, 65+ onednn`: consecutive counts with one kernel merged."""
         spans: list[str] = []
         low = 1
         for i, (high, kernel) in enumerate(zip(self.rows, self.kernels, strict=True)):

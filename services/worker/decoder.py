@@ -175,10 +175,10 @@ class Decoder:
         cos, sin = self.rotary(h, positions[None])  # [1, T, D]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         pool, slots, eps = meta.pool, meta.slot_mapping, self.eps
+        heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         for i, layer in enumerate(self.layers):
             attn = layer.attn
             x = rms_norm(h, layer.input_norm, eps)
-            heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
             if layer.qkv and layer.q_norm is None:  # q and k side by side: one rotation for both
                 qkv = attn.qkv_proj(x)
                 qk = rope(qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d), cos, sin)
@@ -205,7 +205,7 @@ class Decoder:
                 sliding_window=layer.window,
                 wicore_meta=meta,
             )  # [1, T, heads, D]
-            h = h + attn.o_proj(out.reshape(tokens, self.heads * self.head_dim))
+            h = h + attn.o_proj(out.reshape(tokens, heads * d))
             x = rms_norm(h, layer.post_norm, eps)
             mlp = layer.mlp
             if layer.gate_up:
