@@ -90,9 +90,15 @@ class WeightQuant(enum.StrEnum):
 
 
 class AttentionBackend(enum.StrEnum):
-    """`worker.attention_backend`: `cascade` reads a prefix shared by several running sequences
-    once for all of them; `gather` copies each sequence's whole context (the reference)."""
+    """`worker.attention_backend`: `paged` reads every decode step's keys and values in place
+    through the block tables with a kernel compiled for this CPU (worker/native.py), a prefix
+    shared by several sequences once for all of them as `cascade` does; `cascade` does the same
+    with torch's attention (each sequence's own blocks copied out per layer); `gather` copies
+    each sequence's whole context (the reference). `auto`: `paged` on a CPU worker where the
+    kernel builds (a C compiler is at hand), `cascade` otherwise."""
 
+    AUTO = "auto"
+    PAGED = "paged"
     CASCADE = "cascade"
     GATHER = "gather"
 
@@ -369,7 +375,7 @@ class WorkerConfig:
     kv_cache_bytes: int = 1 * GiB  # KV pool on CPU; on a GPU gpu_config.gpu_memory_utilization decides
     max_num_batched_tokens: int = 512  # tokens computed per engine step (chunked prefill)
     cpu_kernels: CpuKernels = CpuKernels.AUTO
-    attention_backend: AttentionBackend = AttentionBackend.CASCADE
+    attention_backend: AttentionBackend = AttentionBackend.AUTO
     model_impl: ModelImpl = ModelImpl.AUTO
     weight_quant: WeightQuant = WeightQuant.NONE
     num_threads: int = 0  # torch threads on CPU; 0: torch's default (`wicore up` splits the cores)

@@ -182,6 +182,7 @@ def engine_config(config: Config, model: Any, draft: bool = False) -> EngineConf
         attention_sample_every=wc.attention_sample_every,
         attention_backend=wc.attention_backend,
         model_impl=wc.model_impl,
+        kernel_dir=str(config.cache_path / "kernels"),
     )
 
 

@@ -13,7 +13,9 @@ them together, and each sequence then attends only its own blocks:
                  rows, against p0..p2 in one GEMM-shaped attention; the blocks are a
                  view of the pool when their ids are consecutive, one copy otherwise
     own part:    each sequence against its own blocks (gathered, as the gather path does,
-                 padded to the longest of its part: a's and b's together, c alone)
+                 padded to the longest of its part: a's and b's together, c alone; in a
+                 decode step under `worker.attention_backend: paged`, read in place by the
+                 native kernel instead, native.py)
     merge:       the two partial softmaxes combined by their log-sum-exp
 
 The merge is exact up to rounding order. Every real query attends its own key, which
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from wicore.worker.native import PagedDecode
     from wicore.worker.paged_attention import KVPool
 
 # A prefix shorter than this (in blocks) is attended as part of each sequence's own part.
@@ -62,6 +65,18 @@ def shared_prefixes(
         if n >= min_blocks:
             groups.append((members, n))
     return groups
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRows:
+    """A decode step for the native kernel (`worker.attention_backend: paged`): sequence i attends
+    its keys at positions [starts[i], ends[i]) through tables[i] (its own part: after its shared
+    prefix, if any, which `Part`s attend)."""
+
+    kernel: PagedDecode
+    tables: torch.Tensor  # [S, max_blocks] int64
+    starts: torch.Tensor  # [S] int64
+    ends: torch.Tensor  # [S] int64: kv_lens
 
 
 @dataclass(slots=True)
@@ -167,30 +182,79 @@ def cascade_attention(
     out = q if len(parts) == 1 and parts[0].seqs is None else torch.empty_like(q)
     for part in parts:
         pq = q if part.seqs is None else q.index_select(0, part.seqs)
-        members = pq.shape[0]
-        own = (members, -1, kv_heads, dim)
+        own = (pq.shape[0], -1, kv_heads, dim)
         keys = k_blocks.index_select(0, part.own_tables).view(own)[:, : part.max_own].transpose(1, 2)
         values = v_blocks.index_select(0, part.own_tables).view(own)[:, : part.max_own].transpose(1, 2)
         o_out, o_lse = attend(pq, keys, values, part.own_mask(window, group, grid.dtype), scale)
         if part.prefix_ids is not None:
-            pk, pv = part.prefix_kv(pool, layer)
-            rows = pq.transpose(0, 1).reshape(1, kv_heads, -1, dim)
-            if window is None:
-                p_out, p_lse = attend(rows, pk, pv, None, scale)
-            else:
-                mask, empty = part.prefix_mask(window, group, pk.shape[2], grid.dtype)
-                p_out, p_lse = attend(rows, pk, pv, mask, scale)
-                p_lse = p_lse.masked_fill(empty, -torch.inf)
-            # back to [Sp, Hkv, G*Qmax(, D)]
-            p_out = p_out.view(kv_heads, members, group * qmax, dim).transpose(0, 1)
-            p_lse = p_lse.view(kv_heads, members, group * qmax).transpose(0, 1)
-            top = torch.maximum(o_lse, p_lse)
-            w_own, w_pre = torch.exp(o_lse - top), torch.exp(p_lse - top)
-            o_out = ((o_out * w_own[..., None] + p_out * w_pre[..., None]) / (w_own + w_pre)[..., None]).to(
-                q.dtype
-            )
+            o_out, _ = merge(o_out, o_lse, *prefix_attention(pq, part, pool, layer, scale, window, qmax))
         if part.seqs is None:
             out = o_out
         else:
             out.index_copy_(0, part.seqs, o_out)
     return out.view(s, kv_heads, group, qmax, dim).permute(0, 3, 1, 2, 4).reshape(s, qmax, heads, dim)
+
+
+def prefix_attention(
+    pq: torch.Tensor, part: Part, pool: KVPool, layer: int, scale: float, window: int | None, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' queries pq [Sp, Hkv, G*Qmax, D] against their shared prefix, read once for all
+    of them -> out [Sp, Hkv, G*Qmax, D], lse [Sp, Hkv, G*Qmax]."""
+    members, kv_heads, rows_per_seq, dim = pq.shape
+    pk, pv = part.prefix_kv(pool, layer)
+    rows = pq.transpose(0, 1).reshape(1, kv_heads, -1, dim)
+    if window is None:
+        p_out, p_lse = attend(rows, pk, pv, None, scale)
+    else:
+        mask, empty = part.prefix_mask(window, rows_per_seq // qmax, pk.shape[2], pq.dtype)
+        p_out, p_lse = attend(rows, pk, pv, mask, scale)
+        p_lse = p_lse.masked_fill(empty, -torch.inf)
+    p_out = p_out.view(kv_heads, members, rows_per_seq, dim).transpose(0, 1)
+    return p_out, p_lse.view(kv_heads, members, rows_per_seq).transpose(0, 1)
+
+
+def merge(
+    out: torch.Tensor, lse: torch.Tensor, other: torch.Tensor, other_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two softmax attentions over disjoint keys, [..., D] with their log-sum-exps [...], as one."""
+    top = torch.maximum(lse, other_lse)
+    w, w_other = torch.exp(lse - top), torch.exp(other_lse - top)
+    total = w + w_other
+    merged = (out * w[..., None] + other * w_other[..., None]) / total[..., None]
+    return merged.to(out.dtype), top + torch.log(total)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    rows: DecodeRows,
+    parts: list[Part] | None,
+    pool: KVPool,
+    layer: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """A decode step (one query per sequence) through the native kernel: query [S, H, D] ->
+    [S, H, D]. Each sequence's own keys are read in place; a shared prefix, once for its members
+    (as in `cascade_attention`), then merged."""
+    s, heads, dim = query.shape
+    keys, values = pool.keys[layer], pool.values[layer]
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    out, lse = rows.kernel(
+        query, keys, values, rows.tables, rows.starts, rows.ends, pool.block_size, window, scale
+    )
+    if not parts or all(part.prefix_ids is None for part in parts):
+        return out
+    q = query.view(s, kv_heads, group, dim)
+    out, lse = out.view(s, kv_heads, group, dim), lse.view(s, kv_heads, group)
+    for part in parts:
+        if part.prefix_ids is None:
+            continue
+        seqs = part.seqs if part.seqs is not None else torch.arange(s)
+        merged, _ = merge(
+            out.index_select(0, seqs),
+            lse.index_select(0, seqs),
+            *prefix_attention(q.index_select(0, seqs), part, pool, layer, scale, window, 1),
+        )
+        out.index_copy_(0, seqs, merged)
+    return out.view(s, heads, dim)

@@ -10,8 +10,9 @@ import torch
 from wicore.config import AttentionBackend, ModelImpl
 from wicore.errors import ConfigError
 from wicore.worker.batch_scheduler import ScheduledSeq
-from wicore.worker.cascade import Part, shared_prefixes
+from wicore.worker.cascade import DecodeRows, Part, shared_prefixes
 from wicore.worker.decoder import Decoder
+from wicore.worker.native import PagedDecode, decode_kernel
 from wicore.worker.paged_attention import KVPool, PagedCache, StepMetadata, register
 
 # Families whose attention the paged path reproduces exactly (tested against generate()).
@@ -51,20 +52,42 @@ class ModelRunner:
         model: Any,
         num_blocks: int,
         block_size: int,
-        attention_backend: AttentionBackend = AttentionBackend.CASCADE,
+        attention_backend: AttentionBackend = AttentionBackend.AUTO,
         model_impl: ModelImpl = ModelImpl.AUTO,
+        kernel_dir: str | None = None,
     ) -> None:
         check_supported(model)
-        self.attention_backend = AttentionBackend(attention_backend)
         self.model = model
         # WiCore's own forward pass where the family has one; transformers' modules otherwise.
         use_own = ModelImpl(model_impl) is ModelImpl.AUTO and Decoder.supports(model)
         self.decoder = Decoder(model) if use_own else None
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_layout(model)
+        self.attention_backend, self.decode_kernel = self._backend(
+            AttentionBackend(attention_backend), kernel_dir, kv_heads, head_dim
+        )
         self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, model.dtype, self.device)
         self.block_size = block_size
         model.set_attn_implementation(register())
+
+    def _backend(
+        self, backend: AttentionBackend, kernel_dir: str | None, kv_heads: int, head_dim: int
+    ) -> tuple[AttentionBackend, PagedDecode | None]:
+        """The backend `auto` stands for here, and the native kernel when it is `paged`."""
+        if backend not in (AttentionBackend.AUTO, AttentionBackend.PAGED):
+            return backend, None
+        heads = text_config(self.model).num_attention_heads
+        fits = self.device.type == "cpu" and PagedDecode.supports(heads, kv_heads, head_dim, self.model.dtype)
+        kernel = decode_kernel(kernel_dir) if fits else None
+        if kernel is not None:
+            return AttentionBackend.PAGED, kernel
+        if backend is AttentionBackend.PAGED:
+            raise ConfigError(
+                "worker.attention_backend: paged needs a CPU worker with fp32 or bf16 weights, head dims a "
+                "multiple of 16 up to 256 and a C compiler to build its kernel (the log says which is "
+                "missing); use auto or cascade"
+            )
+        return AttentionBackend.CASCADE, None
 
     def metadata(
         self, batch: Seq[ScheduledSeq]
@@ -121,11 +144,22 @@ class ModelRunner:
                 if item.proposed:
                     meta.probe_positions[i, item.num_tokens - len(item.proposed) : item.num_tokens] = -1
             meta.probe_positions = meta.probe_positions.to(dev)
-        if self.attention_backend is AttentionBackend.CASCADE:
+        if self.attention_backend in (AttentionBackend.CASCADE, AttentionBackend.PAGED):
             computed = [item.seq.num_computed for item in batch]
             groups = shared_prefixes(block_lists, computed, bs)
             if groups:
                 meta.cascade = self.cascade(groups, block_lists, kv_lens, meta.query_positions)
+        if self.decode_kernel is not None and max_query == 1:
+            starts = [0] * num_seqs
+            for part in meta.cascade or ():
+                for i in part.seqs.tolist() if part.seqs is not None else range(num_seqs):
+                    starts[i] = part.own_start
+            meta.decode = DecodeRows(
+                kernel=self.decode_kernel,
+                tables=block_tables,
+                starts=torch.tensor(starts, dtype=torch.long),
+                ends=meta.kv_lens,
+            )
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         return ids, pos.to(dev), meta, torch.tensor(rows, dtype=torch.long, device=dev)
 

@@ -16,8 +16,9 @@ layers (Gemma 3, Mistral) hides keys at or beyond `window` positions back.
 Masks and index tensors are built once per step and shared by all layers.
 
 That gather copies a prefix shared by many sequences once per sequence; the `cascade`
-backend (cascade.py, the default) reads it once for all of them. `gather` is the
-reference.
+backend (cascade.py) reads it once for all of them, and the `paged` backend (the default on
+CPU) also reads a decode step's own keys in place, through a kernel built for this CPU
+(native.py). `gather` is the reference.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from wicore.worker.cascade import Part, cascade_attention
+from wicore.worker.cascade import DecodeRows, Part, cascade_attention, paged_decode_attention
 
 ATTENTION_NAME = "wicore_paged"
 
@@ -94,6 +95,7 @@ class StepMetadata:
     # they may be rejected); None: every real query counts.
     probe_positions: torch.Tensor | None = None
     cascade: list[Part] | None = None  # shared prefixes to read once (cascade backend); None: gather all
+    decode: DecodeRows | None = None  # a decode step for the native kernel (paged backend)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor:
@@ -164,7 +166,11 @@ def paged_attention(
     layer = int(module.layer_idx)  # type: ignore[arg-type]
     scale = scaling if scaling is not None else head_dim**-0.5
     keys: torch.Tensor | None = None
-    if meta.cascade is not None:
+    if meta.decode is not None:  # one query per sequence, read in place by the native kernel
+        out = paged_decode_attention(
+            packed, meta.decode, meta.cascade, meta.pool, layer, scale, sliding_window
+        )
+    elif meta.cascade is not None:
         out = cascade_attention(grid, meta.cascade, meta.pool, layer, scale, sliding_window)
         out = out.reshape(s * qmax, heads, head_dim)
     else:

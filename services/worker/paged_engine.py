@@ -43,8 +43,9 @@ class EngineConfig:
     max_running: int = 64
     max_num_batched_tokens: int = 1024
     attention_sample_every: int = 8  # measure attention (A²CR) every n-th step; 0: never
-    attention_backend: AttentionBackend = AttentionBackend.CASCADE
+    attention_backend: AttentionBackend = AttentionBackend.AUTO
     model_impl: ModelImpl = ModelImpl.AUTO
+    kernel_dir: str | None = None  # where native kernels are built (None: ~/.cache/wicore/kernels)
 
     def __post_init__(self) -> None:
         if min(self.num_blocks, self.block_size, self.max_running, self.max_num_batched_tokens) < 1:
@@ -64,7 +65,12 @@ class PagedEngine:
         self.config = config
         self.speculator = speculator
         self.runner = ModelRunner(
-            model, config.num_blocks, config.block_size, config.attention_backend, config.model_impl
+            model,
+            config.num_blocks,
+            config.block_size,
+            config.attention_backend,
+            config.model_impl,
+            config.kernel_dir,
         )
         self.pool = BlockPool(config.num_blocks, config.block_size)
         self.scheduler = BatchScheduler(

@@ -1,5 +1,7 @@
 """Cascade attention (a shared prefix read once for all its sequences) against `generate`
-and against the gather path, for every supported family, sliding windows included."""
+and against the gather path, for every supported family, sliding windows included; and the
+same through the `paged` backend, whose decode steps read each sequence's own keys in place
+(native kernel) and merge them with the shared prefix."""
 
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def run(eng: PagedEngine, requests: list[EngineRequest]) -> dict[str, list[StepO
 
 def shared_batch(path: Path, backend: str, block_size: int) -> tuple[dict[str, list[StepOutput]], int]:
     """The two shared prefixes alone, then PROMPTS at once (prefix-cache hits); returns their
-    outputs and how many attention calls went through the cascade."""
+    outputs and how many attention calls went through the backend's own path (the cascade; for
+    `paged`, the native decode kernel)."""
     tok = AutoTokenizer.from_pretrained(path)
     eng = engine(path, backend, num_blocks=256, block_size=block_size)
     run(
@@ -57,27 +60,29 @@ def shared_batch(path: Path, backend: str, block_size: int) -> tuple[dict[str, l
         [EngineRequest(f"warm{i}", list(tok(p + "Hi").input_ids), 2) for i, p in enumerate((SYSTEM, OTHER))],
     )
     calls = 0
-    original = paged_attention.cascade_attention
+    name = "paged_decode_attention" if backend == "paged" else "cascade_attention"
+    original = getattr(paged_attention, name)
 
     def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
         nonlocal calls
         calls += 1
         return original(*args, **kwargs)
 
-    paged_attention.cascade_attention = counting  # type: ignore[assignment]
+    setattr(paged_attention, name, counting)
     try:
         requests = [
             EngineRequest(f"q{i}", list(tok(p).input_ids), 16, logprobs=3) for i, p in enumerate(PROMPTS)
         ]
         return run(eng, requests), calls
     finally:
-        paged_attention.cascade_attention = original
+        setattr(paged_attention, name, original)
 
 
+@pytest.mark.parametrize("backend", ["cascade", "paged"])
 @pytest.mark.parametrize("block_size", [4, 16])
-def test_sequences_sharing_a_prefix_match_generate(model_dir: Path, block_size: int) -> None:
-    outputs, calls = shared_batch(model_dir, "cascade", block_size)
-    assert calls > 0  # the shared prefix did go through the cascade
+def test_sequences_sharing_a_prefix_match_generate(model_dir: Path, block_size: int, backend: str) -> None:
+    outputs, calls = shared_batch(model_dir, backend, block_size)
+    assert calls > 0  # the shared prefix did go through the cascade (paged: decode steps, natively)
     tok = AutoTokenizer.from_pretrained(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for i, prompt in enumerate(PROMPTS):
@@ -87,8 +92,9 @@ def test_sequences_sharing_a_prefix_match_generate(model_dir: Path, block_size: 
         assert (outputs[f"q{i}"][0].cached_tokens > 0) is (i < 6)
 
 
-def test_cascade_and_gather_give_the_same_distributions(model_dir: Path) -> None:
-    cascade, calls = shared_batch(model_dir, "cascade", 4)
+@pytest.mark.parametrize("backend", ["cascade", "paged"])
+def test_cascade_and_gather_give_the_same_distributions(model_dir: Path, backend: str) -> None:
+    cascade, calls = shared_batch(model_dir, backend, 4)
     gather, none = shared_batch(model_dir, "gather", 4)
     assert calls > 0 and none == 0
     for rid, outs in gather.items():

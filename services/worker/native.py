@@ -1,0 +1,161 @@
+"""Kernels WiCore compiles on the machine that runs them (C in native/, loaded through ctypes).
+
+torch's CPU attention pays per call and per (sequence, head) what a decode step cannot afford:
+at 16 sequences of ~140 tokens, SmolLM2's 30 layers spent 17 ms of a 60-70 ms step in
+attention (copying each sequence's K/V out of the pool, then SDPA), for 4 MB of K/V a layer.
+`PagedDecode` runs native/paged_attention.c instead: each sequence's one query against its
+keys read in place through its block table, every (sequence, KV head) one OpenMP task in the
+process's own OpenMP runtime (torch's), ~0.1 ms a layer there.
+
+The source is compiled once per machine, with `-O3 -march=native` (the vectors are this CPU's
+widest), into `<cache_dir>/kernels/` under a name that hashes the source, the flags, the
+compiler's version and the CPU, and loaded from there afterwards; several workers starting at
+once each write their own file and rename it into place. Without a C compiler (`$CC`, else
+`cc`) nothing is built: `decode_kernel` returns None, and the worker attends with torch
+(`worker.attention_backend: cascade`) and logs why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "paged_attention.c"
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi")
+DEFAULT_DIR = Path("~/.cache/wicore/kernels")
+DTYPES = (torch.float32, torch.bfloat16)  # what the pool may hold
+
+_ptr, _int, _i64, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+# wicore_paged_decode(q, k_pool, v_pool, bf16, tables, table_stride, starts, ends, rows, heads,
+#                     kv_heads, dim, block_size, window, scale, out, lse, threads)
+SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _int, _int, _int, _int, _int, _int]
+SIGNATURE += [_float, _ptr, _ptr, _int]
+
+
+class PagedDecode:
+    """Decode attention over the pool: one query per row against that row's keys at positions
+    [starts, ends) through its block table, read in place (native/paged_attention.c)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.wicore_paged_decode
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = SIGNATURE
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tables: torch.Tensor,
+        starts: torch.Tensor,
+        ends: torch.Tensor,
+        block_size: int,
+        window: int | None,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [R, H, D]; keys, values [slots, Hkv, D] (one layer of the pool, fp32 or bf16);
+        tables [R, blocks] int64; starts, ends [R] int64 -> out [R, H, D] in the query's dtype,
+        lse [R, H] fp32 (each head's log-sum-exp: -inf where a row has no key)."""
+        rows, heads, dim = query.shape
+        q = query.to(torch.float32).contiguous()
+        out = torch.empty_like(q)
+        lse = torch.empty(rows, heads, dtype=torch.float32)
+        if not (tables.dtype == starts.dtype == ends.dtype == torch.int64 and tables.is_contiguous()):
+            raise ValueError("paged decode: tables, starts and ends must be contiguous int64")
+        status = self._fn(
+            q.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            int(keys.dtype == torch.bfloat16),
+            tables.data_ptr(),
+            tables.shape[1],
+            starts.data_ptr(),
+            ends.data_ptr(),
+            rows,
+            heads,
+            keys.shape[1],
+            dim,
+            block_size,
+            window or 0,
+            scale,
+            out.data_ptr(),
+            lse.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status:
+            raise ValueError(
+                f"paged decode: unsupported shape (heads {heads}, kv heads {keys.shape[1]}, dim {dim})"
+            )
+        return out.to(query.dtype), lse
+
+    @staticmethod
+    def supports(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+        """What the kernel takes: head dims a multiple of 16 up to 256 (8 on CPUs without AVX-512
+        suffice, 16 is asked everywhere), at most 16 query heads per KV head, fp32 or bf16."""
+        return (
+            dtype in DTYPES
+            and head_dim % 16 == 0
+            and head_dim <= 256
+            and heads % kv_heads == 0
+            and heads // kv_heads <= 16
+        )
+
+
+@functools.cache
+def decode_kernel(directory: str | None = None) -> PagedDecode | None:
+    """The paged decode kernel, built into `directory` (default ~/.cache/wicore/kernels) on
+    first use; None (logged) where it cannot be built or loaded here."""
+    folder = Path(directory).expanduser() if directory else DEFAULT_DIR.expanduser()
+    try:
+        return PagedDecode(ctypes.CDLL(str(build(folder))))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        log.warning("native attention kernel unavailable, attending with torch: %s", exc)
+        return None
+
+
+def build(folder: Path) -> Path:
+    """The shared library for this machine, compiled unless already in `folder`."""
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler ({compiler!r} not found; set CC)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu_identity().encode()):
+        digest.update(part)
+    target = folder / f"paged_attention-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run(
+            [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    log.info("built %s", target)
+    return target
+
+
+def cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(sorted(set(lines)))

@@ -1,0 +1,137 @@
+"""The native paged decode kernel (worker/native.py, native/paged_attention.c): against attention
+computed in torch over the same keys, for the shapes and dtypes the engine gives it; its build
+cache; and what the worker does where it cannot be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from wicore.config import AttentionBackend
+from wicore.errors import ConfigError
+from wicore.worker import native
+from wicore.worker.model_runner import ModelRunner
+
+from tiny_models import save_tiny
+
+
+def tiny_model(family: str, path: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(save_tiny(family, path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> native.PagedDecode:
+    built = native.decode_kernel(str(tmp_path_factory.mktemp("kernels")))
+    assert built is not None, "the kernel must build on the test machine (cc is there)"
+    return built
+
+
+def reference(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    block_size: int,
+    window: int | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row by row in float64: the keys at positions [start, end) gathered by slot, then softmax."""
+    rows, heads = query.shape[:2]
+    group = heads // keys.shape[1]
+    outs, lses = [], []
+    for r in range(rows):
+        start, end = int(starts[r]), int(ends[r])
+        if window:
+            start = max(start, end - window)
+        positions = torch.arange(start, end)
+        slots = tables[r][positions // block_size] * block_size + positions % block_size
+        k = keys[slots].double().repeat_interleave(group, 1)  # [L, H, D]
+        v = values[slots].double().repeat_interleave(group, 1)
+        scores = torch.einsum("hd,lhd->hl", query[r].double(), k) * scale
+        lses.append(torch.logsumexp(scores, -1))
+        outs.append(torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v))
+    return torch.stack(outs), torch.stack(lses)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    [(4, 2, 16, 4), (9, 3, 64, 16), (8, 8, 32, 32), (32, 8, 128, 16), (16, 1, 256, 8)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 13])
+def test_kernel_matches_attention_over_the_gathered_keys(
+    kernel: native.PagedDecode,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    window: int | None,
+) -> None:
+    generator = torch.Generator().manual_seed(heads * dim + block_size)
+    rows, blocks, per_row = 5, 64, 9
+    keys = torch.randn(blocks * block_size, kv_heads, dim, generator=generator).to(dtype)
+    values = torch.randn(blocks * block_size, kv_heads, dim, generator=generator).to(dtype)
+    tables = torch.randperm(blocks, generator=generator)[: rows * per_row].view(rows, per_row).contiguous()
+    # Lengths from one key to every slot of the table; some rows start after a (shared) prefix.
+    ends = torch.tensor([1, block_size + 1, 3 * block_size - 1, per_row * block_size, 2 * block_size])
+    starts = torch.tensor([0, 0, block_size, 2 * block_size, block_size + 3])
+    query = torch.randn(rows, heads, dim, generator=generator).to(dtype)
+    scale = dim**-0.5
+    out, lse = kernel(query, keys, values, tables, starts, ends, block_size, window, scale)
+    want, want_lse = reference(query, keys, values, tables, starts, ends, block_size, window, scale)
+    assert out.dtype == dtype and out.shape == (rows, heads, dim)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output is rounded to bf16
+    assert torch.allclose(out.double(), want, atol=tolerance, rtol=tolerance)
+    assert torch.allclose(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_an_empty_range_weighs_nothing(kernel: native.PagedDecode) -> None:
+    keys = torch.randn(32, 1, 16)
+    tables = torch.arange(2)[None].contiguous()
+    start = torch.tensor([5])
+    out, lse = kernel(torch.randn(1, 2, 16), keys, keys, tables, start, start.clone(), 16, None, 0.25)
+    assert torch.equal(out, torch.zeros(1, 2, 16))
+    assert torch.isneginf(lse).all()
+
+
+def test_shapes_it_does_not_take_are_refused(kernel: native.PagedDecode) -> None:
+    assert not native.PagedDecode.supports(4, 2, 24, torch.float32)  # head dim not a multiple of 16
+    assert not native.PagedDecode.supports(34, 2, 64, torch.float32)  # 17 query heads per KV head
+    assert not native.PagedDecode.supports(4, 2, 64, torch.float16)
+    keys = torch.randn(16, 2, 24)
+    one = torch.ones(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="unsupported shape"):
+        kernel(torch.randn(1, 4, 24), keys, keys, one[None].contiguous() * 0, one * 0, one, 16, None, 1.0)
+
+
+def test_the_build_is_cached_per_machine(tmp_path: Path) -> None:
+    first = native.build(tmp_path)
+    built_at = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == built_at
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no scratch left behind
+
+
+def test_without_a_compiler_auto_falls_back_and_paged_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernel_dir = str(tmp_path / "kernels")
+    assert native.decode_kernel(kernel_dir) is None
+    model = tiny_model("llama", tmp_path / "model")
+    runner = ModelRunner(model, 16, 4, AttentionBackend.AUTO, kernel_dir=kernel_dir)
+    assert runner.attention_backend is AttentionBackend.CASCADE and runner.decode_kernel is None
+    with pytest.raises(ConfigError, match=r"worker\.attention_backend: paged"):
+        ModelRunner(model, 16, 4, AttentionBackend.PAGED, kernel_dir=kernel_dir)
+
+
+def test_auto_is_paged_on_cpu(tmp_path: Path) -> None:
+    model = tiny_model("qwen3", tmp_path / "model")
+    runner = ModelRunner(model, 16, 4, AttentionBackend.AUTO, kernel_dir=str(tmp_path / "kernels"))
+    assert runner.attention_backend is AttentionBackend.PAGED and runner.decode_kernel is not None
