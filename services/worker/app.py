@@ -366,6 +366,9 @@ async def serve(config: Config) -> None:
         paged.pool.block_size,
         paged.max_sequence_tokens,
     )
+    log.info(
+        "attention: %s (worker.attention_backend: %s)", paged.runner.attention_backend, wc.attention_backend
+    )
     offloader = make_offloader(config, paged.costs)
     engine = AsyncEngine(paged, tokenizer, offloader)
     if offloader is not None:

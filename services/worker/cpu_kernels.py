@@ -128,12 +128,15 @@ class CpuLinear(nn.Module):
 def tune(
     layers: Sequence[CpuLinear], rows: Sequence[int] = TUNED_ROWS, repeats: int = 3
 ) -> tuple[KernelTable, dict[int, dict[str, float]]]:
-    """The fastest kernel at each row count, timed over all `layers` in turn (one warm-up sweep,
-    then the fastest of `repeats`: a sweep reads every weight from memory, as a decode step does),
-    and the seconds each candidate took."""
+    """The fastest kernel at each row count, timed over all `layers` in turn (a sweep reads every
+    weight from memory, as a decode step does): one warm-up sweep per kernel, then `repeats`
+    rounds in which every kernel sweeps once, in a rotating order, so that a slow moment (another
+    process, the first touches of a weight) falls on every candidate alike; each kernel's fastest
+    sweep counts. Returns the table and the seconds each candidate took."""
     if not layers:
         return KernelTable(), {}
     dtype = layers[0].packed.dtype
+    kernels = list(Kernel)
     seconds: dict[int, dict[str, float]] = {}
     chosen: list[Kernel] = []
     generator = torch.Generator().manual_seed(0)  # the process's random state is left alone
@@ -141,16 +144,15 @@ def tune(
         for n in rows:
             features = {layer.in_features for layer in layers}
             inputs = {f: torch.randn(n, f, generator=generator).to(dtype) for f in features}
-            timed: dict[str, float] = {}
-            for kernel in Kernel:
-                best = float("inf")
-                for repeat in range(repeats + 1):
+            timed = {kernel.value: float("inf") for kernel in kernels}
+            for round_ in range(repeats + 1):
+                for i in range(len(kernels)):
+                    kernel = kernels[(round_ + i) % len(kernels)]
                     start = time.perf_counter()
                     for layer in layers:
                         layer.multiply(inputs[layer.in_features], kernel)
-                    if repeat:
-                        best = min(best, time.perf_counter() - start)
-                timed[kernel.value] = best
+                    if round_:
+                        timed[kernel.value] = min(timed[kernel.value], time.perf_counter() - start)
             seconds[n] = timed
             chosen.append(Kernel(min(timed, key=timed.__getitem__)))
     return KernelTable(tuple(rows), tuple(chosen)), seconds
