@@ -90,7 +90,9 @@ def load_model(config: Config) -> LoadedModel:
         use_int8_linears(model)
         kv_identity += "+int8"  # other weights, other KV: never share cached blocks with fp weights
     elif wc.cpu_kernels != CpuKernels.DEFAULT and device.type == "cpu":
-        table = use_cpu_linears(model, measure=wc.cpu_kernels == CpuKernels.AUTO)
+        table = use_cpu_linears(
+            model, measure=wc.cpu_kernels == CpuKernels.AUTO, kernel_dir=str(config.cache_path / "kernels")
+        )
         log.info("linear layers: %s (worker.cpu_kernels: %s)", table.describe(), wc.cpu_kernels)
     log.info("loaded %s from %s in %.1f s", source.model_id, source.path, time.monotonic() - started)
     return LoadedModel(source.model_id, model, tokenizer, fingerprint(source, kv_identity))

@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from wicore.worker.native import RowsLinear, linear_kernel
+
 TUNED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -50,6 +52,7 @@ class Kernel(enum.StrEnum):
     ONEDNN = "onednn"  # the weight reordered once into oneDNN's blocked layout
     MKL = "mkl"  # F.linear on the plain weight: x @ W.T
     MKL_WT = "mkl_wt"  # W @ x.T on the plain weight, at least two rows (one is padded)
+    NATIVE = "native"  # up to 4 rows streaming the plain weight once (native/linear.c), where built
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +88,9 @@ class CpuLinear(nn.Module):
     number of rows. It holds its weight reordered for oneDNN (packed for `batch_hint` rows) and,
     while any row count uses an MKL kernel, plain as well."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int, table: KernelTable) -> None:
+    def __init__(
+        self, linear: nn.Linear, batch_hint: int, table: KernelTable, native: RowsLinear | None = None
+    ) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -94,6 +99,8 @@ class CpuLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.plain: torch.Tensor | None = weight
         self.table = table
+        # The native kernel where it is built and takes this layer (else NATIVE runs oneDNN).
+        self.native = native if native is not None and RowsLinear.supports(weight, self.bias) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -103,7 +110,11 @@ class CpuLinear(nn.Module):
     def multiply(self, flat: torch.Tensor, kernel: Kernel) -> torch.Tensor:
         """flat [rows, in] -> [rows, out] through `kernel`."""
         rows = flat.shape[0]
-        if kernel is Kernel.ONEDNN or self.plain is None:
+        if kernel is Kernel.NATIVE and self.native is not None and self.plain is not None:
+            if rows <= RowsLinear.MAX_ROWS:
+                return self.native(flat, self.plain, self.bias)
+            kernel = Kernel.ONEDNN
+        if kernel in (Kernel.ONEDNN, Kernel.NATIVE) or self.plain is None:
             bucket = _bucket(rows)
             if bucket != rows:
                 flat = torch.nn.functional.pad(flat, (0, 0, 0, bucket - rows))
@@ -136,12 +147,13 @@ def tune(
     if not layers:
         return KernelTable(), {}
     dtype = layers[0].packed.dtype
-    kernels = list(Kernel)
+    native = all(layer.native is not None for layer in layers)
     seconds: dict[int, dict[str, float]] = {}
     chosen: list[Kernel] = []
     generator = torch.Generator().manual_seed(0)  # the process's random state is left alone
     with torch.inference_mode():
         for n in rows:
+            kernels = [k for k in Kernel if k is not Kernel.NATIVE or (native and n <= RowsLinear.MAX_ROWS)]
             features = {layer.in_features for layer in layers}
             inputs = {f: torch.randn(n, f, generator=generator).to(dtype) for f in features}
             timed = {kernel.value: float("inf") for kernel in kernels}
@@ -223,14 +235,17 @@ def _replace_linears(model: Any, make: Any, dtypes: tuple[torch.dtype, ...]) -> 
     return replaced
 
 
-def use_cpu_linears(model: Any, measure: bool, batch_hint: int = 16) -> KernelTable:
+def use_cpu_linears(
+    model: Any, measure: bool, batch_hint: int = 16, kernel_dir: str | None = None
+) -> KernelTable:
     """Replaces every fp32 nn.Linear of a CPU model, and every bf16 one where oneDNN packs bf16
     weights on this CPU (AVX-512 or AVX-NE-CONVERT), by a `CpuLinear`: with `measure`, each row
-    count through the kernel `tune` measured fastest here, otherwise oneDNN at every size.
-    Returns the table the layers use."""
+    count through the kernel `tune` measured fastest here (the native one among them where it
+    builds, in `kernel_dir`), otherwise oneDNN at every size. Returns the table the layers use."""
     dtypes = tuple(d for d in (torch.float32, torch.bfloat16) if onednn_packs(d))
     provisional = KernelTable()
-    _replace_linears(model, lambda linear: CpuLinear(linear, batch_hint, provisional), dtypes)
+    native = linear_kernel(kernel_dir) if measure else None
+    _replace_linears(model, lambda linear: CpuLinear(linear, batch_hint, provisional, native), dtypes)
     layers = [m for m in model.modules() if isinstance(m, CpuLinear)]
     table = tune(layers)[0] if measure else provisional
     for layer in layers:

@@ -1,4 +1,6 @@
-"""Kernels WiCore compiles on the machine that runs them (C in native/, loaded through ctypes).
+"""Kernels WiCore compiles on the machine that runs them (C in native/, loaded through ctypes):
+decode attention over the paged pool (`PagedDecode`) and a decode step's few rows through a
+linear layer (`RowsLinear`, one of the candidates cpu_kernels.tune measures).
 
 torch's CPU attention pays per call and per (sequence, head) what a decode step cannot afford:
 at 16 sequences of ~140 tokens, SmolLM2's 30 layers spent 17 ms of a 60-70 ms step in
@@ -11,8 +13,9 @@ The source is compiled once per machine, with `-O3 -march=native` (the vectors a
 widest), into `<cache_dir>/kernels/` under a name that hashes the source, the flags, the
 compiler's version and the CPU, and loaded from there afterwards; several workers starting at
 once each write their own file and rename it into place. Without a C compiler (`$CC`, else
-`cc`) nothing is built: `decode_kernel` returns None, and the worker attends with torch
-(`worker.attention_backend: cascade`) and logs why.
+`cc`) nothing is built: `decode_kernel` and `linear_kernel` return None, and the worker attends
+with torch (`worker.attention_backend: cascade`) and multiplies through MKL and oneDNN, and
+logs why.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "paged_attention.c"
+SOURCES = Path(__file__).with_name("native")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi")
 DEFAULT_DIR = Path("~/.cache/wicore/kernels")
 DTYPES = (torch.float32, torch.bfloat16)  # what the pool may hold
@@ -43,6 +46,8 @@ _ptr, _int, _i64, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes
 #                     kv_heads, dim, block_size, window, scale, out, lse, threads)
 SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _int, _int, _int, _int, _int, _int]
 SIGNATURE += [_float, _ptr, _ptr, _int]
+# wicore_linear_rows(x, weight, bf16, bias, y, rows, in, out, threads)
+LINEAR_SIGNATURE: list[Any] = [_ptr, _ptr, _int, _ptr, _ptr, _int, _int, _int, _int]
 
 
 class PagedDecode:
@@ -114,38 +119,91 @@ class PagedDecode:
         )
 
 
+class RowsLinear:
+    """A few rows (up to `MAX_ROWS`) times a linear layer's plain fp32 or bf16 weight, streaming
+    the weight once (native/linear.c): y [rows, out] = x [rows, in] @ weight.T + bias."""
+
+    MAX_ROWS = 4
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.wicore_linear_rows
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = LINEAR_SIGNATURE
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows, features = x.shape
+        flat = x.to(torch.float32).contiguous()
+        y = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+        status = self._fn(
+            flat.data_ptr(),
+            weight.data_ptr(),
+            int(weight.dtype == torch.bfloat16),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            rows,
+            features,
+            weight.shape[0],
+            torch.get_num_threads(),
+        )
+        if status:
+            raise ValueError(f"native linear: {rows} rows of {features} features are not taken")
+        return y.to(x.dtype)
+
+    @classmethod
+    def supports(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """fp32 or bf16, contiguous, input features a multiple of 16, a bias in fp32 (or none)."""
+        return (
+            weight.dtype in DTYPES
+            and weight.is_contiguous()
+            and weight.shape[1] % 16 == 0
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        )
+
+
 @functools.cache
 def decode_kernel(directory: str | None = None) -> PagedDecode | None:
     """The paged decode kernel, built into `directory` (default ~/.cache/wicore/kernels) on
     first use; None (logged) where it cannot be built or loaded here."""
+    library = load("paged_attention", directory, "attending with torch")
+    return None if library is None else PagedDecode(library)
+
+
+@functools.cache
+def linear_kernel(directory: str | None = None) -> RowsLinear | None:
+    """The few-rows linear kernel, built like `decode_kernel`; None (logged) where it cannot be."""
+    library = load("linear", directory, "linear layers through MKL and oneDNN only")
+    return None if library is None else RowsLinear(library)
+
+
+def load(name: str, directory: str | None, otherwise: str) -> ctypes.CDLL | None:
     folder = Path(directory).expanduser() if directory else DEFAULT_DIR.expanduser()
     try:
-        return PagedDecode(ctypes.CDLL(str(build(folder))))
+        return ctypes.CDLL(str(build(folder, SOURCES / f"{name}.c")))
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        log.warning("native attention kernel unavailable, attending with torch: %s", exc)
+        log.warning("native kernel %s unavailable, %s: %s", name, otherwise, exc)
         return None
 
 
-def build(folder: Path) -> Path:
-    """The shared library for this machine, compiled unless already in `folder`."""
+def build(folder: Path, source: Path = SOURCES / "paged_attention.c") -> Path:
+    """The shared library of `source` for this machine, compiled unless already in `folder`."""
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler ({compiler!r} not found; set CC)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu_identity().encode()):
+    for part in (source.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu_identity().encode()):
         digest.update(part)
-    target = folder / f"paged_attention-{digest.hexdigest()[:16]}.so"
+    target = folder / f"{source.stem}-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         built = Path(scratch) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True
+            [compiler, *FLAGS, "-o", str(built), str(source), "-lm"], capture_output=True, text=True
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on {source.name}: {result.stderr.strip()[-2000:]}")
         os.replace(built, target)
     log.info("built %s", target)
     return target

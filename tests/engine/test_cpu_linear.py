@@ -1,6 +1,6 @@
 """CpuLinear (`worker.cpu_kernels: auto | onednn`): every kernel computes the layer (equal to
-`F.linear` within rounding), each row count goes through the kernel its table names, and
-`tune` names the kernel it measured fastest."""
+`F.linear` within rounding), the native one included (native/linear.c), each row count goes
+through the kernel its table names, and `tune` names the kernel it measured fastest."""
 
 from __future__ import annotations
 
@@ -8,15 +8,23 @@ import pytest
 import torch
 
 from wicore.worker.cpu_kernels import CpuLinear, Kernel, KernelTable, onednn_packs, tune, use_cpu_linears
+from wicore.worker.native import RowsLinear, linear_kernel
+
+
+@pytest.fixture(scope="module")
+def native() -> RowsLinear:
+    kernel = linear_kernel()
+    assert kernel is not None, "the kernel must build on the test machine (cc is there)"
+    return kernel
 
 
 @pytest.mark.parametrize("kernel", list(Kernel))
 @pytest.mark.parametrize("rows", [1, 2, 3, 16, 70])
-def test_every_kernel_computes_the_layer(kernel: Kernel, rows: int) -> None:
+def test_every_kernel_computes_the_layer(kernel: Kernel, rows: int, native: RowsLinear) -> None:
     torch.manual_seed(rows)
     linear = torch.nn.Linear(96, 80)
     table = KernelTable((1000,), (kernel,))
-    layer = CpuLinear(linear, 16, table)
+    layer = CpuLinear(linear, 16, table, native)
     x = torch.randn(2, rows, 96)  # a batch dimension too: rows are counted flat
     want = torch.nn.functional.linear(x, linear.weight, linear.bias)
     got = layer(x)
@@ -53,12 +61,30 @@ def test_each_row_count_runs_the_weight_copy_its_kernel_reads() -> None:
     assert layer(x).abs().sum() > 0  # 3 rows: oneDNN's packed copy
 
 
-def test_tune_names_the_fastest_kernel_it_measured_at_each_row_count() -> None:
-    layers = [CpuLinear(torch.nn.Linear(64, 64), 16, KernelTable()) for _ in range(3)]
+def test_the_native_kernel_reads_the_plain_weight_up_to_four_rows(native: RowsLinear) -> None:
+    layer = CpuLinear(torch.nn.Linear(32, 24), 16, KernelTable((8,), (Kernel.NATIVE,)), native)
+    assert layer.plain is not None and layer.native is native
+    layer.plain = torch.zeros_like(layer.plain)  # only the plain weight's readers see this
+    x = torch.randn(5, 32)
+    for rows in range(1, 5):
+        assert torch.equal(layer(x[:rows]), layer.bias.expand(rows, 24))
+    assert not torch.allclose(layer(x), layer.bias.expand(5, 24))  # 5 rows: oneDNN's packed copy
+    # A layer it does not take (features not a multiple of 16) has none and runs oneDNN.
+    assert CpuLinear(torch.nn.Linear(40, 8), 16, KernelTable(), native).native is None
+
+
+@pytest.mark.parametrize("with_native", [False, True])
+def test_tune_names_the_fastest_kernel_it_measured_at_each_row_count(
+    with_native: bool, native: RowsLinear
+) -> None:
+    kernel_of = native if with_native else None
+    layers = [CpuLinear(torch.nn.Linear(64, 64), 16, KernelTable(), kernel_of) for _ in range(3)]
     table, seconds = tune(layers, rows=(1, 4, 32), repeats=2)
     assert table.rows == (1, 4, 32) and sorted(seconds) == [1, 4, 32]
+    others = {k.value for k in Kernel} - {Kernel.NATIVE.value}
     for n, kernel in zip(table.rows, table.kernels, strict=True):
-        assert set(seconds[n]) == {k.value for k in Kernel}
+        # The native kernel is a candidate up to 4 rows, where the layers have it.
+        assert set(seconds[n]) == others | ({Kernel.NATIVE.value} if with_native and n <= 4 else set())
         assert seconds[n][kernel.value] == min(seconds[n].values())
 
 
@@ -78,9 +104,9 @@ def test_use_cpu_linears_shares_one_table_and_drops_the_copy_no_kernel_reads() -
 
 @pytest.mark.skipif(not onednn_packs(torch.bfloat16), reason="oneDNN does not pack bf16 weights on this CPU")
 @pytest.mark.parametrize("kernel", list(Kernel))
-def test_bf16_layers_run_every_kernel_in_bf16(kernel: Kernel) -> None:
+def test_bf16_layers_run_every_kernel_in_bf16(kernel: Kernel, native: RowsLinear) -> None:
     linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
-    layer = CpuLinear(linear, 16, KernelTable((8,), (kernel,)))
+    layer = CpuLinear(linear, 16, KernelTable((8,), (kernel,)), native)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     got = layer(x)
     assert got.dtype == torch.bfloat16
