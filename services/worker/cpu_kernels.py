@@ -6,15 +6,16 @@ speed is how fast a kernel streams the weight from memory, and which kernel does
 best depends on the machine, not only on the shape. Measured over SmolLM2's 211 linear
 layers (fp32, 2 threads, 538 MB a sweep):
 
-| rows | `F.linear` (MKL, x @ W.T) | W @ x.T (MKL) | oneDNN packed | machine |
-|---|---|---|---|---|
-| 1 | 27.7 ms | - | 31.0 ms | Intel Xeon, AMX |
-| 1 | 45.1 ms | 17.3 ms (as 2 rows) | 25.8 ms | AMD EPYC, AVX-512 |
-| 2 | 72.6 ms | 17.3 ms | 29.2 ms | AMD EPYC, AVX-512 |
-| 16 | 66.7 ms | 56.4 ms | 33.8 ms | AMD EPYC, AVX-512 |
+| rows | `F.linear` (MKL, x @ W.T) | W @ x.T (MKL) | oneDNN packed | native | machine |
+|---|---|---|---|---|---|
+| 1 | 27.7 ms | - | 31.0 ms | - | Intel Xeon, AMX |
+| 1 | 45.1 ms | 17.3 ms (as 2 rows) | 25.8 ms | 13-14 ms | AMD EPYC, AVX-512 |
+| 2 | 72.6 ms | 17.3 ms | 29.2 ms | 14-17 ms | AMD EPYC, AVX-512 |
+| 16 | 66.7 ms | 56.4 ms | 33.8 ms | - | AMD EPYC, AVX-512 |
 
 (MKL runs one row as a matrix-vector product on one core; W @ x.T with two rows is a
-GEMM that both cores share, at the machine's read bandwidth.) So `worker.cpu_kernels:
+GEMM that both cores share; `native` (native/linear.c, up to 4 rows, where a C compiler
+built it) streams each weight row once over both cores.) So `worker.cpu_kernels:
 auto`, the default, measures the candidates at load: one sweep over all of the model's
 own layers per candidate and row count (`TUNED_ROWS`), the fastest of three, and every
 layer then multiplies n rows with the kernel measured fastest at the smallest tuned
