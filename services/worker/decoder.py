@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wicore.worker.cpu_kernels import CpuLinear
+from wicore.worker.native import norm_kernel
 from wicore.worker.paged_attention import StepMetadata, paged_attention
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -126,7 +128,7 @@ def _split(owner: nn.Module, names: tuple[str, ...], fused: str) -> Any:
 class Decoder:
     """Next-token logits for the packed tokens of one engine step (see the module docstring)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, kernel_dir: str | None = None) -> None:
         inner = model.model
         config = model.config
         self.eps = float(config.rms_norm_eps)
@@ -156,6 +158,15 @@ class Decoder:
                     gate_up=_split(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj"),
                 )
             )
+        # Where the linear layers are WiCore's fp32 CPU ones (worker.cpu_kernels other than
+        # default), bit-equality with transformers is given up already: the residual sums and norms
+        # then go through the native kernel too (one call each instead of ~9 torch operations).
+        # Not under int8, whose layers round their inputs to bf16: a last-bit difference in a norm
+        # would flip that rounding, and the engine would no longer match `generate` over the
+        # same int8 model (test_int8_weights holds it to that).
+        fast = any(isinstance(m, CpuLinear) for m in model.modules())
+        use_native = fast and self.final_norm.dtype == torch.float32 and self.final_norm.device.type == "cpu"
+        self.add_norm_kernel = norm_kernel(kernel_dir) if use_native else None
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -176,9 +187,10 @@ class Decoder:
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]
         pool, slots, eps = meta.pool, meta.slot_mapping, self.eps
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
+        delta: torch.Tensor | None = None  # the last sublayer's output, not yet added to h
         for i, layer in enumerate(self.layers):
             attn = layer.attn
-            x = rms_norm(h, layer.input_norm, eps)
+            h, x = self.add_norm(h, delta, layer.input_norm)
             if layer.qkv and layer.q_norm is None:  # q and k side by side: one rotation for both
                 qkv = attn.qkv_proj(x)
                 qk = rope(qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d), cos, sin)
@@ -205,13 +217,25 @@ class Decoder:
                 sliding_window=layer.window,
                 wicore_meta=meta,
             )  # [1, T, heads, D]
-            h = h + attn.o_proj(out.reshape(tokens, heads * d))
-            x = rms_norm(h, layer.post_norm, eps)
+            h, x = self.add_norm(h, attn.o_proj(out.reshape(tokens, heads * d)), layer.post_norm)
             mlp = layer.mlp
             if layer.gate_up:
                 gate, up = mlp.gate_up_proj(x).split(layer.gate_up, dim=-1)
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            h = h + mlp.down_proj(F.silu(gate) * up)
+            delta = mlp.down_proj(F.silu(gate) * up)
+        if delta is not None:
+            h = h + delta
         h = rms_norm(h.index_select(0, rows), self.final_norm, eps)
         return self.lm_head(h)
+
+    def add_norm(
+        self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, rms_norm(h + delta) * weight): transformers' arithmetic, or the native
+        kernel's (which adds in place: h is the decoder's own running sum)."""
+        if self.add_norm_kernel is not None:
+            return h, self.add_norm_kernel(h, delta, weight, self.eps)
+        if delta is not None:
+            h = h + delta
+        return h, rms_norm(h, weight, self.eps)

@@ -60,7 +60,7 @@ class ModelRunner:
         self.model = model
         # WiCore's own forward pass where the family has one; transformers' modules otherwise.
         use_own = ModelImpl(model_impl) is ModelImpl.AUTO and Decoder.supports(model)
-        self.decoder = Decoder(model) if use_own else None
+        self.decoder = Decoder(model, kernel_dir) if use_own else None
         self.device = next(model.parameters()).device
         layers, kv_heads, head_dim = kv_layout(model)
         self.attention_backend, self.decode_kernel = self._backend(

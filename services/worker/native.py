@@ -1,6 +1,8 @@
 """Kernels WiCore compiles on the machine that runs them (C in native/, loaded through ctypes):
-decode attention over the paged pool (`PagedDecode`) and a decode step's few rows through a
-linear layer (`RowsLinear`, one of the candidates cpu_kernels.tune measures).
+decode attention over the paged pool (`PagedDecode`), a decode step's few rows through a
+linear layer (`RowsLinear`, one of the candidates cpu_kernels.tune measures), and the residual
+sum with the RMS norm after it (`AddRmsNorm`, for Decoder when the model's linear layers are
+WiCore's CPU ones).
 
 torch's CPU attention pays per call and per (sequence, head) what a decode step cannot afford:
 at 16 sequences of ~140 tokens, SmolLM2's 30 layers spent 17 ms of a 60-70 ms step in
@@ -13,9 +15,9 @@ The source is compiled once per machine, with `-O3 -march=native` (the vectors a
 widest), into `<cache_dir>/kernels/` under a name that hashes the source, the flags, the
 compiler's version and the CPU, and loaded from there afterwards; several workers starting at
 once each write their own file and rename it into place. Without a C compiler (`$CC`, else
-`cc`) nothing is built: `decode_kernel` and `linear_kernel` return None, and the worker attends
-with torch (`worker.attention_backend: cascade`) and multiplies through MKL and oneDNN, and
-logs why.
+`cc`) nothing is built: `decode_kernel`, `linear_kernel` and `norm_kernel` return None, and
+the worker does the same work through torch (`worker.attention_backend: cascade`, MKL and
+oneDNN, torch's norms) and logs why.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _int, _i
 SIGNATURE += [_float, _ptr, _ptr, _int]
 # wicore_linear_rows(x, weight, bf16, bias, y, rows, in, out, threads)
 LINEAR_SIGNATURE: list[Any] = [_ptr, _ptr, _int, _ptr, _ptr, _int, _int, _int, _int]
+# wicore_add_rms_norm(h, delta, weight, x, rows, dim, eps, threads)
+NORM_SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _ptr, _int, _int, _float, _int]
 
 
 class PagedDecode:
@@ -160,6 +164,38 @@ class RowsLinear:
         )
 
 
+class AddRmsNorm:
+    """h += delta (in place, when given); returns rms_norm(h) * weight, fp32 (native/norm.c):
+    one call where torch runs a residual add and about eight operations of its RMS norm."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._fn = library.wicore_add_rms_norm
+        self._fn.restype = None
+        self._fn.argtypes = NORM_SIGNATURE
+
+    def __call__(
+        self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        dim = h.shape[-1]
+        tensors = (h, weight) if delta is None else (h, delta, weight)
+        if not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+            raise ValueError("native rms norm: fp32 contiguous tensors only")
+        if delta is not None and delta.shape != h.shape:
+            raise ValueError(f"native rms norm: delta {tuple(delta.shape)} is not h's {tuple(h.shape)}")
+        x = torch.empty_like(h)
+        self._fn(
+            h.data_ptr(),
+            None if delta is None else delta.data_ptr(),
+            weight.data_ptr(),
+            x.data_ptr(),
+            h.numel() // dim,
+            dim,
+            eps,
+            torch.get_num_threads(),
+        )
+        return x
+
+
 @functools.cache
 def decode_kernel(directory: str | None = None) -> PagedDecode | None:
     """The paged decode kernel, built into `directory` (default ~/.cache/wicore/kernels) on
@@ -173,6 +209,13 @@ def linear_kernel(directory: str | None = None) -> RowsLinear | None:
     """The few-rows linear kernel, built like `decode_kernel`; None (logged) where it cannot be."""
     library = load("linear", directory, "linear layers through MKL and oneDNN only")
     return None if library is None else RowsLinear(library)
+
+
+@functools.cache
+def norm_kernel(directory: str | None = None) -> AddRmsNorm | None:
+    """The residual-add and RMS norm kernel, built like `decode_kernel`; None (logged) where not."""
+    library = load("norm", directory, "norms through torch")
+    return None if library is None else AddRmsNorm(library)
 
 
 def load(name: str, directory: str | None, otherwise: str) -> ctypes.CDLL | None:

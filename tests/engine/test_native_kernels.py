@@ -1,6 +1,8 @@
-"""The native paged decode kernel (worker/native.py, native/paged_attention.c): against attention
-computed in torch over the same keys, for the shapes and dtypes the engine gives it; its build
-cache; and what the worker does where it cannot be built."""
+"""The native kernels (worker/native.py): the paged decode kernel (native/paged_attention.c)
+against attention computed in torch over the same keys, for the shapes and dtypes the engine
+gives it; the residual-add + RMS norm kernel (native/norm.c) against transformers' arithmetic,
+and where the Decoder uses it; the build cache; and what the worker does where nothing builds.
+(The few-rows linear kernel is tested with the other CPU kernels, test_cpu_linear.py.)"""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from wicore.config import AttentionBackend
+from wicore.config import AttentionBackend, load_config
 from wicore.errors import ConfigError
 from wicore.worker import native
+from wicore.worker.app import load_model
+from wicore.worker.decoder import Decoder, rms_norm
 from wicore.worker.model_runner import ModelRunner
 
 from tiny_models import save_tiny
@@ -135,3 +139,32 @@ def test_auto_is_paged_on_cpu(tmp_path: Path) -> None:
     model = tiny_model("qwen3", tmp_path / "model")
     runner = ModelRunner(model, 16, 4, AttentionBackend.AUTO, kernel_dir=str(tmp_path / "kernels"))
     assert runner.attention_backend is AttentionBackend.PAGED and runner.decode_kernel is not None
+
+
+@pytest.mark.parametrize("dim", [64, 576, 40])  # 40: a tail shorter than a vector
+@pytest.mark.parametrize("rows", [1, 3, 70])  # 70: rows in parallel
+def test_add_rms_norm_matches_transformers_arithmetic(dim: int, rows: int) -> None:
+    kernel = native.norm_kernel()
+    assert kernel is not None
+    generator = torch.Generator().manual_seed(dim + rows)
+    h, delta, weight = (
+        torch.randn(shape, generator=generator) for shape in ((rows, dim), (rows, dim), (dim,))
+    )
+    want_h = h + delta
+    want = rms_norm(want_h, weight, 1e-5)
+    x = kernel(h, delta, weight, 1e-5)
+    assert torch.equal(h, want_h)  # the residual sum in place, exactly torch's
+    assert torch.allclose(x, want, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(kernel(want_h.clone(), None, weight, 1e-5), want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="fp32"):
+        kernel(h.double(), None, weight, 1e-5)
+
+
+def test_the_decoder_uses_it_only_over_wicores_fp32_linear_layers(tmp_path: Path) -> None:
+    path = save_tiny("llama", tmp_path / "model")
+    kernels = {"default": False, "auto": True}
+    for setting, uses in kernels.items():
+        loaded = load_model(load_config(None, {}, {"worker.model": str(path), "worker.cpu_kernels": setting}))
+        assert (Decoder(loaded.model).add_norm_kernel is not None) is uses, setting
+    int8 = load_model(load_config(None, {}, {"worker.model": str(path), "worker.weight_quant": "int8"}))
+    assert Decoder(int8.model).add_norm_kernel is None
