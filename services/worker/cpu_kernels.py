@@ -14,7 +14,7 @@ layers (fp32, 2 threads, 538 MB a sweep):
 | 16 | 66.7 ms | 56.4 ms | 33.8 ms | - | AMD EPYC, AVX-512 |
 
 (MKL runs one row as a matrix-vector product on one core; W @ x.T with two rows is a
-GEMM that both cores share; `native` (native/linear.c, up to 4 rows, where a C compiler
+GEMM that both cores share; `native` (csrc/linear.c, up to 4 rows, where a C compiler
 built it) streams each weight row once over both cores.) So `worker.cpu_kernels:
 auto`, the default, measures the candidates at load: one sweep over all of the model's
 own layers per candidate and row count (`TUNED_ROWS`), the fastest of three, and every
@@ -53,7 +53,7 @@ class Kernel(enum.StrEnum):
     ONEDNN = "onednn"  # the weight reordered once into oneDNN's blocked layout
     MKL = "mkl"  # F.linear on the plain weight: x @ W.T
     MKL_WT = "mkl_wt"  # W @ x.T on the plain weight, at least two rows (one is padded)
-    NATIVE = "native"  # up to 4 rows streaming the plain weight once (native/linear.c), where built
+    NATIVE = "native"  # up to 4 rows streaming the plain weight once (csrc/linear.c), where built
 
 
 @dataclass(frozen=True, slots=True)

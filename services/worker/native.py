@@ -1,4 +1,4 @@
-"""Kernels WiCore compiles on the machine that runs them (C in native/, loaded through ctypes):
+"""Kernels WiCore compiles on the machine that runs them (C in csrc/, loaded through ctypes):
 decode attention over the paged pool (`PagedDecode`), a decode step's few rows through a
 linear layer (`RowsLinear`, one of the candidates cpu_kernels.tune measures), and the residual
 sum with the RMS norm after it (`AddRmsNorm`, for Decoder when the model's linear layers are
@@ -7,7 +7,7 @@ WiCore's CPU ones).
 torch's CPU attention pays per call and per (sequence, head) what a decode step cannot afford:
 at 16 sequences of ~140 tokens, SmolLM2's 30 layers spent 17 ms of a 60-70 ms step in
 attention (copying each sequence's K/V out of the pool, then SDPA), for 4 MB of K/V a layer.
-`PagedDecode` runs native/paged_attention.c instead: each sequence's one query against its
+`PagedDecode` runs csrc/paged_attention.c instead: each sequence's one query against its
 keys read in place through its block table, every (sequence, KV head) one OpenMP task in the
 process's own OpenMP runtime (torch's), ~0.1 ms a layer there.
 
@@ -38,7 +38,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = Path(__file__).with_name("native")
+SOURCES = Path(__file__).with_name("csrc")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi")
 DEFAULT_DIR = Path("~/.cache/wicore/kernels")
 DTYPES = (torch.float32, torch.bfloat16)  # what the pool may hold
@@ -56,7 +56,7 @@ NORM_SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _ptr, _int, _int, _float, _int]
 
 class PagedDecode:
     """Decode attention over the pool: one query per row against that row's keys at positions
-    [starts, ends) through its block table, read in place (native/paged_attention.c)."""
+    [starts, ends) through its block table, read in place (csrc/paged_attention.c)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.wicore_paged_decode
@@ -125,7 +125,7 @@ class PagedDecode:
 
 class RowsLinear:
     """A few rows (up to `MAX_ROWS`) times a linear layer's plain fp32 or bf16 weight, streaming
-    the weight once (native/linear.c): y [rows, out] = x [rows, in] @ weight.T + bias."""
+    the weight once (csrc/linear.c): y [rows, out] = x [rows, in] @ weight.T + bias."""
 
     MAX_ROWS = 4
 
@@ -165,7 +165,7 @@ class RowsLinear:
 
 
 class AddRmsNorm:
-    """h += delta (in place, when given); returns rms_norm(h) * weight, fp32 (native/norm.c):
+    """h += delta (in place, when given); returns rms_norm(h) * weight, fp32 (csrc/norm.c):
     one call where torch runs a residual add and about eight operations of its RMS norm."""
 
     def __init__(self, library: ctypes.CDLL) -> None:

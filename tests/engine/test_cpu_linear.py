@@ -1,5 +1,5 @@
 """CpuLinear (`worker.cpu_kernels: auto | onednn`): every kernel computes the layer (equal to
-`F.linear` within rounding), the native one included (native/linear.c), each row count goes
+`F.linear` within rounding), the native one included (csrc/linear.c), each row count goes
 through the kernel its table names, and `tune` names the kernel it measured fastest."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The native kernels (worker/native.py): the paged decode kernel (native/paged_attention.c)
+"""The native kernels (worker/native.py): the paged decode kernel (csrc/paged_attention.c)
 against attention computed in torch over the same keys, for the shapes and dtypes the engine
-gives it; the residual-add + RMS norm kernel (native/norm.c) against transformers' arithmetic,
+gives it; the residual-add + RMS norm kernel (csrc/norm.c) against transformers' arithmetic,
 and where the Decoder uses it; the build cache; and what the worker does where nothing builds.
 (The few-rows linear kernel is tested with the other CPU kernels, test_cpu_linear.py.)"""
 
