@@ -113,13 +113,15 @@ class PagedDecode:
     @staticmethod
     def supports(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
         """What the kernel takes: head dims a multiple of 16 up to 256 (8 on CPUs without AVX-512
-        suffice, 16 is asked everywhere), at most 16 query heads per KV head, fp32 or bf16."""
+        suffice, 16 is asked everywhere), at most 16 query heads per KV head and 256 in all, fp32 or
+        bf16."""
         return (
             dtype in DTYPES
             and head_dim % 16 == 0
             and head_dim <= 256
             and heads % kv_heads == 0
             and heads // kv_heads <= 16
+            and heads <= 256
         )
 
 

@@ -109,6 +109,7 @@ def test_shapes_it_does_not_take_are_refused(kernel: native.PagedDecode) -> None
     assert not native.PagedDecode.supports(4, 2, 24, torch.float32)  # head dim not a multiple of 16
     assert not native.PagedDecode.supports(34, 2, 64, torch.float32)  # 17 query heads per KV head
     assert not native.PagedDecode.supports(4, 2, 64, torch.float16)
+    assert not native.PagedDecode.supports(512, 64, 64, torch.float32)  # 512 query heads
     keys = torch.randn(16, 2, 24)
     one = torch.ones(1, dtype=torch.long)
     with pytest.raises(ValueError, match="unsupported shape"):
