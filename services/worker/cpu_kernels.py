@@ -111,11 +111,11 @@ class CpuLinear(nn.Module):
     def multiply(self, flat: torch.Tensor, kernel: Kernel) -> torch.Tensor:
         """flat [rows, in] -> [rows, out] through `kernel`."""
         rows = flat.shape[0]
-        if kernel is Kernel.NATIVE and self.native is not None and self.plain is not None:
-            if rows <= RowsLinear.MAX_ROWS:
+        if kernel is Kernel.NATIVE:
+            if self.native is not None and self.plain is not None and rows <= RowsLinear.MAX_ROWS:
                 return self.native(flat, self.plain, self.bias)
-            kernel = Kernel.ONEDNN
-        if kernel in (Kernel.ONEDNN, Kernel.NATIVE) or self.plain is None:
+            kernel = Kernel.ONEDNN  # more rows than it takes, or not built here
+        if kernel is Kernel.ONEDNN or self.plain is None:
             bucket = _bucket(rows)
             if bucket != rows:
                 flat = torch.nn.functional.pad(flat, (0, 0, 0, bucket - rows))

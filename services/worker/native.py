@@ -232,11 +232,8 @@ def load(name: str, directory: str | None, otherwise: str) -> ctypes.CDLL | None
 def build(folder: Path, source: Path = SOURCES / "paged_attention.c") -> Path:
     """The shared library of `source` for this machine, compiled unless already in `folder`."""
     compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler ({compiler!r} not found; set CC)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(FLAGS).encode(), version.encode(), cpu_identity().encode()):
+    for part in (source.read_bytes(), " ".join(FLAGS).encode(), toolchain(compiler).encode()):
         digest.update(part)
     target = folder / f"{source.stem}-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -252,6 +249,16 @@ def build(folder: Path, source: Path = SOURCES / "paged_attention.c") -> Path:
         os.replace(built, target)
     log.info("built %s", target)
     return target
+
+
+@functools.cache
+def toolchain(compiler: str) -> str:
+    """What a build depends on besides its source and flags: the compiler's version and this CPU
+    (read once per process, however many kernels are built)."""
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler ({compiler!r} not found; set CC)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    return version + cpu_identity()
 
 
 def cpu_identity() -> str:
