@@ -50,6 +50,7 @@ from wicore.worker.paged_engine import EngineConfig, PagedEngine
 from wicore.worker.residency import ResidencyPublisher
 from wicore.worker.servicer import WorkerServicer
 from wicore.worker.speculative import NgramProposer, Proposer, Speculator
+from wicore.worker.threads import EngineThread
 
 log = logging.getLogger(__name__)
 
@@ -367,11 +368,13 @@ async def serve(config: Config) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     wc = config.worker
     server = internal_server("worker", wc.host, wc.port, config)
-    loaded = await asyncio.to_thread(load_model, config)
+    # The model is loaded, tuned and run on one thread (see wicore.worker.threads).
+    thread = EngineThread()
+    loaded = await thread.run(load_model, config)
     model_id, model, tokenizer = loaded.model_id, loaded.model, loaded.tokenizer
     defaults = ModelDefaults.from_model(model, wc.default_max_tokens)
-    speculator = await asyncio.to_thread(make_speculator, config, loaded)
-    paged = PagedEngine(model, engine_config(config, model), loaded.fingerprint, speculator)
+    speculator = await thread.run(make_speculator, config, loaded)
+    paged = await thread.run(PagedEngine, model, engine_config(config, model), loaded.fingerprint, speculator)
     log.info(
         "KV pool: %d blocks of %d tokens (%d tokens)",
         paged.pool.num_blocks,
@@ -382,7 +385,7 @@ async def serve(config: Config) -> None:
         "attention: %s (worker.attention_backend: %s)", paged.runner.attention_backend, wc.attention_backend
     )
     offloader = make_offloader(config, paged.costs)
-    engine = AsyncEngine(paged, tokenizer, offloader)
+    engine = AsyncEngine(paged, tokenizer, offloader, thread)
     if offloader is not None:
         offloader.start()
     engine.start()

@@ -26,6 +26,7 @@ stream finishes the request and aborts it in the engine in the same step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -41,6 +42,7 @@ from wicore.worker.engine import Engine
 from wicore.worker.engine_types import EngineRequest, EngineStats, StepOutput
 from wicore.worker.offload import KvOffloader, Reload
 from wicore.worker.output import Delta, TextStream
+from wicore.worker.threads import EngineThread
 
 log = logging.getLogger(__name__)
 _tracer = tracer(__name__)
@@ -54,7 +56,15 @@ class _Active:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, tokenizer: Any, offloader: KvOffloader | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        offloader: KvOffloader | None = None,
+        thread: EngineThread | None = None,
+    ) -> None:
+        """`thread`: the one that loaded the model and built `engine` (see `wicore.worker.threads`);
+        by default a thread of its own."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.offloader = offloader
@@ -66,15 +76,19 @@ class AsyncEngine:
         self._active: dict[str, _Active] = {}
         self._stats = engine.stats()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread = thread if thread is not None else EngineThread()
+        self._running: concurrent.futures.Future[None] | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._running = self._thread.submit(self._run)
+        self._running.add_done_callback(_log_failure)
 
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._running is not None:
+            concurrent.futures.wait([self._running], timeout=10)
+        self._thread.close()
 
     @property
     def num_active(self) -> int:
@@ -253,6 +267,11 @@ def _push(stream: TextStream, out: StepOutput) -> Delta:
             break
     assert delta is not None
     return delta
+
+
+def _log_failure(running: concurrent.futures.Future[None]) -> None:
+    if not running.cancelled() and running.exception() is not None:
+        log.error("the engine loop stopped", exc_info=running.exception())
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Any], Delta]]) -> None:

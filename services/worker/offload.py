@@ -41,6 +41,7 @@ from wicore.kv.codecs import decode, encode
 from wicore.kv.hashing import BlockHash
 from wicore.worker.costs import EXPLORE_EVERY, CostMeter, blocks_worth_loading
 from wicore.worker.kv_io import Spilled
+from wicore.worker.threads import confined_executor
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class KvOffloader:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        # Encoding and decoding off the event loop, without OpenMP threads of their own (threads.py).
+        self._codec = confined_executor("tier-codec")
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -104,6 +107,7 @@ class KvOffloader:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._codec.shutdown(wait=False)
         await self.client.close()
 
     # --- engine thread side ---
@@ -176,7 +180,7 @@ class KvOffloader:
             started = loop.time()
             got = await self.client.get(wanted)
             run = list(itertools.takewhile(lambda h: h in got, wanted))
-            decoded = await loop.run_in_executor(None, _decode_all, [got[h][0] for h in run])
+            decoded = await loop.run_in_executor(self._codec, _decode_all, [got[h][0] for h in run])
             sources: collections.Counter[StorageTier] = collections.Counter()
             for h in run:
                 block, source = got[h]
@@ -219,7 +223,7 @@ class KvOffloader:
                 if not blocks:
                     continue
                 try:
-                    encoded = await loop.run_in_executor(None, self._encode_all, blocks)
+                    encoded = await loop.run_in_executor(self._codec, self._encode_all, blocks)
                     ok = await self.client.put(encoded)
                 except Exception:  # a block that cannot be encoded is not offloaded; serving goes on
                     log.exception("spilling %d blocks failed", len(blocks))
