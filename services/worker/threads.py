@@ -3,14 +3,16 @@
 torch runs CPU operations on OpenMP threads, and GNU OpenMP (torch's) gives every thread that
 starts a parallel region a team of its own, kept for as long as that thread lives. While a process
 holds more OpenMP threads than it has CPUs, libgomp stops spinning at its barriers and sleeps there
-at once; the thousands of parallel regions of a decode step then each end in a futex wake-up.
+at once; the hundreds of parallel regions of a decode step then each end in a futex wake-up.
 Measured on two cores (SmolLM2, 16 x 128 -> 64): a batch-16 decode step took 26.5 ms with the model
-loaded and run on one thread, 34 ms when it was loaded on one thread and run on another, and the
-served stack ran 0.8x the in-process engine instead of ~0.95x.
+loaded and run on one thread, 34 ms when it was loaded on one thread and run on another.
 
 So the worker loads and tunes its model, builds its engine and runs the engine loop on one
 `EngineThread`, and any other thread that touches tensors (the tier codec's) first confines itself
-(`confine_openmp`), so that its operations run on it alone and start no team.
+(`confine_openmp`), so that its operations run on it alone and start no team. It keeps libgomp's
+default wait policy (spin a while, then sleep): through the stack, 282 tok/s on a quiet machine and
+271 beside a busy loop at nice 19, against 233 and 204 with `OMP_WAIT_POLICY=PASSIVE` (which the
+worker set until the stack's services shared `up`'s session: see `wicore.launcher.spawn`).
 """
 
 from __future__ import annotations
