@@ -15,9 +15,12 @@ The source is compiled once per machine, with `-O3 -march=native` (the vectors a
 widest), into `<cache_dir>/kernels/` under a name that hashes the source, the flags, the
 compiler's version and the CPU, and loaded from there afterwards; several workers starting at
 once each write their own file and rename it into place. Without a C compiler (`$CC`, else
-`cc`) nothing is built: `decode_kernel`, `linear_kernel` and `norm_kernel` return None, and
-the worker does the same work through torch (`worker.attention_backend: cascade`, MKL and
-oneDNN, torch's norms) and logs why.
+`cc`), as in WiCore's container image, the kernels come from `prebuilt/` beside this module when
+they are there: compiled from the same sources for x86-64 levels (`LEVELS`: v4 is AVX-512, v3
+AVX2) by `python -m wicore.worker.native` where a compiler is (the image's build stage), the
+widest level this CPU runs chosen. Failing both, `decode_kernel`, `linear_kernel` and
+`norm_kernel` return None, and the worker does the same work through torch
+(`worker.attention_backend: cascade`, MKL and oneDNN, torch's norms) and logs why.
 """
 
 from __future__ import annotations
@@ -39,7 +42,16 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("csrc")
+KERNELS = ("paged_attention", "linear", "norm")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi")
+PREBUILT = Path(__file__).with_name("prebuilt")
+# The x86-64 levels kernels are prebuilt for, widest first, with the CPU flags (/proc/cpuinfo) each
+# needs: v3 is AVX2 with FMA, v4 adds AVX-512 (the kernels' 16-float vectors).
+_V3 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "sse4_2", "popcnt"})
+LEVELS = {
+    "x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+    "x86-64-v3": _V3,
+}
 DEFAULT_DIR = Path("~/.cache/wicore/kernels")
 DTYPES = (torch.float32, torch.bfloat16)  # what the pool may hold
 
@@ -222,11 +234,70 @@ def norm_kernel(directory: str | None = None) -> AddRmsNorm | None:
 
 def load(name: str, directory: str | None, otherwise: str) -> ctypes.CDLL | None:
     folder = Path(directory).expanduser() if directory else DEFAULT_DIR.expanduser()
+    source = SOURCES / f"{name}.c"
     try:
-        return ctypes.CDLL(str(build(folder, SOURCES / f"{name}.c")))
+        return ctypes.CDLL(str(build(folder, source)))
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        prebuilt = find_prebuilt(source)
+        if prebuilt is not None:
+            log.info("native kernel %s: %s (not built here: %s)", name, prebuilt.name, exc)
+            return ctypes.CDLL(str(prebuilt))
         log.warning("native kernel %s unavailable, %s: %s", name, otherwise, exc)
         return None
+
+
+def prebuild(folder: Path = PREBUILT) -> list[Path]:
+    """Compiles every kernel for every level in `LEVELS` into `folder` (`python -m
+    wicore.worker.native`, where a compiler is); returns the libraries."""
+    compiler = os.environ.get("CC", "cc")
+    toolchain(compiler)  # a clear error without one
+    folder.mkdir(parents=True, exist_ok=True)
+    built = []
+    for level in LEVELS:
+        flags = level_flags(level)
+        for name in KERNELS:
+            source = SOURCES / f"{name}.c"
+            target = folder / prebuilt_name(source, level)
+            result = subprocess.run(
+                [compiler, *flags, "-o", str(target), str(source), "-lm"], capture_output=True, text=True
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed on {source.name} for {level}: {result.stderr[-2000:]}")
+            built.append(target)
+    return built
+
+
+def find_prebuilt(source: Path, folder: Path | None = None) -> Path | None:
+    """The prebuilt library of `source` (as it is now) for the widest level this CPU runs, if any."""
+    folder = PREBUILT if folder is None else folder
+    flags = cpu_flags()
+    for level, needs in LEVELS.items():
+        path = folder / prebuilt_name(source, level)
+        if needs <= flags and path.exists():
+            return path
+    return None
+
+
+def level_flags(level: str) -> tuple[str, ...]:
+    return tuple(f"-march={level}" if flag == "-march=native" else flag for flag in FLAGS)
+
+
+def prebuilt_name(source: Path, level: str) -> str:
+    """`<kernel>-<level>-<hash of the source and flags>.so`: a library of another source is not found."""
+    digest = hashlib.sha256(source.read_bytes() + " ".join(level_flags(level)).encode()).hexdigest()
+    return f"{source.stem}-{level}-{digest[:16]}.so"
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux x86), else none."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return frozenset()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
 
 
 def build(folder: Path, source: Path = SOURCES / "paged_attention.c") -> Path:
@@ -269,3 +340,8 @@ def cpu_identity() -> str:
         return platform.processor() or platform.machine()
     lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
     return "\n".join(sorted(set(lines)))
+
+
+if __name__ == "__main__":
+    for path in prebuild():
+        print(path)

@@ -1,7 +1,8 @@
 """The native kernels (worker/native.py): the paged decode kernel (csrc/paged_attention.c)
 against attention computed in torch over the same keys, for the shapes and dtypes the engine
 gives it; the residual-add + RMS norm kernel (csrc/norm.c) against transformers' arithmetic,
-and where the Decoder uses it; the build cache; and what the worker does where nothing builds.
+and where the Decoder uses it; the build cache; the prebuilt kernels a machine without a compiler
+loads; and what the worker does where nothing builds or is prebuilt.
 (The few-rows linear kernel is tested with the other CPU kernels, test_cpu_linear.py.)"""
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def test_without_a_compiler_auto_falls_back_and_paged_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "PREBUILT", tmp_path / "no-prebuilt")
     kernel_dir = str(tmp_path / "kernels")
     assert native.decode_kernel(kernel_dir) is None
     model = tiny_model("llama", tmp_path / "model")
@@ -134,6 +136,33 @@ def test_without_a_compiler_auto_falls_back_and_paged_is_refused(
     assert runner.attention_backend is AttentionBackend.CASCADE and runner.decode_kernel is None
     with pytest.raises(ConfigError, match=r"worker\.attention_backend: paged"):
         ModelRunner(model, 16, 4, AttentionBackend.PAGED, kernel_dir=kernel_dir)
+
+
+def test_without_a_compiler_the_prebuilt_kernels_for_this_cpu_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the container image: kernels prebuilt per x86-64 level where a compiler was, loaded
+    where none is; the widest level this CPU runs, and one of another source never."""
+    built = native.prebuild(tmp_path / "prebuilt")
+    assert sorted(p.name.split("-x86-64-")[0] for p in built) == sorted(list(native.KERNELS) * 2)
+    monkeypatch.setattr(native, "PREBUILT", tmp_path / "prebuilt")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    flags = native.cpu_flags()
+    level = next((level for level, needs in native.LEVELS.items() if needs <= flags), None)
+    linear = native.linear_kernel(str(tmp_path / "kernels"))
+    if level is None:  # a CPU below x86-64-v3: torch does the work
+        assert linear is None
+        return
+    chosen = native.find_prebuilt(native.SOURCES / "linear.c")
+    assert chosen is not None and chosen.name.startswith(f"linear-{level}-")
+    assert linear is not None and not (tmp_path / "kernels").exists()  # nothing compiled
+    generator = torch.Generator().manual_seed(3)
+    x, weight, bias = (torch.randn(s, generator=generator) for s in ((2, 64), (40, 64), (40,)))
+    assert torch.allclose(linear(x, weight, bias), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / chosen.name.replace(chosen.name.rsplit("-", 1)[1], "0" * 16 + ".so")).write_bytes(b"")
+    assert native.find_prebuilt(native.SOURCES / "linear.c", stale) is None
 
 
 def test_auto_is_paged_on_cpu(tmp_path: Path) -> None:
