@@ -5,7 +5,7 @@
                                                        (a client's cancel: CANCELLED)
     wicore:prompt_tokens_total, generation_tokens_total
     wicore:time_to_first_token_seconds                 request in → first token out (histogram)
-    wicore:inter_token_latency_seconds                 between streamed tokens (histogram)
+    wicore:inter_token_latency_seconds                 between streamed messages with tokens (histogram)
     wicore:e2e_request_latency_seconds                 request in → last token out (histogram)
     wicore:request_prompt_tokens, request_generation_tokens   per request (histograms)
     wicore:gateway_requests_in_flight
@@ -72,7 +72,9 @@ class GatewayMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated (streamed to clients).")
         self.ttft = histogram("time_to_first_token_seconds", "Request in to first token out.", TTFT_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Time between streamed tokens.", ITL_BUCKETS)
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between streamed messages with tokens.", ITL_BUCKETS
+        )
         self.e2e = histogram(
             "e2e_request_latency_seconds", "Request in to last token out.", REQUEST_LATENCY_BUCKETS
         )
