@@ -258,11 +258,7 @@ def prebuild(folder: Path = PREBUILT) -> list[Path]:
         for name in KERNELS:
             source = SOURCES / f"{name}.c"
             target = folder / prebuilt_name(source, level)
-            result = subprocess.run(
-                [compiler, *flags, "-o", str(target), str(source), "-lm"], capture_output=True, text=True
-            )
-            if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed on {source.name} for {level}: {result.stderr[-2000:]}")
+            compile_library(compiler, flags, source, target)
             built.append(target)
     return built
 
@@ -292,11 +288,7 @@ def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags (Linux x86), else none."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return frozenset()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    line = next((line for line in _cpuinfo().splitlines() if line.startswith("flags")), "")
     return frozenset(line.partition(":")[2].split())
 
 
@@ -312,14 +304,20 @@ def build(folder: Path, source: Path = SOURCES / "paged_attention.c") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         built = Path(scratch) / target.name
-        result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), str(source), "-lm"], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {source.name}: {result.stderr.strip()[-2000:]}")
+        compile_library(compiler, FLAGS, source, built)
         os.replace(built, target)
     log.info("built %s", target)
     return target
+
+
+def compile_library(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> None:
+    result = subprocess.run(
+        [compiler, *flags, "-o", str(target), str(source), "-lm"], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{compiler} {' '.join(flags)} failed on {source.name}: {result.stderr.strip()[-2000:]}"
+        )
 
 
 @functools.cache
@@ -334,12 +332,20 @@ def toolchain(compiler: str) -> str:
 
 def cpu_identity() -> str:
     """What -march=native depends on: the CPU's model and feature flags (Linux), else the platform."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    text = _cpuinfo()
+    if not text:
         return platform.processor() or platform.machine()
     lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features"))]
     return "\n".join(sorted(set(lines)))
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once per process; empty where there is none."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ _Call = tuple[Callable[..., Any], tuple[Any, ...], "concurrent.futures.Future[An
 
 class EngineThread:
     """A daemon thread that runs what it is given, in order: the worker's model loading and engine
-    construction, then the engine loop, which keeps it until the engine stops."""
+    construction, then the engine loop, which keeps it until the engine stops. (Not a one-thread
+    ThreadPoolExecutor: the interpreter waits for those at exit, and an engine loop never returns
+    unless stopped.)"""
 
     def __init__(self, name: str = "engine") -> None:
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
