@@ -97,6 +97,30 @@ def test_kernel_matches_attention_over_the_gathered_keys(
     assert torch.allclose(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 100])
+def test_long_rows_are_attended_part_by_part(
+    kernel: native.PagedDecode, dtype: torch.dtype, window: int | None
+) -> None:
+    """Rows longer than the kernel's part of keys (its softmax is folded part by part), ranges that
+    start and end inside blocks, and a one-row call split over the KV heads."""
+    generator = torch.Generator().manual_seed(7)
+    heads, kv_heads, dim, block_size, per_row = 9, 3, 64, 16, 48
+    rows = 3
+    keys = torch.randn(rows * per_row * block_size, kv_heads, dim, generator=generator).to(dtype)
+    values = torch.randn(rows * per_row * block_size, kv_heads, dim, generator=generator).to(dtype)
+    tables = torch.randperm(rows * per_row, generator=generator).view(rows, per_row).contiguous()
+    starts, ends = torch.tensor([0, 17, 200]), torch.tensor([300, 129, 767])
+    query = torch.randn(rows, heads, dim, generator=generator).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for r in (slice(0, 3), slice(2, 3)):
+        args = (query[r], keys, values, tables[r].contiguous(), starts[r], ends[r], block_size, window, 0.125)
+        out, lse = kernel(*args)
+        want, want_lse = reference(*args)
+        assert torch.allclose(out.double(), want, atol=tolerance, rtol=tolerance)
+        assert torch.allclose(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_an_empty_range_weighs_nothing(kernel: native.PagedDecode) -> None:
     keys = torch.randn(32, 1, 16)
     tables = torch.arange(2)[None].contiguous()
