@@ -19,9 +19,10 @@ Unix socket (no client certificate needed). A child that does not become ready
 is started again (START_ATTEMPTS in all, with backoff), and the launcher says
 what it printed last; one that dies later is restarted (at most
 RESTARTS_PER_MINUTE times a minute; a worker registers again by itself); past
-that, all are stopped. Ctrl-C or SIGTERM stops every
-child within 15 s (SIGTERM, then SIGKILL); children also get SIGTERM if this
-process dies abruptly (they ask for it themselves: see `spawn`).
+that, all are stopped. Ctrl-C or SIGTERM stops the children in the reverse order,
+a kind at a time, each given STOP_TIMEOUT_S (SIGTERM, then SIGKILL; see `_stop`);
+children also get SIGTERM if this process dies abruptly (they ask for it themselves:
+see `spawn`).
 """
 
 from __future__ import annotations
@@ -146,17 +147,34 @@ def _say(message: str) -> None:
 
 
 def _stop(children: list[Child]) -> None:
-    for child in reversed(children):
-        if child.proc.poll() is None:
+    """Stops the children in the reverse of their start order, one kind at a time: the gateway
+    first (it drains its streams while everything behind it still serves them), then the workers
+    together (each deregisters from a scheduler that still answers), the scheduler, the tier and
+    Redis. Each stage gets SIGTERM and STOP_TIMEOUT_S to exit, then SIGKILL."""
+    for stage in _stages(children[::-1]):
+        live = [child for child in stage if child.proc.poll() is None]
+        for child in live:
             child.proc.terminate()
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for child in reversed(children):
-        try:
-            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _say(f"{child.name} did not stop in time; killing it")
-            child.proc.kill()
-            child.proc.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in live:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"{child.name} did not stop in time; killing it")
+                child.proc.kill()
+                child.proc.wait()
+
+
+def _stages(children: list[Child]) -> list[list[Child]]:
+    """Consecutive children of one kind (`worker-0`, `worker-1`, ...: `worker`) as one stage."""
+    stages: list[list[Child]] = []
+    for child in children:
+        kind = child.name.split("-")[0]
+        if stages and stages[-1][0].name.split("-")[0] == kind:
+            stages[-1].append(child)
+        else:
+            stages.append([child])
+    return stages
 
 
 METRICS_ORDER = ("gateway", "scheduler", "tier")  # then worker-0, worker-1, ...
