@@ -3,14 +3,16 @@
  * One query row per sequence (a decode step): row r attends the keys at positions
  * [start[r], end[r]) of its sequence, found through its block table (the pool's row for
  * position p is table[p / block_size] * block_size + p % block_size). A task is a row and a
- * range of its KV heads; for each KV head, the keys are taken PART positions at a time:
+ * range of its KV heads; its keys are taken up to PART positions at a time (fewer when the task
+ * has many query heads: their scores stay within SCORE_FLOATS):
  *
- *   scores   the head's `group` query heads against the part's keys, W keys at a time
- *            (W dot products, then one transpose-and-add tree), kept in a small buffer;
- *   softmax  over the whole part at once, in vectors: its maximum, exp, sum, folded into the
- *            running maximum and sum (the accumulated values rescaled once a part);
- *   values   the weighted sum of the part's values, with the accumulators of up to GT query
- *            heads x CW vectors of the head dimension held in registers over the part.
+ *   scores   every query head of the task against the part's keys, W keys at a time (W dot
+ *            products, then one transpose-and-add tree), into a small buffer; each slot's K
+ *            row (the task's heads side by side) read whole, a block's rows one run of memory;
+ *   softmax  each query head's scores of the part at once, in vectors: maximum, exp, sum,
+ *            folded into its running maximum and sum (its value sums rescaled once a part);
+ *   values   the weighted sum of the part's values, block by block and head by head, the sums
+ *            of up to GT query heads x 4 vectors of the head dimension held in registers.
  *
  * So every key and value is read from where it lies, nothing is copied out of the pool, and no
  * work per key is scalar. The previous version folded each W keys into the running softmax with
