@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import os
 import signal
 import subprocess
@@ -167,14 +168,7 @@ def _stop(children: list[Child]) -> None:
 
 def _stages(children: list[Child]) -> list[list[Child]]:
     """Consecutive children of one kind (`worker-0`, `worker-1`, ...: `worker`) as one stage."""
-    stages: list[list[Child]] = []
-    for child in children:
-        kind = child.name.split("-")[0]
-        if stages and stages[-1][0].name.split("-")[0] == kind:
-            stages[-1].append(child)
-        else:
-            stages.append([child])
-    return stages
+    return [list(stage) for _, stage in itertools.groupby(children, key=lambda c: c.name.split("-")[0])]
 
 
 METRICS_ORDER = ("gateway", "scheduler", "tier")  # then worker-0, worker-1, ...
