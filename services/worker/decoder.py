@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wicore.worker.cpu_kernels import CpuLinear
+from wicore.worker.decode_layers import DecodeLayers
 from wicore.worker.native import norm_kernel
 from wicore.worker.paged_attention import StepMetadata, paged_attention
 
@@ -167,6 +168,8 @@ class Decoder:
         fast = any(isinstance(m, CpuLinear) for m in model.modules())
         use_native = fast and self.final_norm.dtype == torch.float32 and self.final_norm.device.type == "cpu"
         self.add_norm_kernel = norm_kernel(kernel_dir) if use_native else None
+        # A decode step's layers in one native call, where the model and kernels allow it.
+        self.fused = DecodeLayers.build(self, kernel_dir) if use_native else None
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -181,10 +184,21 @@ class Decoder:
         self, ids: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: torch.Tensor
     ) -> torch.Tensor:
         """ids, positions [T]; rows: the packed indices to compute logits for -> [R, vocab]."""
-        tokens = ids.shape[0]
         h = self.embed(ids)  # [T, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, T, D]
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        kernel = None if self.fused is None else self.fused.usable(meta, ids.shape[0])
+        if self.fused is not None and kernel is not None:
+            self.fused(h, cos[0], sin[0], meta, kernel)  # every layer, in place
+        else:
+            h = self.layers_through_torch(h, cos[0, :, None, :], sin[0, :, None, :], meta)
+        h = rms_norm(h.index_select(0, rows), self.final_norm, self.eps)
+        return self.lm_head(h)
+
+    def layers_through_torch(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata
+    ) -> torch.Tensor:
+        """The decoder layers, operation by operation: h [T, hidden]; cos, sin [T, 1, D]."""
+        tokens = h.shape[0]
         pool, slots, eps = meta.pool, meta.slot_mapping, self.eps
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         delta: torch.Tensor | None = None  # the last sublayer's output, not yet added to h
@@ -226,8 +240,7 @@ class Decoder:
             delta = mlp.down_proj(F.silu(gate) * up)
         if delta is not None:
             h = h + delta
-        h = rms_norm(h.index_select(0, rows), self.final_norm, eps)
-        return self.lm_head(h)
+        return h
 
     def add_norm(
         self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor

@@ -42,7 +42,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).with_name("csrc")
-KERNELS = ("paged_attention", "linear", "norm")
+KERNELS = ("paged_attention", "linear", "norm", "decode_layers")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi")
 PREBUILT = Path(__file__).with_name("prebuilt")
 # The x86-64 levels kernels are prebuilt for, widest first, with the CPU flags (/proc/cpuinfo) each
@@ -64,6 +64,10 @@ SIGNATURE += [_float, _ptr, _ptr, _int]
 LINEAR_SIGNATURE: list[Any] = [_ptr, _ptr, _int, _ptr, _ptr, _int, _int, _int, _int]
 # wicore_add_rms_norm(h, delta, weight, x, rows, dim, eps, threads)
 NORM_SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _ptr, _int, _int, _float, _int]
+# wicore_decode_layers(model, kernel, h, rows, cos, sin, slots, keys, values, block_size, tables,
+#                      table_stride, starts, ends, scratch, threads)
+LAYERS_SIGNATURE: list[Any] = [_ptr, _int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr, _i64]
+LAYERS_SIGNATURE += [_ptr, _ptr, _ptr, _int]
 
 
 class PagedDecode:
@@ -74,6 +78,7 @@ class PagedDecode:
         self._fn = library.wicore_paged_decode
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = SIGNATURE
+        self.address = address(self._fn)  # for csrc/decode_layers.c, which calls it directly
 
     def __call__(
         self,
@@ -147,6 +152,7 @@ class RowsLinear:
         self._fn = library.wicore_linear_rows
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = LINEAR_SIGNATURE
+        self.address = address(self._fn)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, features = x.shape
@@ -186,6 +192,7 @@ class AddRmsNorm:
         self._fn = library.wicore_add_rms_norm
         self._fn.restype = None
         self._fn.argtypes = NORM_SIGNATURE
+        self.address = address(self._fn)
 
     def __call__(
         self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
@@ -230,6 +237,30 @@ def norm_kernel(directory: str | None = None) -> AddRmsNorm | None:
     """The residual-add and RMS norm kernel, built like `decode_kernel`; None (logged) where not."""
     library = load("norm", directory, "norms through torch")
     return None if library is None else AddRmsNorm(library)
+
+
+@functools.cache
+def layers_library(directory: str | None = None) -> ctypes.CDLL | None:
+    """csrc/decode_layers.c built like `decode_kernel` (wicore.worker.decode_layers wraps it); None
+    (logged) where it cannot be."""
+    return load("decode_layers", directory, "decode steps layer by layer through torch")
+
+
+def address(function: Any) -> int:
+    """Where a ctypes function of a loaded library is (a C function pointer)."""
+    return int(ctypes.cast(function, ctypes.c_void_p).value or 0)
+
+
+@functools.cache
+def blas_sgemm() -> int | None:
+    """The address of `sgemm_` in torch's own BLAS (MKL in x86 builds): what `F.linear` and
+    `torch.matmul` call for fp32, so a native caller computes their results bit for bit. None where
+    torch's library exports none."""
+    try:
+        library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return address(library.sgemm_)
+    except (OSError, AttributeError):
+        return None
 
 
 def load(name: str, directory: str | None, otherwise: str) -> ctypes.CDLL | None:

@@ -1,0 +1,166 @@
+/* Every decoder layer of a decode step in one call (Llama-architecture models, fp32):
+ *
+ *     per layer:  x = add_rms_norm(h, delta);  qkv = x @ Wqkv (+ b);  q, k = rope(q, k)
+ *                 pool[layer][slots] = k, v;  a = paged_decode(q)
+ *                 x = add_rms_norm(h, a @ Wo);  delta = down(silu(gate(x)) * up(x))
+ *     h += delta
+ *
+ * the same arithmetic as wicore.worker.decoder.Decoder runs through torch, in the same order, with
+ * the same kernels: the linear layers through WiCore's few-rows kernel (linear.c) or MKL's sgemm
+ * exactly as torch calls it (`x @ W.T` and `W @ x.T`), the norms through norm.c, attention through
+ * paged_attention.c (each reached through a pointer the caller passes: each kernel stays in its own
+ * library), and what is left in between (the rotation, the K/V writes, silu(gate) * up) here, each
+ * written as the same elementwise operations torch performs. Between those kernels a step through
+ * torch spends ~70 small operations a layer (views, copies, the rotation's cat, the wrappers):
+ * about 10 ms of a 30-45 ms batch-1 step on the 2-core machines measured.
+ *
+ * No fused multiply-add in this file: torch computes q*cos - rotate(q)*sin as separate products,
+ * and a contracted one would differ in the last bit.
+ */
+#pragma GCC optimize("fp-contract=off")
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*linear_fn)(const float *x, const void *weight, int bf16, const float *bias, float *y, int rows,
+                         int in, int out, int threads);
+typedef void (*norm_fn)(float *h, const float *delta, const float *weight, float *x, int rows, int dim, float eps,
+                        int threads);
+typedef int (*attend_fn)(const float *q, const void *k_pool, const void *v_pool, int bf16, const int64_t *tables,
+                         int64_t table_stride, const int64_t *starts, const int64_t *ends, int rows, int heads,
+                         int kv_heads, int dim, int block_size, int window, float scale, float *out, float *lse,
+                         int threads);
+/* BLAS's Fortran sgemm (MKL's, inside torch), column-major. */
+typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
+                         const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
+                         const float *beta, float *c, const int *ldc);
+
+enum { NATIVE = 0, MKL = 1, MKL_WT = 2 }; /* wicore.worker.cpu_kernels.Kernel */
+
+struct wicore_linear {
+    const float *weight; /* [out, in] */
+    const float *bias;   /* [out] or NULL */
+    int in, out;
+};
+
+struct wicore_layer {
+    const float *input_norm, *post_norm;
+    struct wicore_linear qkv, o, gate_up, down; /* q, k, v joined; gate, up joined */
+    int window;                                 /* sliding window, 0: none */
+};
+
+struct wicore_model {
+    int layers, hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scale;
+    linear_fn linear;
+    norm_fn norm;
+    attend_fn attend;
+    sgemm_fn sgemm; /* NULL where torch's BLAS was not found */
+    const struct wicore_layer *layer;
+};
+
+/* y [rows, out] = x [rows, in] @ W.T (+ bias) through `kernel`, as cpu_kernels.CpuLinear.multiply
+ * does it; tmp: 2 * rows * out + 2 * in floats. */
+static int linear(const struct wicore_model *m, int kernel, const struct wicore_linear *l, const float *x,
+                  float *y, int rows, float *tmp, int threads) {
+    const float one = 1.0f, zero = 0.0f;
+    if (kernel == NATIVE) return m->linear(x, l->weight, 0, l->bias, y, rows, l->in, l->out, threads);
+    if (!m->sgemm) return -1;
+    if (kernel == MKL) { /* F.linear: addmm, the bias copied into y first (beta = 1) */
+        for (int r = 0; r < rows && l->bias; r++) memcpy(y + (int64_t)r * l->out, l->bias, l->out * sizeof(float));
+        m->sgemm("T", "N", &l->out, &rows, &l->in, &one, l->weight, &l->in, x, &l->in, l->bias ? &one : &zero, y,
+                 &l->out);
+        return 0;
+    }
+    /* W @ x.T, one row doubled (a GEMM, not a GEMV), then transposed, the bias added after */
+    int n = rows == 1 ? 2 : rows;
+    if (rows == 1) {
+        memcpy(tmp, x, l->in * sizeof(float));
+        memcpy(tmp + l->in, x, l->in * sizeof(float));
+        x = tmp;
+    }
+    float *z = tmp + 2 * l->in; /* [out, n] */
+    m->sgemm("T", "N", &n, &l->out, &l->in, &one, x, &l->in, l->weight, &l->in, &zero, z, &n);
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < l->out; o++)
+            y[(int64_t)r * l->out + o] = z[(int64_t)o * n + r] + (l->bias ? l->bias[o] : 0.0f);
+    return 0;
+}
+
+/* decoder.rope on one head: (x1*c - x2*s, x2*c + x1*s), c and s the first halves of cos and sin. */
+static void rope(const float *x, const float *cos, const float *sin, int dim, float *out) {
+    int half = dim / 2;
+    for (int i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half], c = cos[i], s = sin[i];
+        float a = x1 * c, b = x2 * s, e = x2 * c, f = x1 * s;
+        out[i] = a - b;
+        out[i + half] = e + f;
+    }
+}
+
+/* h [rows, hidden] fp32, the embeddings in, the hidden state after the last layer out (in place).
+ * cos, sin [rows, head_dim]: each row's rotation; slots [rows]: where each row's K/V goes in every
+ * layer's pool; keys[l], values[l]: layer l's pool [slots, kv_heads, head_dim] fp32; tables
+ * [rows, table_stride], starts, ends [rows]: paged_decode's (one query per row). scratch: floats as
+ * wicore_decode_scratch says. Returns 0, or the first failing kernel's nonzero status. */
+int wicore_decode_layers(const struct wicore_model *m, int kernel, float *h, int rows, const float *cos,
+                         const float *sin, const int64_t *slots, float *const *keys, float *const *values,
+                         int block_size, const int64_t *tables, int64_t table_stride, const int64_t *starts,
+                         const int64_t *ends, float *scratch, int threads) {
+    int d = m->head_dim, hidden = m->hidden, inter = m->intermediate;
+    int q_width = m->heads * d, kv_width = m->kv_heads * d, qkv_width = q_width + 2 * kv_width;
+    float *x = scratch;                        /* [rows, hidden] the normed input of a linear layer */
+    float *delta = x + rows * hidden;          /* [rows, hidden] a sublayer's output, not yet added */
+    float *qkv = delta + rows * hidden;        /* [rows, qkv_width] */
+    float *q = qkv + rows * qkv_width;         /* [rows, heads, d] rotated */
+    float *attn = q + rows * q_width;          /* [rows, heads, d] */
+    float *lse = attn + rows * q_width;        /* [rows, heads] */
+    float *gate_up = lse + rows * m->heads;    /* [rows, 2 * inter] */
+    float *act = gate_up + rows * 2 * inter;   /* [rows, inter] */
+    float *tmp = act + rows * inter;           /* linear()'s */
+    int status;
+    for (int l = 0; l < m->layers; l++) {
+        const struct wicore_layer *layer = &m->layer[l];
+        m->norm(h, l ? delta : NULL, layer->input_norm, x, rows, hidden, m->eps, threads);
+        if ((status = linear(m, kernel, &layer->qkv, x, qkv, rows, tmp, threads))) return status;
+        for (int r = 0; r < rows; r++) {
+            const float *row = qkv + (int64_t)r * qkv_width, *c = cos + (int64_t)r * d, *s = sin + (int64_t)r * d;
+            float *k_slot = keys[l] + slots[r] * kv_width, *v_slot = values[l] + slots[r] * kv_width;
+            for (int head = 0; head < m->heads; head++) rope(row + head * d, c, s, d, q + (int64_t)r * q_width + head * d);
+            for (int head = 0; head < m->kv_heads; head++) rope(row + q_width + head * d, c, s, d, k_slot + head * d);
+            memcpy(v_slot, row + q_width + kv_width, kv_width * sizeof(float));
+        }
+        status = m->attend(q, keys[l], values[l], 0, tables, table_stride, starts, ends, rows, m->heads,
+                           m->kv_heads, d, block_size, layer->window, m->scale, attn, lse, threads);
+        if (status) return status;
+        if ((status = linear(m, kernel, &layer->o, attn, delta, rows, tmp, threads))) return status;
+        m->norm(h, delta, layer->post_norm, x, rows, hidden, m->eps, threads);
+        if ((status = linear(m, kernel, &layer->gate_up, x, gate_up, rows, tmp, threads))) return status;
+        for (int r = 0; r < rows; r++) {
+            const float *g = gate_up + (int64_t)r * 2 * inter, *u = g + inter;
+            float *a = act + (int64_t)r * inter;
+            for (int i = 0; i < inter; i++) {
+                float silu = g[i] / (1.0f + expf(-g[i]));
+                a[i] = silu * u[i];
+            }
+        }
+        if ((status = linear(m, kernel, &layer->down, act, delta, rows, tmp, threads))) return status;
+    }
+    for (int64_t i = 0; i < (int64_t)rows * hidden; i++) h[i] += delta[i];
+    return 0;
+}
+
+/* The floats of scratch wicore_decode_layers needs for `rows` rows. */
+int64_t wicore_decode_scratch(const struct wicore_model *m, int rows) {
+    int64_t widest = 0;
+    for (int l = 0; l < m->layers; l++) {
+        const struct wicore_linear *all[] = {&m->layer[l].qkv, &m->layer[l].o, &m->layer[l].gate_up, &m->layer[l].down};
+        for (int i = 0; i < 4; i++) {
+            int64_t need = 2 * (int64_t)rows * all[i]->out + 2 * all[i]->in;
+            if (need > widest) widest = need;
+        }
+    }
+    int64_t q_width = (int64_t)m->heads * m->head_dim, kv_width = (int64_t)m->kv_heads * m->head_dim;
+    return rows * (2 * (int64_t)m->hidden + q_width + 2 * kv_width + 2 * q_width + m->heads + 3 * (int64_t)m->intermediate) +
+           widest;
+}
