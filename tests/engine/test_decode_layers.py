@@ -38,7 +38,9 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return save_tiny(request.param, tmp_path_factory.mktemp("fused") / f"tiny-{request.param}")
 
 
-def loaded_with(path: Path, kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+def loaded_with(
+    path: Path, kernel: Kernel, monkeypatch: pytest.MonkeyPatch, sample_every: int = 0
+) -> tuple[Any, Any]:
     """The model as a worker loads it, every row count up to 64 through `kernel` (not measured)."""
     table = KernelTable((64,), (kernel,))
     monkeypatch.setattr(cpu_kernels, "tune", lambda layers, *args, **kwargs: (table, {}))
@@ -50,7 +52,7 @@ def loaded_with(path: Path, kernel: Kernel, monkeypatch: pytest.MonkeyPatch) -> 
             "worker.block_size": 4,
             "worker.max_num_batched_tokens": 9,
             "worker.kv_cache_bytes": 1 << 20,
-            "worker.attention_sample_every": 0,
+            "worker.attention_sample_every": sample_every,
         },
     )
     return load_model(config), config
@@ -99,10 +101,13 @@ def test_fused_steps_give_the_torch_steps_logprobs(
             assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5), rid
 
 
-def test_steps_it_does_not_take_run_through_torch(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if tiny.name != "tiny-llama":
-        pytest.skip("one family is enough: this checks the step conditions, not the arithmetic")
-    loaded, config = loaded_with(tiny, Kernel.MKL, monkeypatch)
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny("llama", tmp_path_factory.mktemp("fused") / "tiny-llama")
+
+
+def test_row_counts_through_onednn_run_through_torch(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded, config = loaded_with(llama, Kernel.MKL, monkeypatch)
     fused = PagedEngine(
         loaded.model, engine_config(config, loaded.model), loaded.fingerprint
     ).runner.decoder.fused
@@ -111,3 +116,17 @@ def test_steps_it_does_not_take_run_through_torch(tiny: Path, monkeypatch: pytes
     assert fused.kernel_for(65) is None  # oneDNN above the table's last row count: not callable from C
     fused.table = KernelTable((4,), (Kernel.NATIVE,))
     assert fused.kernel_for(4) == 0 and fused.kernel_for(5) is None
+
+
+def test_steps_that_probe_attention_run_through_torch(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A²CR's probe measures one layer's attention in torch: a step that probes is not fused."""
+    loaded, config = loaded_with(llama, Kernel.MKL, monkeypatch, sample_every=1)
+    eng = PagedEngine(loaded.model, engine_config(config, loaded.model), loaded.fingerprint)
+    fused = eng.runner.decoder.fused
+    assert fused is not None
+    calls = []
+    run = fused._fn
+    fused._fn = lambda *args: calls.append(args[3]) or run(*args)
+    outputs = run_engine(eng, [EngineRequest("r", [5, 6, 7, 8, 9], 6)])
+    assert len([t for out in outputs["r"] for t in out.new_token_ids]) == 6
+    assert calls == []
