@@ -1,19 +1,24 @@
-"""A decode step's decoder layers in one native call (csrc/decode_layers.c), for `Decoder`.
+"""A decode step's decoder layers in native code (csrc/decode_layers.c), for `Decoder`.
 
 Between its matrix multiplies, a decode step through torch runs about 70 small operations a
 layer (the rotation, K/V writes, views and copies, the kernels' Python wrappers, the act): at one
 row on the 2-core machines, ~10 ms of a 30-45 ms step, for arithmetic worth well under a
-millisecond. `DecodeLayers` runs every layer of such a step in C instead, with the kernels the
-torch path would call (the same linear kernel the model's `KernelTable` picks for the step's row
-count, the norm and paged-attention kernels), so its output is the torch path's bit for bit where
-their elementwise functions agree (silu's `exp` is libm's here, torch's vectorised one there: they
-may differ in the last bit). The embedding, the final norm and the LM head stay in torch.
+millisecond. Two ways round it, both with the kernels the torch path calls (so the result is the
+torch path's: the same linear kernel the model's `KernelTable` picks for the step's row count, the
+same norm and paged-attention kernels; only silu's `exp` is computed here, and may differ from
+torch's in the last bit):
 
-It takes fp32 Llama-family models whose linear layers are WiCore's CPU ones with fused q/k/v
-and gate/up projections and plain weights (`worker.cpu_kernels: auto`, the default, on
-machines where an MKL or the native kernel wins at a decode step's row count), and decode steps
-that attend through the paged kernel, with no shared prefix to merge and no A²CR probe on that
-step. Other steps run layer by layer through torch, as before.
+- where that linear kernel is one C can call (WiCore's native one, or MKL's sgemm as torch calls
+  it for `x @ W.T` and `W @ x.T`), every layer in one call (`DecodeLayers.__call__`);
+- where it is oneDNN's (packed weights, reachable only through torch: usually from 5 rows up),
+  torch runs the linear layers and one call each does what lies between them: the rotation, the
+  K/V writes and attention (`attend`), and silu(gate) * up (`silu_mul`).
+
+The embedding, the final norm and the LM head stay in torch. It takes fp32 Llama-family models
+whose linear layers are WiCore's CPU ones (`worker.cpu_kernels: auto` or `onednn`) with fused
+q/k/v and gate/up projections and no per-head q/k norms (Qwen3's), and decode steps that attend
+through the paged kernel with no shared prefix to merge and no A²CR probe; other steps run layer
+by layer through torch, as before.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ if TYPE_CHECKING:
     from wicore.worker.decoder import Decoder
 
 _ptr, _int, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# wicore_decode_attend(model, layer, qkv, rows, cos, sin, slots, keys, values, block_size, tables,
+#                      table_stride, starts, ends, q, out, lse, threads)
+ATTEND_SIGNATURE = [_ptr, _int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int64]
+ATTEND_SIGNATURE += [_ptr, _ptr, _ptr, _ptr, _ptr, _int]
 KERNEL_CODES = {Kernel.NATIVE: 0, Kernel.MKL: 1, Kernel.MKL_WT: 2}  # csrc/decode_layers.c's enum
 
 
@@ -82,19 +91,19 @@ def _fp32(t: torch.Tensor | None) -> bool:
 
 
 def _linear(module: object) -> _Linear | None:
-    if (
-        not isinstance(module, CpuLinear)
-        or module.plain is None
-        or not _fp32(module.plain)
-        or not _fp32(module.bias)
-    ):
+    """The C view of a CpuLinear (its plain weight: NULL where no kernel keeps one, then only the
+    segments run); None for any other layer."""
+    if not isinstance(module, CpuLinear) or not _fp32(module.bias):
         return None
+    plain = module.plain if module.plain is not None and _fp32(module.plain) else None
     bias = None if module.bias is None else module.bias.data_ptr()
-    return _Linear(module.plain.data_ptr(), bias, module.in_features, module.out_features)
+    weight = None if plain is None else plain.data_ptr()
+    return _Linear(weight, bias, module.in_features, module.out_features)
 
 
 class DecodeLayers:
-    """Runs `Decoder`'s layers for a decode step in one call; `build` says whether it can."""
+    """Runs `Decoder`'s layers for a decode step natively (see the module docstring); `build` says
+    whether it can."""
 
     def __init__(
         self, library: ctypes.CDLL, model: _Model, layers: ctypes.Array, linears: list[CpuLinear]
@@ -105,9 +114,19 @@ class DecodeLayers:
         self._scratch_size = library.wicore_decode_scratch
         self._scratch_size.restype = ctypes.c_int64
         self._scratch_size.argtypes = [_ptr, _int]
+        self._attend = library.wicore_decode_attend
+        self._attend.restype = ctypes.c_int
+        self._attend.argtypes = ATTEND_SIGNATURE
+        self._silu_mul = library.wicore_silu_mul
+        self._silu_mul.restype = None
+        self._silu_mul.argtypes = [_ptr, _int, _int, _ptr]
         self.model, self._layers = model, layers  # the struct points into the array: both kept
         self.table = linears[0].table
         self.native = all(linear.native is not None for linear in linears)
+        self.plain = all(
+            layer.qkv.weight and layer.o.weight and layer.gate_up.weight and layer.down.weight
+            for layer in layers
+        )
         self._linears = linears  # their weights are what the structs point to
         self._scratch = torch.empty(0)
         self._pool: tuple[weakref.ref[KVPool], ctypes.Array, ctypes.Array] | None = None
@@ -165,19 +184,75 @@ class DecodeLayers:
         """The C kernel code for a step of `rows` rows: the one the model's linear layers would use
         through torch; None where that one is oneDNN's (not callable from C)."""
         kernel = self.table.pick(rows)
+        if not self.plain:
+            return None  # no plain weights: every row count runs oneDNN
         if kernel is Kernel.NATIVE and not (self.native and rows <= RowsLinear.MAX_ROWS):
             return None  # CpuLinear runs oneDNN for these rows
         if kernel in (Kernel.MKL, Kernel.MKL_WT) and not self.model.sgemm:
             return None
         return KERNEL_CODES.get(kernel)
 
-    def usable(self, meta: StepMetadata, tokens: int) -> int | None:
-        """The kernel code when this step is one the fused layers run, else None."""
+    @staticmethod
+    def usable(meta: StepMetadata) -> bool:
+        """Whether this step is one the native code runs: a decode step through the paged kernel,
+        fp32 K/V, no shared prefix to merge, no probe."""
         if meta.decode is None or meta.probe_layer is not None or meta.pool.keys[0].dtype != torch.float32:
-            return None
-        if meta.cascade and any(part.prefix_ids is not None for part in meta.cascade):
-            return None
-        return self.kernel_for(tokens)
+            return False
+        return not (meta.cascade and any(part.prefix_ids is not None for part in meta.cascade))
+
+    def attend(
+        self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata
+    ) -> torch.Tensor:
+        """What lies between a layer's q/k/v and output projections, in one call: qkv [T, (H + 2 Hkv)
+        * D] -> the rotated queries attended over the pool after writing the rotated keys and the
+        values, [T, H * D] (a view of scratch, valid until the next call)."""
+        rows = qkv.shape[0]
+        width = self.model.heads * self.model.head_dim
+        scratch = self._scratch_for(rows * (2 * width + self.model.heads + self.model.intermediate))
+        q, out = scratch[: rows * width], scratch[rows * width : 2 * rows * width]
+        lse = scratch[2 * rows * width : rows * (2 * width + self.model.heads)]
+        keys, values = self._pool_pointers(meta.pool)
+        decode = meta.decode
+        assert decode is not None
+        qkv = qkv.contiguous()
+        status = self._attend(
+            ctypes.byref(self.model),
+            layer,
+            qkv.data_ptr(),
+            rows,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            meta.slot_mapping.data_ptr(),
+            keys[layer],
+            values[layer],
+            meta.pool.block_size,
+            decode.tables.data_ptr(),
+            decode.tables.shape[1],
+            decode.starts.data_ptr(),
+            decode.ends.data_ptr(),
+            q.data_ptr(),
+            out.data_ptr(),
+            lse.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status:
+            raise RuntimeError(f"fused decode attention: the kernel returned {status}")
+        return out.view(rows, width)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up [T, 2 I] -> [T, I] (a view of scratch, after `attend`'s)."""
+        rows, inter = gate_up.shape[0], self.model.intermediate
+        width = self.model.heads * self.model.head_dim
+        start = rows * (2 * width + self.model.heads)
+        act = self._scratch_for(start + rows * inter)[start : start + rows * inter]
+        gate_up = gate_up.contiguous()
+        self._silu_mul(gate_up.data_ptr(), rows, inter, act.data_ptr())
+        return act.view(rows, inter)
+
+    def _scratch_for(self, floats: int) -> torch.Tensor:
+        if self._scratch.numel() < floats:
+            self._scratch = torch.empty(floats, dtype=torch.float32)
+        return self._scratch
 
     def __call__(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata, kernel: int
@@ -185,9 +260,7 @@ class DecodeLayers:
         """h [T, hidden] fp32 contiguous, the embeddings: replaced by the last layer's hidden state.
         cos, sin [T, head_dim] contiguous; T rows, one decoding token per sequence."""
         rows = h.shape[0]
-        need = int(self._scratch_size(ctypes.byref(self.model), rows))
-        if self._scratch.numel() < need:
-            self._scratch = torch.empty(need, dtype=torch.float32)
+        scratch = self._scratch_for(int(self._scratch_size(ctypes.byref(self.model), rows)))
         keys, values = self._pool_pointers(meta.pool)
         decode = meta.decode
         assert decode is not None
@@ -206,7 +279,7 @@ class DecodeLayers:
             decode.tables.shape[1],
             decode.starts.data_ptr(),
             decode.ends.data_ptr(),
-            self._scratch.data_ptr(),
+            scratch.data_ptr(),
             torch.get_num_threads(),
         )
         if status:

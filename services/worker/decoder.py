@@ -26,6 +26,8 @@ With the CPU's tuned or int8 linear layers (anything but `worker.cpu_kernels: de
 gate and up projections into another, as vLLM's QKV and merged-column layers do: 4 matrix
 multiplies per layer instead of 7, each over a taller weight (SmolLM2's linear layers at
 one row: 16.9 ms a step instead of 19.3; at 16 rows 29.9 instead of 33.6, measured here).
+Under those kernels a decode step's layers run in native code where they can (decode_layers.py):
+every layer in one call, or the linear layers in torch and one call for what lies between.
 """
 
 from __future__ import annotations
@@ -186,13 +188,31 @@ class Decoder:
         """ids, positions [T]; rows: the packed indices to compute logits for -> [R, vocab]."""
         h = self.embed(ids)  # [T, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, T, D]
-        kernel = None if self.fused is None else self.fused.usable(meta, ids.shape[0])
-        if self.fused is not None and kernel is not None:
-            self.fused(h, cos[0], sin[0], meta, kernel)  # every layer, in place
+        if self.fused is not None and self.fused.usable(meta):
+            kernel = self.fused.kernel_for(ids.shape[0])
+            if kernel is not None:
+                self.fused(h, cos[0], sin[0], meta, kernel)  # every layer in one call, in place
+            else:
+                h = self.layers_in_segments(h, cos[0], sin[0], meta)
         else:
             h = self.layers_through_torch(h, cos[0, :, None, :], sin[0, :, None, :], meta)
         h = rms_norm(h.index_select(0, rows), self.final_norm, self.eps)
         return self.lm_head(h)
+
+    def layers_in_segments(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata
+    ) -> torch.Tensor:
+        """A decode step whose linear layers run oneDNN (which C cannot call): torch calls them, and
+        one native call each does what lies between (`DecodeLayers.attend`, `silu_mul`)."""
+        fused = self.fused
+        assert fused is not None
+        delta: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            h, x = self.add_norm(h, delta, layer.input_norm)
+            out = fused.attend(i, layer.attn.qkv_proj(x), cos, sin, meta)
+            h, x = self.add_norm(h, layer.attn.o_proj(out), layer.post_norm)
+            delta = layer.mlp.down_proj(fused.silu_mul(layer.mlp.gate_up_proj(x)))
+        return h if delta is None else h + delta
 
     def layers_through_torch(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata

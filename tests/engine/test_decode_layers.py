@@ -75,10 +75,12 @@ def logprobs(eng: PagedEngine, path: Path) -> dict[str, list[tuple[int, float]]]
     }
 
 
-@pytest.mark.parametrize("kernel", [Kernel.NATIVE, Kernel.MKL, Kernel.MKL_WT])
+@pytest.mark.parametrize("kernel", [Kernel.NATIVE, Kernel.MKL, Kernel.MKL_WT, Kernel.ONEDNN])
 def test_fused_steps_give_the_torch_steps_logprobs(
     tiny: Path, kernel: Kernel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """NATIVE, MKL, MKL_WT: every layer in one call; ONEDNN: the linear layers in torch, what lies
+    between them in one call each (the segments)."""
     loaded, config = loaded_with(tiny, kernel, monkeypatch)
     engines = [
         PagedEngine(loaded.model, engine_config(config, loaded.model), loaded.fingerprint) for _ in range(2)
@@ -87,13 +89,17 @@ def test_fused_steps_give_the_torch_steps_logprobs(
     if tiny.name == "tiny-qwen3":  # per-head q/k norms: not in the fused call; torch runs every step
         assert fused is None
         return
-    assert fused is not None and fused.kernel_for(1) is not None
+    assert fused is not None
+    assert (fused.kernel_for(1) is None) is (kernel is Kernel.ONEDNN)
     engines[1].runner.decoder.fused = None
-    calls = []
-    run = fused._fn
-    fused._fn = lambda *args: calls.append(args[3]) or run(*args)  # the rows of each fused step
+    whole, segments = [], []
+    run, attend = fused._fn, fused._attend
+    fused._fn = lambda *args: whole.append(args[3]) or run(*args)  # the rows of each fused step
+    fused._attend = lambda *args: segments.append((args[1], args[3])) or attend(*args)  # layer, rows
     got, want = (logprobs(eng, tiny) for eng in engines)
-    assert set(calls) == {1, 2, 3, 4} and len(calls) > 25, calls  # decode steps of 1-4 rows, fused
+    fused_rows = [rows for layer, rows in segments if layer == 0] if kernel is Kernel.ONEDNN else whole
+    assert set(fused_rows) == {1, 2, 3, 4} and len(fused_rows) > 25, fused_rows  # decode steps of 1-4 rows
+    assert not (whole if kernel is Kernel.ONEDNN else segments)
     assert got.keys() == want.keys()
     for rid in want:
         assert [t for t, _ in got[rid]] == [t for t, _ in want[rid]], rid

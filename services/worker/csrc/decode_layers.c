@@ -22,6 +22,24 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifdef __AVX512F__
+#define W 16
+#else
+#define W 8
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float vec __attribute__((vector_size(W * 4)));
+typedef int32_t veci __attribute__((vector_size(W * 4)));
+
+INLINE vec load(const float *p) {
+    vec x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+INLINE void store(float *p, vec x) { memcpy(p, &x, sizeof x); }
+
 typedef int (*linear_fn)(const float *x, const void *weight, int bf16, const float *bias, float *y, int rows,
                          int in, int out, int threads);
 typedef void (*norm_fn)(float *h, const float *delta, const float *weight, float *x, int rows, int dim, float eps,
@@ -98,6 +116,63 @@ static void rope(const float *x, const float *cos, const float *sin, int dim, fl
     }
 }
 
+/* What lies between the q/k/v and output projections of layer l: qkv [rows, (heads + 2 kv_heads) *
+ * head_dim], the joint projection's output -> q rotated into q [rows, heads, head_dim], k rotated and v
+ * written to the pool at slots, and attn [rows, heads, head_dim] = paged_decode(q) (lse its
+ * [rows, heads] log-sum-exp). The other arguments as wicore_decode_layers'. Returns the kernel's status. */
+int wicore_decode_attend(const struct wicore_model *m, int l, const float *qkv, int rows, const float *cos,
+                         const float *sin, const int64_t *slots, float *keys, float *values, int block_size,
+                         const int64_t *tables, int64_t table_stride, const int64_t *starts, const int64_t *ends,
+                         float *q, float *attn, float *lse, int threads) {
+    int d = m->head_dim, q_width = m->heads * d, kv_width = m->kv_heads * d, qkv_width = q_width + 2 * kv_width;
+    for (int r = 0; r < rows; r++) {
+        const float *row = qkv + (int64_t)r * qkv_width, *c = cos + (int64_t)r * d, *s = sin + (int64_t)r * d;
+        float *k_slot = keys + slots[r] * kv_width, *v_slot = values + slots[r] * kv_width;
+        for (int head = 0; head < m->heads; head++) rope(row + head * d, c, s, d, q + (int64_t)r * q_width + head * d);
+        for (int head = 0; head < m->kv_heads; head++) rope(row + q_width + head * d, c, s, d, k_slot + head * d);
+        memcpy(v_slot, row + q_width + kv_width, kv_width * sizeof(float));
+    }
+    return m->attend(q, keys, values, 0, tables, table_stride, starts, ends, rows, m->heads, m->kv_heads, d,
+                     block_size, m->layer[l].window, m->scale, attn, lse, threads);
+}
+
+/* e^x in vectors: x = n ln2 + r, e^r by Cephes' expf polynomial, 2^n into the exponent; within 2 ulp
+ * of libm's expf between -87 and 88 (torch's own vectorised exp differs from libm's in the last bit
+ * as well), e^-87 below (1 + e^x is then 1, as with the exact value), inf above. */
+INLINE vec exp_vec(vec x) {
+    const vec zero = {0.0f}, lo = zero - 87.0f, hi = zero + 88.0f, shift = zero + 12582912.0f; /* 1.5 * 2^23 */
+    veci below = x < lo, above = x > hi;
+    x = (vec)(((veci)x & ~below) | ((veci)lo & below));
+    x = (vec)(((veci)x & ~above) | ((veci)hi & above));
+    vec t = x * 1.44269504088896341f + shift; /* n in the low mantissa bits */
+    vec n = t - shift;
+    vec r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vec y = p * (r * r) + r + 1.0f;
+    veci exponent = ((veci)t - 0x4B400000) << 23;
+    const veci inf = (veci){0} + 0x7F800000;
+    return (vec)((((veci)y + exponent) & ~above) | (inf & above)); /* overflow: inf, as expf */
+}
+
+/* act [rows, inter] = silu(gate) * up for gate_up [rows, 2 * inter] (gate, then up, per row), silu
+ * as torch computes it: gate / (1 + e^-gate). */
+void wicore_silu_mul(const float *gate_up, int rows, int inter, float *act) {
+    for (int r = 0; r < rows; r++) {
+        const float *g = gate_up + (int64_t)r * 2 * inter, *u = g + inter;
+        float *a = act + (int64_t)r * inter;
+        int i = 0;
+        for (; i + W <= inter; i += W) {
+            vec gate = load(g + i);
+            store(a + i, gate / (1.0f + exp_vec(-gate)) * load(u + i));
+        }
+        for (; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
 /* h [rows, hidden] fp32, the embeddings in, the hidden state after the last layer out (in place).
  * cos, sin [rows, head_dim]: each row's rotation; slots [rows]: where each row's K/V goes in every
  * layer's pool; keys[l], values[l]: layer l's pool [slots, kv_heads, head_dim] fp32; tables
@@ -123,27 +198,13 @@ int wicore_decode_layers(const struct wicore_model *m, int kernel, float *h, int
         const struct wicore_layer *layer = &m->layer[l];
         m->norm(h, l ? delta : NULL, layer->input_norm, x, rows, hidden, m->eps, threads);
         if ((status = linear(m, kernel, &layer->qkv, x, qkv, rows, tmp, threads))) return status;
-        for (int r = 0; r < rows; r++) {
-            const float *row = qkv + (int64_t)r * qkv_width, *c = cos + (int64_t)r * d, *s = sin + (int64_t)r * d;
-            float *k_slot = keys[l] + slots[r] * kv_width, *v_slot = values[l] + slots[r] * kv_width;
-            for (int head = 0; head < m->heads; head++) rope(row + head * d, c, s, d, q + (int64_t)r * q_width + head * d);
-            for (int head = 0; head < m->kv_heads; head++) rope(row + q_width + head * d, c, s, d, k_slot + head * d);
-            memcpy(v_slot, row + q_width + kv_width, kv_width * sizeof(float));
-        }
-        status = m->attend(q, keys[l], values[l], 0, tables, table_stride, starts, ends, rows, m->heads,
-                           m->kv_heads, d, block_size, layer->window, m->scale, attn, lse, threads);
+        status = wicore_decode_attend(m, l, qkv, rows, cos, sin, slots, keys[l], values[l], block_size, tables,
+                                      table_stride, starts, ends, q, attn, lse, threads);
         if (status) return status;
         if ((status = linear(m, kernel, &layer->o, attn, delta, rows, tmp, threads))) return status;
         m->norm(h, delta, layer->post_norm, x, rows, hidden, m->eps, threads);
         if ((status = linear(m, kernel, &layer->gate_up, x, gate_up, rows, tmp, threads))) return status;
-        for (int r = 0; r < rows; r++) {
-            const float *g = gate_up + (int64_t)r * 2 * inter, *u = g + inter;
-            float *a = act + (int64_t)r * inter;
-            for (int i = 0; i < inter; i++) {
-                float silu = g[i] / (1.0f + expf(-g[i]));
-                a[i] = silu * u[i];
-            }
-        }
+        wicore_silu_mul(gate_up, rows, inter, act);
         if ((status = linear(m, kernel, &layer->down, act, delta, rows, tmp, threads))) return status;
     }
     for (int64_t i = 0; i < (int64_t)rows * hidden; i++) h[i] += delta[i];
