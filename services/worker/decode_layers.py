@@ -47,8 +47,8 @@ if TYPE_CHECKING:
 _ptr, _int, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # wicore_decode_attend(model, layer, qkv, rows, cos, sin, slots, keys, values, block_size, tables,
 #                      table_stride, starts, ends, q, out, lse, threads)
-ATTEND_SIGNATURE: list[Any] = [_ptr, _int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr, ctypes.c_int64]
-ATTEND_SIGNATURE += [_ptr, _ptr, _ptr, _ptr, _ptr, _int]
+ATTEND_SIGNATURE: list[Any] = [_ptr, _int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr]
+ATTEND_SIGNATURE += [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
 KERNEL_CODES = {Kernel.NATIVE: 0, Kernel.MKL: 1, Kernel.MKL_WT: 2}  # csrc/decode_layers.c's enum
 
 
