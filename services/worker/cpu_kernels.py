@@ -14,13 +14,18 @@ layers (fp32, 2 threads, 538 MB a sweep):
 | 16 | 66.7 ms | 56.4 ms | 33.8 ms | - | AMD EPYC, AVX-512 |
 
 (MKL runs one row as a matrix-vector product on one core; W @ x.T with two rows is a
-GEMM that both cores share; `native` (csrc/linear.c, up to 4 rows, where a C compiler
-built it) streams each weight row once over both cores.) So `worker.cpu_kernels:
-auto`, the default, measures the candidates at load: one sweep over all of the model's
-own layers per candidate and row count (`TUNED_ROWS`), the fastest of three, and every
-layer then multiplies n rows with the kernel measured fastest at the smallest tuned
-count >= n (oneDNN above the last: prefill is compute-bound, where it wins). Each layer
-keeps its plain weight only while some row count uses an MKL kernel. `onednn` uses oneDNN at every size
+GEMM that both cores share; `native` (csrc/linear.c, where a C compiler built it) streams
+each weight once over both cores, from its own packed layout, for up to a dozen rows at a
+time. The native rows above were its first version, which read the plain weight one output
+row at a time for up to 4 rows; its packed successor, on the Intel Xeon (2026-12-01, one
+sweep each, alternated): 1 row 31-35 ms (MKL 31-35, oneDNN 42-44), 16 rows 46-52 ms
+(oneDNN 61-70).) So `worker.cpu_kernels: auto`, the default, measures the candidates at
+load: one sweep over all of the model's own layers per candidate and row count
+(`TUNED_ROWS`), the fastest of four, and every layer then multiplies n rows with the
+kernel measured fastest at the smallest tuned count >= n (oneDNN above the last: prefill
+is compute-bound, where it wins). Each layer keeps its plain weight only while some row
+count uses an MKL kernel, and the native kernel's packed copy only while some row count
+uses that one (while tuning, a layer holds all three). `onednn` uses oneDNN at every size
 (one copy). Packed and MKL results differ in the last bits, so greedy output can differ
 from `model.generate` at near-ties: `worker.cpu_kernels: default` keeps the model's own
 kernels, bit for bit.
@@ -69,7 +74,11 @@ class KernelTable:
 
     @property
     def uses_plain(self) -> bool:
-        return any(k is not Kernel.ONEDNN for k in self.kernels)
+        return any(k in (Kernel.MKL, Kernel.MKL_WT) for k in self.kernels)
+
+    @property
+    def uses_native(self) -> bool:
+        return Kernel.NATIVE in self.kernels
 
     def describe(self) -> str:
         """`rows 1-2 mkl_wt, 3-64 onednn, 65+ onednn`: consecutive counts with one kernel merged."""
@@ -87,7 +96,8 @@ class KernelTable:
 class CpuLinear(nn.Module):
     """A linear layer that multiplies through the kernel its model's `KernelTable` names for the
     number of rows. It holds its weight reordered for oneDNN (packed for `batch_hint` rows) and,
-    while any row count uses an MKL kernel, plain as well."""
+    while any row count uses an MKL kernel, plain, and while any uses the native kernel, in its
+    packed layout."""
 
     def __init__(
         self, linear: nn.Linear, batch_hint: int, table: KernelTable, native: RowsLinear | None = None
@@ -102,6 +112,7 @@ class CpuLinear(nn.Module):
         self.table = table
         # The native kernel where it is built and takes this layer (else NATIVE runs oneDNN).
         self.native = native if native is not None and RowsLinear.supports(weight, self.bias) else None
+        self.native_weight = None if self.native is None else self.native.pack(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -112,9 +123,9 @@ class CpuLinear(nn.Module):
         """flat [rows, in] -> [rows, out] through `kernel`."""
         rows = flat.shape[0]
         if kernel is Kernel.NATIVE:
-            if self.native is not None and self.plain is not None and rows <= RowsLinear.MAX_ROWS:
-                return self.native(flat, self.plain, self.bias)
-            kernel = Kernel.ONEDNN  # more rows than it takes, or not built here
+            if self.native is not None and self.native_weight is not None:
+                return self.native(flat, self.native_weight, self.bias, self.out_features)
+            kernel = Kernel.ONEDNN  # not built here
         if kernel is Kernel.ONEDNN or self.plain is None:
             bucket = _bucket(rows)
             if bucket != rows:
@@ -154,7 +165,7 @@ def tune(
     generator = torch.Generator().manual_seed(0)  # the process's random state is left alone
     with torch.inference_mode():
         for n in rows:
-            kernels = [k for k in Kernel if k is not Kernel.NATIVE or (native and n <= RowsLinear.MAX_ROWS)]
+            kernels = [k for k in Kernel if k is not Kernel.NATIVE or native]
             features = {layer.in_features for layer in layers}
             inputs = {f: torch.randn(n, f, generator=generator).to(dtype) for f in features}
             timed = {kernel.value: float("inf") for kernel in kernels}
@@ -253,6 +264,8 @@ def use_cpu_linears(
         layer.table = table
         if not table.uses_plain:
             layer.plain = None
+        if not table.uses_native:
+            layer.native_weight = None
     return table
 
 

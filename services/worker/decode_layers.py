@@ -32,7 +32,6 @@ import torch
 from wicore.worker.cpu_kernels import CpuLinear, Kernel
 from wicore.worker.native import (
     LAYERS_SIGNATURE,
-    RowsLinear,
     blas_sgemm,
     decode_kernel,
     layers_library,
@@ -53,7 +52,7 @@ KERNEL_CODES = {Kernel.NATIVE: 0, Kernel.MKL: 1, Kernel.MKL_WT: 2}  # csrc/decod
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("weight", _ptr), ("bias", _ptr), ("inputs", _int), ("outputs", _int)]
+    _fields_ = [("weight", _ptr), ("packed", _ptr), ("bias", _ptr), ("inputs", _int), ("outputs", _int)]
 
 
 class _Layer(ctypes.Structure):
@@ -91,14 +90,21 @@ def _fp32(t: torch.Tensor | None) -> bool:
 
 
 def _linear(module: object) -> _Linear | None:
-    """The C view of a CpuLinear (its plain weight: NULL where no kernel keeps one, then only the
-    segments run); None for any other layer."""
+    """The C view of a CpuLinear: its plain weight and the native kernel's packed one (each NULL
+    where no row count's kernel keeps it: then only the segments run); None for any other layer."""
     if not isinstance(module, CpuLinear) or not _fp32(module.bias):
         return None
     plain = module.plain if module.plain is not None and _fp32(module.plain) else None
-    bias = None if module.bias is None else module.bias.data_ptr()
-    weight = None if plain is None else plain.data_ptr()
-    return _Linear(weight, bias, module.in_features, module.out_features)
+    packed = (
+        module.native_weight if module.native_weight is not None and _fp32(module.native_weight) else None
+    )
+    return _Linear(
+        None if plain is None else plain.data_ptr(),
+        None if packed is None else packed.data_ptr(),
+        None if module.bias is None else module.bias.data_ptr(),
+        module.in_features,
+        module.out_features,
+    )
 
 
 class DecodeLayers:
@@ -122,7 +128,9 @@ class DecodeLayers:
         self._silu_mul.argtypes = [_ptr, _int, _int, _ptr]
         self.model, self._layers = model, layers  # the struct points into the array: both kept
         self.table = linears[0].table
-        self.native = all(linear.native is not None for linear in linears)
+        self.native = all(
+            linear.native is not None and linear.native_weight is not None for linear in linears
+        )
         self.plain = all(
             layer.qkv.weight and layer.o.weight and layer.gate_up.weight and layer.down.weight
             for layer in layers
@@ -184,11 +192,9 @@ class DecodeLayers:
         """The C kernel code for a step of `rows` rows: the one the model's linear layers would use
         through torch; None where that one is oneDNN's (not callable from C)."""
         kernel = self.table.pick(rows)
-        if not self.plain:
-            return None  # no plain weights: every row count runs oneDNN
-        if kernel is Kernel.NATIVE and not (self.native and rows <= RowsLinear.MAX_ROWS):
+        if kernel is Kernel.NATIVE and not self.native:
             return None  # CpuLinear runs oneDNN for these rows
-        if kernel in (Kernel.MKL, Kernel.MKL_WT) and not self.model.sgemm:
+        if kernel in (Kernel.MKL, Kernel.MKL_WT) and not (self.plain and self.model.sgemm):
             return None
         return KERNEL_CODES.get(kernel)
 

@@ -60,7 +60,7 @@ _ptr, _int, _i64, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes
 #                     kv_heads, dim, block_size, window, scale, out, lse, threads)
 SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _int, _int, _int, _int, _int, _int]
 SIGNATURE += [_float, _ptr, _ptr, _int]
-# wicore_linear_rows(x, weight, bf16, bias, y, rows, in, out, threads)
+# wicore_linear_rows(x, packed weight, bf16, bias, y, rows, in, out, threads)
 LINEAR_SIGNATURE: list[Any] = [_ptr, _ptr, _int, _ptr, _ptr, _int, _int, _int, _int]
 # wicore_add_rms_norm(h, delta, weight, x, rows, dim, eps, threads)
 NORM_SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _ptr, _int, _int, _float, _int]
@@ -143,44 +143,56 @@ class PagedDecode:
 
 
 class RowsLinear:
-    """A few rows (up to `MAX_ROWS`) times a linear layer's plain fp32 or bf16 weight, streaming
-    the weight once (csrc/linear.c): y [rows, out] = x [rows, in] @ weight.T + bias."""
-
-    MAX_ROWS = 4
+    """Rows times a linear layer's fp32 or bf16 weight in this kernel's packed layout (`pack`),
+    streaming the weight once for up to a dozen rows (csrc/linear.c): y [rows, out] = x [rows, in]
+    @ weight.T + bias."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._fn = library.wicore_linear_rows
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = LINEAR_SIGNATURE
         self.address = address(self._fn)
+        block = library.wicore_linear_block
+        block.restype = ctypes.c_int
+        self.block = int(block())  # output features a packed block: two of this CPU's vectors
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [out, in] -> [ceil(out / block), in, block]: each block of output features one
+        contiguous run, input feature by input feature (the last block padded with zeros)."""
+        out, features = weight.shape
+        blocks = -(-out // self.block)
+        padded = torch.nn.functional.pad(weight.detach(), (0, 0, 0, blocks * self.block - out))
+        return padded.view(blocks, self.block, features).transpose(1, 2).contiguous()
+
+    def __call__(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out: int
+    ) -> torch.Tensor:
+        """x [rows, in]; packed: `pack(weight)`; out: the weight's output features."""
         rows, features = x.shape
+        if packed.shape[1:] != (features, self.block) or packed.shape[0] * self.block < out:
+            raise ValueError(f"native linear: a packed weight {tuple(packed.shape)} for {features} -> {out}")
         flat = x.to(torch.float32).contiguous()
-        y = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+        y = torch.empty(rows, out, dtype=torch.float32)
         status = self._fn(
             flat.data_ptr(),
-            weight.data_ptr(),
-            int(weight.dtype == torch.bfloat16),
+            packed.data_ptr(),
+            int(packed.dtype == torch.bfloat16),
             None if bias is None else bias.data_ptr(),
             y.data_ptr(),
             rows,
             features,
-            weight.shape[0],
+            out,
             torch.get_num_threads(),
         )
         if status:
-            raise ValueError(f"native linear: {rows} rows of {features} features are not taken")
+            raise ValueError(f"native linear: {rows} rows are not taken")
         return y.to(x.dtype)
 
     @classmethod
     def supports(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """fp32 or bf16, contiguous, input features a multiple of 16, a bias in fp32 (or none)."""
-        return (
-            weight.dtype in DTYPES
-            and weight.is_contiguous()
-            and weight.shape[1] % 16 == 0
-            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        """fp32 or bf16 weights, a bias in fp32 (or none)."""
+        return weight.dtype in DTYPES and (
+            bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
         )
 
 

@@ -61,16 +61,32 @@ def test_each_row_count_runs_the_weight_copy_its_kernel_reads() -> None:
     assert layer(x).abs().sum() > 0  # 3 rows: oneDNN's packed copy
 
 
-def test_the_native_kernel_reads_the_plain_weight_up_to_four_rows(native: RowsLinear) -> None:
-    layer = CpuLinear(torch.nn.Linear(32, 24), 16, KernelTable((8,), (Kernel.NATIVE,)), native)
-    assert layer.plain is not None and layer.native is native
-    layer.plain = torch.zeros_like(layer.plain)  # only the plain weight's readers see this
-    x = torch.randn(5, 32)
-    for rows in range(1, 5):
+def test_the_native_kernel_reads_its_packed_weight(native: RowsLinear) -> None:
+    layer = CpuLinear(torch.nn.Linear(32, 24), 16, KernelTable((13,), (Kernel.NATIVE,)), native)
+    assert layer.native is native and layer.native_weight is not None
+    layer.native_weight = torch.zeros_like(layer.native_weight)  # only the native kernel sees this
+    x = torch.randn(14, 32)
+    for rows in (1, 4, 12, 13):  # one pass of up to 12 rows (6 without AVX-512), then more
         assert torch.equal(layer(x[:rows]), layer.bias.expand(rows, 24))
-    assert not torch.allclose(layer(x), layer.bias.expand(5, 24))  # 5 rows: oneDNN's packed copy
-    # A layer it does not take (features not a multiple of 16) has none and runs oneDNN.
-    assert CpuLinear(torch.nn.Linear(40, 8), 16, KernelTable(), native).native is None
+    assert not torch.allclose(layer(x), layer.bias.expand(14, 24))  # 14 rows: oneDNN's packed copy
+
+
+@pytest.mark.parametrize("features", [(40, 37), (7, 3), (576, 960)])
+@pytest.mark.parametrize("rows", [1, 5, 13, 30])
+def test_the_packed_layout_takes_any_shape(features: tuple[int, int], rows: int, native: RowsLinear) -> None:
+    """Blocks of `native.block` output features; the last one padded with zeros, never written out."""
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(*features)
+    packed = native.pack(linear.weight)
+    assert packed.shape == (-(-features[1] // native.block), features[0], native.block)
+    x = torch.randn(rows, features[0])
+    got = native(x, packed, linear.bias, features[1])
+    assert got.shape == (rows, features[1])
+    assert torch.allclose(
+        got, torch.nn.functional.linear(x, linear.weight, linear.bias), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="packed weight"):
+        native(x, packed, linear.bias, features[1] + native.block)
 
 
 @pytest.mark.parametrize("with_native", [False, True])
@@ -83,8 +99,8 @@ def test_tune_names_the_fastest_kernel_it_measured_at_each_row_count(
     assert table.rows == (1, 4, 32) and sorted(seconds) == [1, 4, 32]
     others = {k.value for k in Kernel} - {Kernel.NATIVE.value}
     for n, kernel in zip(table.rows, table.kernels, strict=True):
-        # The native kernel is a candidate up to 4 rows, where the layers have it.
-        assert set(seconds[n]) == others | ({Kernel.NATIVE.value} if with_native and n <= 4 else set())
+        # The native kernel is a candidate at every row count, where the layers have it.
+        assert set(seconds[n]) == others | ({Kernel.NATIVE.value} if with_native else set())
         assert seconds[n][kernel.value] == min(seconds[n].values())
 
 
@@ -100,6 +116,7 @@ def test_use_cpu_linears_shares_one_table_and_drops_the_copy_no_kernel_reads() -
     measured = use_cpu_linears(model2 := torch.nn.Sequential(torch.nn.Linear(16, 8)), measure=True)
     assert measured.rows and all(isinstance(m.table, KernelTable) for m in model2 if isinstance(m, CpuLinear))
     assert (model2[0].plain is not None) == measured.uses_plain
+    assert (model2[0].native_weight is not None) == measured.uses_native
 
 
 @pytest.mark.skipif(not onednn_packs(torch.bfloat16), reason="oneDNN does not pack bf16 weights on this CPU")

@@ -113,15 +113,16 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_row_counts_through_onednn_run_through_torch(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    loaded, config = loaded_with(llama, Kernel.MKL, monkeypatch)
-    fused = PagedEngine(
-        loaded.model, engine_config(config, loaded.model), loaded.fingerprint
-    ).runner.decoder.fused
-    assert isinstance(fused, DecodeLayers)
-    assert fused.kernel_for(1) == 1 and fused.kernel_for(64) == 1
-    assert fused.kernel_for(65) is None  # oneDNN above the table's last row count: not callable from C
-    fused.table = KernelTable((4,), (Kernel.NATIVE,))
-    assert fused.kernel_for(4) == 0 and fused.kernel_for(5) is None
+    for kernel, code in ((Kernel.MKL, 1), (Kernel.NATIVE, 0)):
+        loaded, config = loaded_with(llama, kernel, monkeypatch)
+        eng = PagedEngine(loaded.model, engine_config(config, loaded.model), loaded.fingerprint)
+        fused = eng.runner.decoder.fused
+        assert isinstance(fused, DecodeLayers)
+        assert fused.kernel_for(1) == code and fused.kernel_for(64) == code
+        assert fused.kernel_for(65) is None  # oneDNN above the table's last row count: not callable from C
+    # A kernel whose weights the layers did not keep (only the native kernel's are): not fused.
+    fused.table = KernelTable((4,), (Kernel.MKL,))
+    assert fused.kernel_for(4) is None
 
 
 def test_steps_that_probe_attention_run_through_torch(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:

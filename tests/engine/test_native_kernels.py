@@ -182,7 +182,8 @@ def test_without_a_compiler_the_prebuilt_kernels_for_this_cpu_serve(
     assert linear is not None and not (tmp_path / "kernels").exists()  # nothing compiled
     generator = torch.Generator().manual_seed(3)
     x, weight, bias = (torch.randn(s, generator=generator) for s in ((2, 64), (40, 64), (40,)))
-    assert torch.allclose(linear(x, weight, bias), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    got = linear(x, linear.pack(weight), bias, 40)
+    assert torch.allclose(got, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
     stale = tmp_path / "stale"
     stale.mkdir()
     (stale / f"linear-{level}-{'0' * 16}.so").write_bytes(b"")  # a library of another source

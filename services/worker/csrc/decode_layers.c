@@ -56,7 +56,8 @@ typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, c
 enum { NATIVE = 0, MKL = 1, MKL_WT = 2 }; /* wicore.worker.cpu_kernels.Kernel */
 
 struct wicore_linear {
-    const float *weight; /* [out, in] */
+    const float *weight; /* [out, in], for MKL; NULL where not kept */
+    const float *packed; /* linear.c's layout, for the native kernel; NULL where not kept */
     const float *bias;   /* [out] or NULL */
     int in, out;
 };
@@ -82,7 +83,7 @@ struct wicore_model {
 static int linear(const struct wicore_model *m, int kernel, const struct wicore_linear *l, const float *x,
                   float *y, int rows, float *tmp, int threads) {
     const float one = 1.0f, zero = 0.0f;
-    if (kernel == NATIVE) return m->linear(x, l->weight, 0, l->bias, y, rows, l->in, l->out, threads);
+    if (kernel == NATIVE) return m->linear(x, l->packed, 0, l->bias, y, rows, l->in, l->out, threads);
     if (!m->sgemm) return -1;
     if (kernel == MKL) { /* F.linear: addmm, the bias copied into y first (beta = 1) */
         for (int r = 0; r < rows && l->bias; r++) memcpy(y + (int64_t)r * l->out, l->bias, l->out * sizeof(float));
