@@ -179,7 +179,28 @@ def tune(
                         timed[kernel.value] = min(timed[kernel.value], time.perf_counter() - start)
             seconds[n] = timed
             chosen.append(Kernel(min(timed, key=timed.__getitem__)))
-    return KernelTable(tuple(rows), tuple(chosen)), seconds
+    return KernelTable(tuple(rows), tuple(_fewer_copies(chosen, seconds, rows))), seconds
+
+
+COPY_MARGIN = 1.05  # how much faster an MKL kernel must be to keep a third copy of the weights
+
+
+def _fewer_copies(
+    chosen: list[Kernel], seconds: dict[int, dict[str, float]], rows: Sequence[int]
+) -> list[Kernel]:
+    """Where both the MKL kernels (the plain weight) and the native one (its packed copy) won some
+    row count, each MKL pick within COPY_MARGIN of the native kernel's time goes to the native
+    kernel; if none is left, the plain weight need not be kept (a copy of the weights less)."""
+    if Kernel.NATIVE not in chosen or not any(k in (Kernel.MKL, Kernel.MKL_WT) for k in chosen):
+        return chosen
+    kept = [
+        Kernel.NATIVE
+        if k in (Kernel.MKL, Kernel.MKL_WT)
+        and seconds[n][Kernel.NATIVE.value] <= COPY_MARGIN * seconds[n][k.value]
+        else k
+        for k, n in zip(chosen, rows, strict=True)
+    ]
+    return kept if not any(k in (Kernel.MKL, Kernel.MKL_WT) for k in kept) else chosen
 
 
 def _bucket(rows: int) -> int:

@@ -139,3 +139,26 @@ def test_tune_leaves_the_process_random_state_alone() -> None:
     torch.manual_seed(7)
     tune(layers, rows=(1, 2), repeats=1)
     assert torch.equal(torch.rand(4), want)
+
+
+def test_mkl_picks_within_a_margin_of_the_native_kernel_go_to_it_and_free_the_plain_copy() -> None:
+    from wicore.worker.cpu_kernels import _fewer_copies
+
+    mkl, wt, native, onednn = Kernel.MKL, Kernel.MKL_WT, Kernel.NATIVE, Kernel.ONEDNN
+
+    def seconds(*native_over_mkl: float) -> dict[int, dict[str, float]]:
+        return {
+            n: {"mkl": 1.0, "mkl_wt": 1.0, "native": r, "onednn": 2.0} for n, r in enumerate(native_over_mkl)
+        }
+
+    assert _fewer_copies([mkl, native, onednn], seconds(1.04, 0.9, 3.0), [0, 1, 2]) == [
+        native,
+        native,
+        onednn,
+    ]
+    # Slower by more than the margin: MKL keeps its rows, and the plain copy stays.
+    assert _fewer_copies([mkl, native], seconds(1.2, 0.9), [0, 1]) == [mkl, native]
+    # All or nothing: one MKL pick left would keep the plain copy anyway.
+    assert _fewer_copies([mkl, wt, native], seconds(1.01, 1.3, 0.9), [0, 1, 2]) == [mkl, wt, native]
+    # Only MKL or only native: nothing to save.
+    assert _fewer_copies([mkl, onednn], seconds(1.01, 3.0), [0, 1]) == [mkl, onednn]
