@@ -236,15 +236,30 @@ def paged_decode_attention(
     """A decode step (one query per sequence) through the native kernel: query [S, H, D] ->
     [S, H, D]. Each sequence's own keys are read in place; a shared prefix, once for its members
     (as in `cascade_attention`), then merged."""
-    s, heads, dim = query.shape
     keys, values = pool.keys[layer], pool.values[layer]
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
     out, lse = rows.kernel(
         query, keys, values, rows.tables, rows.starts, rows.ends, pool.block_size, window, scale
     )
+    return merge_prefixes(query, out, lse, parts, pool, layer, scale, window)
+
+
+def merge_prefixes(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    parts: list[Part] | None,
+    pool: KVPool,
+    layer: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """A decode step's own-keys attention out [S, H, D] (lse [S, H]) merged with each shared
+    prefix's, attended once for its members: [S, H, D] (out itself, updated, where any prefix)."""
     if not parts or all(part.prefix_ids is None for part in parts):
         return out
+    s, heads, dim = query.shape
+    kv_heads = pool.keys[layer].shape[1]
+    group = heads // kv_heads
     q = query.view(s, kv_heads, group, dim)
     out, lse = out.view(s, kv_heads, group, dim), lse.view(s, kv_heads, group)
     for part in parts:

@@ -10,15 +10,17 @@ torch's in the last bit):
 
 - where that linear kernel is one C can call (WiCore's native one, or MKL's sgemm as torch calls
   it for `x @ W.T` and `W @ x.T`), every layer in one call (`DecodeLayers.__call__`);
-- where it is oneDNN's (packed weights, reachable only through torch: usually from 5 rows up),
-  torch runs the linear layers and one call each does what lies between them: the rotation, the
-  K/V writes and attention (`attend`), and silu(gate) * up (`silu_mul`).
+- where it is oneDNN's (packed weights, reachable only through torch: usually above 32-64 rows),
+  or where sequences share a prefix (attended once for all of them by torch, cascade.py), torch
+  runs the linear layers and one call each does what lies between them: the rotation, the K/V
+  writes and attention over each sequence's own keys (`attend`, the prefix merged in after), and
+  silu(gate) * up (`silu_mul`).
 
 The embedding, the final norm and the LM head stay in torch. It takes fp32 Llama-family models
 whose linear layers are WiCore's CPU ones (`worker.cpu_kernels: auto` or `onednn`) with fused
 q/k/v and gate/up projections and no per-head q/k norms (Qwen3's), and decode steps that attend
-through the paged kernel with no shared prefix to merge and no A²CR probe; other steps run layer
-by layer through torch, as before.
+through the paged kernel with no A²CR probe; other steps run layer by layer through torch, as
+before.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from wicore.worker.cascade import merge_prefixes
 from wicore.worker.cpu_kernels import CpuLinear, Kernel
 from wicore.worker.native import (
     LAYERS_SIGNATURE,
@@ -201,9 +204,14 @@ class DecodeLayers:
     @staticmethod
     def usable(meta: StepMetadata) -> bool:
         """Whether this step is one the native code runs: a decode step through the paged kernel,
-        fp32 K/V, no shared prefix to merge, no probe."""
-        if meta.decode is None or meta.probe_layer is not None or meta.pool.keys[0].dtype != torch.float32:
-            return False
+        fp32 K/V, no probe."""
+        return (
+            meta.decode is not None and meta.probe_layer is None and meta.pool.keys[0].dtype == torch.float32
+        )
+
+    @staticmethod
+    def whole(meta: StepMetadata) -> bool:
+        """Whether every layer can run in one call: no shared prefix to attend and merge (torch's)."""
         return not (meta.cascade and any(part.prefix_ids is not None for part in meta.cascade))
 
     def attend(
@@ -211,7 +219,8 @@ class DecodeLayers:
     ) -> torch.Tensor:
         """What lies between a layer's q/k/v and output projections, in one call: qkv [T, (H + 2 Hkv)
         * D] -> the rotated queries attended over the pool after writing the rotated keys and the
-        values, [T, H * D] (a view of scratch, valid until the next call)."""
+        values, [T, H * D] (a view of scratch, valid until the next call); a shared prefix's
+        attention (torch's, cascade.py) merged in after."""
         rows = qkv.shape[0]
         width = self.model.heads * self.model.head_dim
         scratch = self._scratch_for(rows * (2 * width + self.model.heads + self.model.intermediate))
@@ -243,7 +252,19 @@ class DecodeLayers:
         )
         if status:
             raise RuntimeError(f"fused decode attention: the kernel returned {status}")
-        return out.view(rows, width)
+        heads, dim = self.model.heads, self.model.head_dim
+        window = self._layers[layer].window or None
+        merged = merge_prefixes(
+            q.view(rows, heads, dim),
+            out.view(rows, heads, dim),
+            lse.view(rows, heads),
+            meta.cascade,
+            meta.pool,
+            layer,
+            self.model.scale,
+            window,
+        )
+        return merged.view(rows, width)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for gate_up [T, 2 I] -> [T, I] (a view of scratch, after `attend`'s)."""
