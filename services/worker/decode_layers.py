@@ -222,6 +222,7 @@ class DecodeLayers:
         values, [T, H * D] (a view of scratch, valid until the next call); a shared prefix's
         attention (torch's, cascade.py) merged in after."""
         rows = qkv.shape[0]
+        cos, sin = cos.contiguous(), sin.contiguous()
         width = self.model.heads * self.model.head_dim
         scratch = self._scratch_for(rows * (2 * width + self.model.heads + self.model.intermediate))
         q, out = scratch[: rows * width], scratch[rows * width : 2 * rows * width]
@@ -285,8 +286,11 @@ class DecodeLayers:
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata, kernel: int
     ) -> None:
         """h [T, hidden] fp32 contiguous, the embeddings: replaced by the last layer's hidden state.
-        cos, sin [T, head_dim] contiguous; T rows, one decoding token per sequence."""
+        cos, sin [T, head_dim]; T rows, one decoding token per sequence."""
+        if not (h.dtype == torch.float32 and h.is_contiguous()):
+            raise ValueError("fused decode layers: h must be fp32 and contiguous (it is updated in place)")
         rows = h.shape[0]
+        cos, sin = cos.contiguous(), sin.contiguous()
         scratch = self._scratch_for(int(self._scratch_size(ctypes.byref(self.model), rows)))
         keys, values = self._pool_pointers(meta.pool)
         decode = meta.decode
