@@ -140,6 +140,7 @@ class DecodeLayers:
         )
         self._linears = linears  # their weights are what the structs point to
         self._scratch = torch.empty(0)
+        self._scratch_sizes: dict[int, int] = {}
         self._pool: tuple[weakref.ref[KVPool], ctypes.Array, ctypes.Array] | None = None
 
     @classmethod
@@ -228,24 +229,13 @@ class DecodeLayers:
         q, out = scratch[: rows * width], scratch[rows * width : 2 * rows * width]
         lse = scratch[2 * rows * width : rows * (2 * width + self.model.heads)]
         keys, values = self._pool_pointers(meta.pool)
-        decode = meta.decode
-        assert decode is not None
         qkv = qkv.contiguous()
         status = self._attend(
             ctypes.byref(self.model),
             layer,
             qkv.data_ptr(),
             rows,
-            cos.data_ptr(),
-            sin.data_ptr(),
-            meta.slot_mapping.data_ptr(),
-            keys[layer],
-            values[layer],
-            meta.pool.block_size,
-            decode.tables.data_ptr(),
-            decode.tables.shape[1],
-            decode.starts.data_ptr(),
-            decode.ends.data_ptr(),
+            *self._step_args(cos, sin, meta, keys[layer], values[layer]),
             q.data_ptr(),
             out.data_ptr(),
             lse.data_ptr(),
@@ -291,15 +281,29 @@ class DecodeLayers:
             raise ValueError("fused decode layers: h must be fp32 and contiguous (it is updated in place)")
         rows = h.shape[0]
         cos, sin = cos.contiguous(), sin.contiguous()
-        scratch = self._scratch_for(int(self._scratch_size(ctypes.byref(self.model), rows)))
+        if rows not in self._scratch_sizes:  # per row count, not per step
+            self._scratch_sizes[rows] = int(self._scratch_size(ctypes.byref(self.model), rows))
+        scratch = self._scratch_for(self._scratch_sizes[rows])
         keys, values = self._pool_pointers(meta.pool)
-        decode = meta.decode
-        assert decode is not None
         status = self._fn(
             ctypes.byref(self.model),
             kernel,
             h.data_ptr(),
             rows,
+            *self._step_args(cos, sin, meta, keys, values),
+            scratch.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status:
+            raise RuntimeError(f"fused decode layers: a kernel returned {status}")
+
+    @staticmethod
+    def _step_args(cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata, keys: Any, values: Any) -> tuple:
+        """The arguments both C entry points take after the rows, in their order: the rotation,
+        the slots, the pool (`keys`, `values`: one layer's or every layer's), its block tables."""
+        decode = meta.decode
+        assert decode is not None
+        return (
             cos.data_ptr(),
             sin.data_ptr(),
             meta.slot_mapping.data_ptr(),
@@ -310,11 +314,7 @@ class DecodeLayers:
             decode.tables.shape[1],
             decode.starts.data_ptr(),
             decode.ends.data_ptr(),
-            scratch.data_ptr(),
-            torch.get_num_threads(),
         )
-        if status:
-            raise RuntimeError(f"fused decode layers: a kernel returned {status}")
 
     def _pool_pointers(self, pool: KVPool) -> tuple[ctypes.Array, ctypes.Array]:
         """Each layer's key and value pool, as C arrays (built once per pool)."""
