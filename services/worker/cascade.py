@@ -68,15 +68,56 @@ def shared_prefixes(
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixTables:
+    """A decode step's shared prefixes as the native kernel takes them (flat int64 tables): group g's
+    members are the batch rows members[member_offsets[g]:member_offsets[g + 1]], and they share the
+    blocks blocks[block_offsets[g]:block_offsets[g + 1]] (positions 0 to their end)."""
+
+    groups: int
+    member_offsets: torch.Tensor  # [groups + 1]
+    members: torch.Tensor
+    block_offsets: torch.Tensor  # [groups + 1]
+    blocks: torch.Tensor
+
+    @classmethod
+    def of(cls, groups: Sequence[tuple[Sequence[int], Sequence[int]]]) -> PrefixTables | None:
+        """From (members, shared blocks) pairs; None where there are none."""
+        if not groups:
+            return None
+        members = [i for rows, _ in groups for i in rows]
+        blocks = [b for _, ids in groups for b in ids]
+        member_offsets, block_offsets = [0], [0]
+        for rows, ids in groups:
+            member_offsets.append(member_offsets[-1] + len(rows))
+            block_offsets.append(block_offsets[-1] + len(ids))
+
+        def table(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64)
+
+        return cls(len(groups), table(member_offsets), table(members), table(block_offsets), table(blocks))
+
+    def arguments(self) -> tuple[int, int, int, int, int]:
+        """The C kernel's (groups, member_offsets, members, block_offsets, blocks)."""
+        return (
+            self.groups,
+            self.member_offsets.data_ptr(),
+            self.members.data_ptr(),
+            self.block_offsets.data_ptr(),
+            self.blocks.data_ptr(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeRows:
     """A decode step for the native kernel (`worker.attention_backend: paged`): sequence i attends
     its keys at positions [starts[i], ends[i]) through tables[i] (its own part: after its shared
-    prefix, if any, which `Part`s attend)."""
+    prefix, if any), and the members of each shared prefix attend it together (`prefixes`)."""
 
     kernel: PagedDecode
     tables: torch.Tensor  # [S, max_blocks] int64
     starts: torch.Tensor  # [S] int64
     ends: torch.Tensor  # [S] int64: kv_lens
+    prefixes: PrefixTables | None = None
 
 
 @dataclass(slots=True)
@@ -225,51 +266,18 @@ def merge(
 
 
 def paged_decode_attention(
-    query: torch.Tensor,
-    rows: DecodeRows,
-    parts: list[Part] | None,
-    pool: KVPool,
-    layer: int,
-    scale: float,
-    window: int | None,
+    query: torch.Tensor, rows: DecodeRows, pool: KVPool, layer: int, scale: float, window: int | None
 ) -> torch.Tensor:
-    """A decode step (one query per sequence) through the native kernel: query [S, H, D] ->
+    """A decode step (one query per sequence) through the native kernels: query [S, H, D] ->
     [S, H, D]. Each sequence's own keys are read in place; a shared prefix, once for its members
-    (as in `cascade_attention`), then merged."""
+    (as in `cascade_attention`), and merged in."""
     keys, values = pool.keys[layer], pool.values[layer]
+    q = query.to(torch.float32).contiguous()
     out, lse = rows.kernel(
-        query, keys, values, rows.tables, rows.starts, rows.ends, pool.block_size, window, scale
+        q, keys, values, rows.tables, rows.starts, rows.ends, pool.block_size, window, scale
     )
-    return merge_prefixes(query, out, lse, parts, pool, layer, scale, window)
-
-
-def merge_prefixes(
-    query: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    parts: list[Part] | None,
-    pool: KVPool,
-    layer: int,
-    scale: float,
-    window: int | None,
-) -> torch.Tensor:
-    """A decode step's own-keys attention out [S, H, D] (lse [S, H]) merged with each shared
-    prefix's, attended once for its members: [S, H, D] (out itself, updated, where any prefix)."""
-    if not parts or all(part.prefix_ids is None for part in parts):
-        return out
-    s, heads, dim = query.shape
-    kv_heads = pool.keys[layer].shape[1]
-    group = heads // kv_heads
-    q = query.view(s, kv_heads, group, dim)
-    out, lse = out.view(s, kv_heads, group, dim), lse.view(s, kv_heads, group)
-    for part in parts:
-        if part.prefix_ids is None:
-            continue
-        seqs = part.seqs if part.seqs is not None else torch.arange(s)
-        merged, _ = merge(
-            out.index_select(0, seqs),
-            lse.index_select(0, seqs),
-            *prefix_attention(q.index_select(0, seqs), part, pool, layer, scale, window, 1),
+    if rows.prefixes is not None:
+        rows.kernel.merge_prefixes(
+            q, out, lse, rows.prefixes, keys, values, rows.ends, pool.block_size, window, scale
         )
-        out.index_copy_(0, seqs, merged)
-    return out.view(s, heads, dim)
+    return out.to(query.dtype)

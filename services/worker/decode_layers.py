@@ -11,10 +11,11 @@ torch's in the last bit):
 - where that linear kernel is one C can call (WiCore's native one, or MKL's sgemm as torch calls
   it for `x @ W.T` and `W @ x.T`), every layer in one call (`DecodeLayers.__call__`);
 - where it is oneDNN's (packed weights, reachable only through torch: usually above 32-64 rows),
-  or where sequences share a prefix (attended once for all of them by torch, cascade.py), torch
-  runs the linear layers and one call each does what lies between them: the rotation, the K/V
-  writes and attention over each sequence's own keys (`attend`, the prefix merged in after), and
-  silu(gate) * up (`silu_mul`).
+  torch runs the linear layers and one call each does what lies between them: the rotation, the
+  K/V writes and attention (`attend`), and silu(gate) * up (`silu_mul`).
+
+Either way attention reads each sequence's own keys in place, and a prefix that sequences share
+once for all of them (csrc/paged_attention.c's two kernels, merged by log-sum-exp).
 
 The embedding, the final norm and the LM head stay in torch. It takes fp32 Llama-family models
 whose linear layers are WiCore's CPU ones (`worker.cpu_kernels: auto` or `onednn`) with fused
@@ -31,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from wicore.worker.cascade import merge_prefixes
 from wicore.worker.cpu_kernels import CpuLinear, Kernel
 from wicore.worker.native import (
     LAYERS_SIGNATURE,
@@ -48,10 +48,20 @@ if TYPE_CHECKING:
 
 _ptr, _int, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 # wicore_decode_attend(model, layer, qkv, rows, cos, sin, slots, keys, values, block_size, tables,
-#                      table_stride, starts, ends, q, out, lse, threads)
+#                      table_stride, starts, ends, prefixes, q, out, lse, threads)
 ATTEND_SIGNATURE: list[Any] = [_ptr, _int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr]
-ATTEND_SIGNATURE += [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
+ATTEND_SIGNATURE += [ctypes.c_int64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int]
 KERNEL_CODES = {Kernel.NATIVE: 0, Kernel.MKL: 1, Kernel.MKL_WT: 2}  # csrc/decode_layers.c's enum
+
+
+class _Prefixes(ctypes.Structure):
+    _fields_ = [
+        ("groups", _int),
+        ("member_offsets", _ptr),
+        ("members", _ptr),
+        ("block_offsets", _ptr),
+        ("blocks", _ptr),
+    ]
 
 
 class _Linear(ctypes.Structure):
@@ -83,6 +93,7 @@ class _Model(ctypes.Structure):
         ("linear", _ptr),
         ("norm", _ptr),
         ("attend", _ptr),
+        ("prefix", _ptr),
         ("sgemm", _ptr),
         ("layer", ctypes.POINTER(_Layer)),
     ]
@@ -187,6 +198,7 @@ class DecodeLayers:
             linear.address,
             norm.address,
             attend.address,
+            attend.prefix_address,
             blas_sgemm(),
             array,
         )
@@ -210,18 +222,13 @@ class DecodeLayers:
             meta.decode is not None and meta.probe_layer is None and meta.pool.keys[0].dtype == torch.float32
         )
 
-    @staticmethod
-    def whole(meta: StepMetadata) -> bool:
-        """Whether every layer can run in one call: no shared prefix to attend and merge (torch's)."""
-        return not (meta.cascade and any(part.prefix_ids is not None for part in meta.cascade))
-
     def attend(
         self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata
     ) -> torch.Tensor:
         """What lies between a layer's q/k/v and output projections, in one call: qkv [T, (H + 2 Hkv)
         * D] -> the rotated queries attended over the pool after writing the rotated keys and the
-        values, [T, H * D] (a view of scratch, valid until the next call); a shared prefix's
-        attention (torch's, cascade.py) merged in after."""
+        values and merging in each shared prefix, [T, H * D] (a view of scratch, valid until the next
+        call)."""
         rows = qkv.shape[0]
         cos, sin = cos.contiguous(), sin.contiguous()
         width = self.model.heads * self.model.head_dim
@@ -242,20 +249,8 @@ class DecodeLayers:
             torch.get_num_threads(),
         )
         if status:
-            raise RuntimeError(f"fused decode attention: the kernel returned {status}")
-        heads, dim = self.model.heads, self.model.head_dim
-        window = self._layers[layer].window or None
-        merged = merge_prefixes(
-            q.view(rows, heads, dim),
-            out.view(rows, heads, dim),
-            lse.view(rows, heads),
-            meta.cascade,
-            meta.pool,
-            layer,
-            self.model.scale,
-            window,
-        )
-        return merged.view(rows, width)
+            raise RuntimeError(f"fused decode attention: a kernel returned {status}")
+        return out.view(rows, width)
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for gate_up [T, 2 I] -> [T, I] (a view of scratch, after `attend`'s)."""
@@ -300,9 +295,11 @@ class DecodeLayers:
     @staticmethod
     def _step_args(cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata, keys: Any, values: Any) -> tuple:
         """The arguments both C entry points take after the rows, in their order: the rotation,
-        the slots, the pool (`keys`, `values`: one layer's or every layer's), its block tables."""
+        the slots, the pool (`keys`, `values`: one layer's or every layer's), its block tables,
+        the shared prefixes."""
         decode = meta.decode
         assert decode is not None
+        prefixes = None if decode.prefixes is None else ctypes.byref(_Prefixes(*decode.prefixes.arguments()))
         return (
             cos.data_ptr(),
             sin.data_ptr(),
@@ -314,6 +311,7 @@ class DecodeLayers:
             decode.tables.shape[1],
             decode.starts.data_ptr(),
             decode.ends.data_ptr(),
+            prefixes,
         )
 
     def _pool_pointers(self, pool: KVPool) -> tuple[ctypes.Array, ctypes.Array]:

@@ -189,7 +189,7 @@ class Decoder:
         h = self.embed(ids)  # [T, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, T, D]
         if self.fused is not None and self.fused.usable(meta):
-            kernel = self.fused.kernel_for(ids.shape[0]) if self.fused.whole(meta) else None
+            kernel = self.fused.kernel_for(ids.shape[0])
             if kernel is not None:
                 self.fused(h, cos[0], sin[0], meta, kernel)  # every layer in one call, in place
             else:
@@ -202,9 +202,8 @@ class Decoder:
     def layers_in_segments(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata
     ) -> torch.Tensor:
-        """A decode step whose linear layers run oneDNN (which C cannot call), or with a shared prefix:
-        torch calls the linear layers, and one native call each does what lies between
-        (`DecodeLayers.attend`, `silu_mul`)."""
+        """A decode step whose linear layers run oneDNN (which C cannot call): torch calls the linear
+        layers, and one native call each does what lies between (`DecodeLayers.attend`, `silu_mul`)."""
         fused = self.fused
         assert fused is not None
         delta: torch.Tensor | None = None

@@ -10,7 +10,7 @@ import torch
 from wicore.config import AttentionBackend, ModelImpl
 from wicore.errors import ConfigError
 from wicore.worker.batch_scheduler import ScheduledSeq
-from wicore.worker.cascade import DecodeRows, Part, shared_prefixes
+from wicore.worker.cascade import DecodeRows, Part, PrefixTables, shared_prefixes
 from wicore.worker.decoder import Decoder
 from wicore.worker.native import PagedDecode, decode_kernel
 from wicore.worker.paged_attention import KVPool, PagedCache, StepMetadata, register
@@ -144,22 +144,24 @@ class ModelRunner:
                 if item.proposed:
                     meta.probe_positions[i, item.num_tokens - len(item.proposed) : item.num_tokens] = -1
             meta.probe_positions = meta.probe_positions.to(dev)
+        groups: list[tuple[list[int], int]] = []
         if self.attention_backend in (AttentionBackend.CASCADE, AttentionBackend.PAGED):
             computed = [item.seq.num_computed for item in batch]
             groups = shared_prefixes(block_lists, computed, bs)
-            if groups:
-                meta.cascade = self.cascade(groups, block_lists, kv_lens, meta.query_positions)
-        if self.decode_kernel is not None and max_query == 1:
+        if self.decode_kernel is not None and max_query == 1:  # the native kernels, prefixes included
             starts = [0] * num_seqs
-            for part in meta.cascade or ():
-                for i in part.seqs.tolist() if part.seqs is not None else range(num_seqs):
-                    starts[i] = part.own_start
+            for members, n in groups:
+                for i in members:
+                    starts[i] = n * bs  # its own part begins after the prefix
             meta.decode = DecodeRows(
                 kernel=self.decode_kernel,
                 tables=block_tables,
                 starts=torch.tensor(starts, dtype=torch.long),
                 ends=meta.kv_lens,
+                prefixes=PrefixTables.of([(members, block_lists[members[0]][:n]) for members, n in groups]),
             )
+        elif groups:
+            meta.cascade = self.cascade(groups, block_lists, kv_lens, meta.query_positions)
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         return ids, pos.to(dev), meta, torch.tensor(rows, dtype=torch.long, device=dev)
 

@@ -35,9 +35,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from wicore.worker.cascade import PrefixTables
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +63,18 @@ _ptr, _int, _i64, _float = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes
 #                     kv_heads, dim, block_size, window, scale, out, lse, threads)
 SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _int, _ptr, _i64, _ptr, _ptr, _int, _int, _int, _int, _int, _int]
 SIGNATURE += [_float, _ptr, _ptr, _int]
+# wicore_prefix_decode(q, k_pool, v_pool, bf16, groups, member_offsets, members, block_offsets, blocks,
+#                      ends, heads, kv_heads, dim, block_size, window, scale, out, lse, threads)
+PREFIX_SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _int, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _int, _int]
+PREFIX_SIGNATURE += [_int, _int, _float, _ptr, _ptr, _int]
 # wicore_linear_rows(x, packed weight, bf16, bias, y, rows, in, out, threads)
 LINEAR_SIGNATURE: list[Any] = [_ptr, _ptr, _int, _ptr, _ptr, _int, _int, _int, _int]
 # wicore_add_rms_norm(h, delta, weight, x, rows, dim, eps, threads)
 NORM_SIGNATURE: list[Any] = [_ptr, _ptr, _ptr, _ptr, _int, _int, _float, _int]
 # wicore_decode_layers(model, kernel, h, rows, cos, sin, slots, keys, values, block_size, tables,
-#                      table_stride, starts, ends, scratch, threads)
+#                      table_stride, starts, ends, prefixes, scratch, threads)
 LAYERS_SIGNATURE: list[Any] = [_ptr, _int, _ptr, _int, _ptr, _ptr, _ptr, _ptr, _ptr, _int, _ptr, _i64]
-LAYERS_SIGNATURE += [_ptr, _ptr, _ptr, _int]
+LAYERS_SIGNATURE += [_ptr, _ptr, _ptr, _ptr, _int]
 
 
 class PagedDecode:
@@ -79,6 +86,10 @@ class PagedDecode:
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = SIGNATURE
         self.address = address(self._fn)  # for csrc/decode_layers.c, which calls it directly
+        self._prefix = library.wicore_prefix_decode
+        self._prefix.restype = ctypes.c_int
+        self._prefix.argtypes = PREFIX_SIGNATURE
+        self.prefix_address = address(self._prefix)
 
     def __call__(
         self,
@@ -126,6 +137,51 @@ class PagedDecode:
                 f"paged decode: unsupported shape (heads {heads}, kv heads {keys.shape[1]}, dim {dim})"
             )
         return out.to(query.dtype), lse
+
+    def merge_prefixes(
+        self,
+        query: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        prefixes: PrefixTables,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        ends: torch.Tensor,
+        block_size: int,
+        window: int | None,
+        scale: float,
+    ) -> None:
+        """Merges each shared prefix, attended once for all its members, into `out` and `lse` in
+        place: query, out [R, H, D] fp32 contiguous, lse [R, H] (what `__call__` returned for each
+        row's own keys); keys, values, block_size, window and scale as `__call__`'s; ends [R] int64,
+        each row's key count (its query is the last)."""
+        _, heads, dim = query.shape
+        tensors = (query, out, lse)
+        if not all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+            raise ValueError("prefix decode: query, out and lse must be contiguous fp32")
+        status = self._prefix(
+            query.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            int(keys.dtype == torch.bfloat16),
+            *prefixes.arguments(),
+            ends.data_ptr(),
+            heads,
+            keys.shape[1],
+            dim,
+            block_size,
+            window or 0,
+            scale,
+            out.data_ptr(),
+            lse.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status:
+            raise ValueError(
+                f"prefix decode: unsupported shape (heads {heads}, kv heads {keys.shape[1]}, dim {dim})"
+                if status == -1
+                else "prefix decode: out of memory"
+            )
 
     @staticmethod
     def supports(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:

@@ -167,9 +167,7 @@ def paged_attention(
     scale = scaling if scaling is not None else head_dim**-0.5
     keys: torch.Tensor | None = None
     if meta.decode is not None:  # one query per sequence, read in place by the native kernel
-        out = paged_decode_attention(
-            packed, meta.decode, meta.cascade, meta.pool, layer, scale, sliding_window
-        )
+        out = paged_decode_attention(packed, meta.decode, meta.pool, layer, scale, sliding_window)
     elif meta.cascade is not None:
         out = cascade_attention(grid, meta.cascade, meta.pool, layer, scale, sliding_window)
         out = out.reshape(s * qmax, heads, head_dim)

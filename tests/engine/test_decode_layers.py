@@ -3,7 +3,7 @@ same layers run operation by operation through torch, on the same loaded model: 
 kernel a decode step can pick (the native one, MKL's `x @ W.T` and `W @ x.T`), every logprob of
 every step is the same (exact, except that silu's `exp` may differ in the last bit), through a
 sliding window (Mistral), q/k/v biases (Qwen2), prefill chunks beside decode rows (torch's steps)
-and shared prefixes (the segments, the prefix merged in torch)."""
+and shared prefixes (attended once for their members and merged in, natively too)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def loaded_with(
 def logprobs(eng: PagedEngine, path: Path) -> dict[str, list[tuple[int, float]]]:
     tok = AutoTokenizer.from_pretrained(path)
     first = [EngineRequest("warm", list(tok(PROMPTS[0]).input_ids), 4, logprobs=2)]
-    # The rest share the first prompt's blocks (a prefix the fused call declines), prefill in
+    # The rest share the first prompt's blocks (a prefix, attended once for them), prefill in
     # chunks of 9 beside decode rows, then decode 1-4 rows at a time.
     requests = [EngineRequest(f"r{i}", list(tok(p).input_ids), 14, logprobs=2) for i, p in enumerate(PROMPTS)]
     # Then prompts that share no block, decoding together (4 rows), and finishing one by one.
@@ -92,17 +92,17 @@ def test_fused_steps_give_the_torch_steps_logprobs(
     assert fused is not None
     assert (fused.kernel_for(1) is None) is (kernel is Kernel.ONEDNN)
     engines[1].runner.decoder.fused = None
-    whole, segments = [], []
+    whole, segments = [], []  # (rows, whether a shared prefix was passed) of each call; segments: layer 0's
     run, attend = fused._fn, fused._attend
-    fused._fn = lambda *args: whole.append(args[3]) or run(*args)  # the rows of each fused step
-    fused._attend = lambda *args: segments.append((args[1], args[3])) or attend(*args)  # layer, rows
+    fused._fn = lambda *args: whole.append((args[3], args[14] is not None)) or run(*args)
+    fused._attend = lambda *args: (
+        (args[1] == 0 and segments.append((args[3], args[14] is not None))) or attend(*args)
+    )
     got, want = (logprobs(eng, tiny) for eng in engines)
-    by_segments = [rows for layer, rows in segments if layer == 0]
-    if kernel is Kernel.ONEDNN:
-        assert not whole and set(by_segments) == {1, 2, 3, 4} and len(by_segments) > 25, by_segments
-    else:
-        assert set(whole) == {1, 2, 3, 4} and len(whole) > 25, whole  # decode steps of 1-4 rows
-        assert by_segments  # steps with a shared prefix: the prefix merged in torch
+    calls = segments if kernel is Kernel.ONEDNN else whole
+    assert not (whole if kernel is Kernel.ONEDNN else segments)
+    assert {rows for rows, _ in calls} == {1, 2, 3, 4} and len(calls) > 25, calls  # decode steps of 1-4 rows
+    assert any(shared for _, shared in calls)  # steps with a shared prefix, merged natively too
     assert got.keys() == want.keys()
     for rid in want:
         assert [t for t, _ in got[rid]] == [t for t, _ in want[rid]], rid

@@ -18,6 +18,7 @@ from wicore.config import AttentionBackend, load_config
 from wicore.errors import ConfigError
 from wicore.worker import native
 from wicore.worker.app import load_model
+from wicore.worker.cascade import PrefixTables
 from wicore.worker.decoder import Decoder, rms_norm
 from wicore.worker.model_runner import ModelRunner
 
@@ -121,6 +122,57 @@ def test_long_rows_are_attended_part_by_part(
         assert torch.allclose(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    [(4, 2, 16, 4), (9, 3, 64, 16), (32, 8, 128, 16), (16, 1, 256, 8)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 40])
+def test_shared_prefixes_merge_into_each_rows_own_keys(
+    kernel: native.PagedDecode,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    window: int | None,
+) -> None:
+    """Own keys through the per-row kernel, then each shared prefix attended once for its members and
+    merged in: the same as every row attending its whole context. One prefix long enough to be split
+    over threads, with more (member, query head) rows than one task takes, in scattered blocks whose
+    keys end mid-chunk; a short one; rows that share nothing; a window that hides some prefixes."""
+    generator = torch.Generator().manual_seed(heads * dim + block_size)
+    long_members, short_members, alone, own_blocks = 70, 2, 3, 3
+    rows = long_members + short_members + alone
+    long_blocks, short_blocks = 300 // block_size + 1, 2
+    total = long_blocks + short_blocks + rows * own_blocks
+    order = torch.randperm(total, generator=generator).tolist()
+    long_prefix, order = order[:long_blocks], order[long_blocks:]
+    short_prefix, order = order[:short_blocks], order[short_blocks:]
+    keys = torch.randn(total * block_size, kv_heads, dim, generator=generator).to(dtype)
+    values = torch.randn(total * block_size, kv_heads, dim, generator=generator).to(dtype)
+    tables = torch.zeros(rows, long_blocks + own_blocks, dtype=torch.long)
+    starts, ends = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+    for r in range(rows):
+        prefix = long_prefix if r < long_members else short_prefix if r < rows - alone else []
+        own, order = order[:own_blocks], order[own_blocks:]
+        tables[r, : len(prefix) + own_blocks] = torch.tensor(prefix + own)
+        starts[r] = len(prefix) * block_size
+        ends[r] = starts[r] + 1 + torch.randint(own_blocks * block_size, (1,), generator=generator)
+    prefixes = PrefixTables.of(
+        [(range(long_members), long_prefix), (range(long_members, rows - alone), short_prefix)]
+    )
+    assert prefixes is not None
+    query = torch.randn(rows, heads, dim, generator=generator)
+    scale = dim**-0.5
+    out, lse = kernel(query, keys, values, tables, starts, ends, block_size, window, scale)
+    kernel.merge_prefixes(query, out, lse, prefixes, keys, values, ends, block_size, window, scale)
+    whole = torch.zeros(rows, dtype=torch.long)
+    want, want_lse = reference(query, keys, values, tables, whole, ends, block_size, window, scale)
+    assert torch.allclose(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_an_empty_range_weighs_nothing(kernel: native.PagedDecode) -> None:
     keys = torch.randn(32, 1, 16)
     tables = torch.arange(2)[None].contiguous()
@@ -135,10 +187,17 @@ def test_shapes_it_does_not_take_are_refused(kernel: native.PagedDecode) -> None
     assert not native.PagedDecode.supports(34, 2, 64, torch.float32)  # 17 query heads per KV head
     assert not native.PagedDecode.supports(4, 2, 64, torch.float16)
     assert not native.PagedDecode.supports(512, 64, 64, torch.float32)  # 512 query heads
-    keys = torch.randn(16, 2, 24)
+    # A head dim the kernels' vectors do not divide (8 floats without AVX-512, 16 with): refused by both.
+    keys = torch.randn(16, 2, 20)
     one = torch.ones(1, dtype=torch.long)
+    query = torch.randn(1, 4, 20)
     with pytest.raises(ValueError, match="unsupported shape"):
-        kernel(torch.randn(1, 4, 24), keys, keys, one[None].contiguous() * 0, one * 0, one, 16, None, 1.0)
+        kernel(query, keys, keys, one[None].contiguous() * 0, one * 0, one, 16, None, 1.0)
+    prefixes = PrefixTables.of([([0], [0])])
+    assert prefixes is not None
+    lse = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="unsupported shape"):
+        kernel.merge_prefixes(query, query.clone(), lse, prefixes, keys, keys, one * 17, 16, None, 1.0)
 
 
 def test_the_build_is_cached_per_machine(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 /* Every decoder layer of a decode step in one call (Llama-architecture models, fp32):
  *
  *     per layer:  x = add_rms_norm(h, delta);  qkv = x @ Wqkv (+ b);  q, k = rope(q, k)
- *                 pool[layer][slots] = k, v;  a = paged_decode(q)
+ *                 pool[layer][slots] = k, v;  a = paged_decode(q) merged with prefix_decode(q)
  *                 x = add_rms_norm(h, a @ Wo);  delta = down(silu(gate(x)) * up(x))
  *     h += delta
  *
@@ -48,10 +48,20 @@ typedef int (*attend_fn)(const float *q, const void *k_pool, const void *v_pool,
                          int64_t table_stride, const int64_t *starts, const int64_t *ends, int rows, int heads,
                          int kv_heads, int dim, int block_size, int window, float scale, float *out, float *lse,
                          int threads);
+typedef int (*prefix_fn)(const float *q, const void *k_pool, const void *v_pool, int bf16, int groups,
+                         const int64_t *member_offsets, const int64_t *members, const int64_t *block_offsets,
+                         const int64_t *blocks, const int64_t *ends, int heads, int kv_heads, int dim,
+                         int block_size, int window, float scale, float *out, float *lse, int threads);
 /* BLAS's Fortran sgemm (MKL's, inside torch), column-major. */
 typedef void (*sgemm_fn)(const char *transa, const char *transb, const int *m, const int *n, const int *k,
                          const float *alpha, const float *a, const int *lda, const float *b, const int *ldb,
                          const float *beta, float *c, const int *ldc);
+
+/* A step's shared prefixes, as wicore_prefix_decode takes them (wicore.worker.cascade.PrefixTables). */
+struct wicore_prefixes {
+    int groups;
+    const int64_t *member_offsets, *members, *block_offsets, *blocks;
+};
 
 enum { NATIVE = 0, MKL = 1, MKL_WT = 2 }; /* wicore.worker.cpu_kernels.Kernel */
 
@@ -74,6 +84,7 @@ struct wicore_model {
     linear_fn linear;
     norm_fn norm;
     attend_fn attend;
+    prefix_fn prefix; /* paged_attention.c's wicore_prefix_decode */
     sgemm_fn sgemm; /* NULL where torch's BLAS was not found */
     const struct wicore_layer *layer;
 };
@@ -119,12 +130,14 @@ static void rope(const float *x, const float *cos, const float *sin, int dim, fl
 
 /* What lies between the q/k/v and output projections of layer l: qkv [rows, (heads + 2 kv_heads) *
  * head_dim], the joint projection's output -> q rotated into q [rows, heads, head_dim], k rotated and v
- * written to the pool at slots, and attn [rows, heads, head_dim] = paged_decode(q) (lse its
- * [rows, heads] log-sum-exp). The other arguments as wicore_decode_layers'. Returns the kernel's status. */
+ * written to the pool at slots, and attn [rows, heads, head_dim] = paged_decode(q) over each row's own
+ * keys (lse its [rows, heads] log-sum-exp), each shared prefix in `prefixes` (NULL: none) attended
+ * once for its members and merged in. The other arguments as wicore_decode_layers'. Returns the
+ * first failing kernel's status. */
 int wicore_decode_attend(const struct wicore_model *m, int l, const float *qkv, int rows, const float *cos,
                          const float *sin, const int64_t *slots, float *keys, float *values, int block_size,
                          const int64_t *tables, int64_t table_stride, const int64_t *starts, const int64_t *ends,
-                         float *q, float *attn, float *lse, int threads) {
+                         const struct wicore_prefixes *prefixes, float *q, float *attn, float *lse, int threads) {
     int d = m->head_dim, q_width = m->heads * d, kv_width = m->kv_heads * d, qkv_width = q_width + 2 * kv_width;
     for (int r = 0; r < rows; r++) {
         const float *row = qkv + (int64_t)r * qkv_width, *c = cos + (int64_t)r * d, *s = sin + (int64_t)r * d;
@@ -133,8 +146,13 @@ int wicore_decode_attend(const struct wicore_model *m, int l, const float *qkv, 
         for (int head = 0; head < m->kv_heads; head++) rope(row + q_width + head * d, c, s, d, k_slot + head * d);
         memcpy(v_slot, row + q_width + kv_width, kv_width * sizeof(float));
     }
-    return m->attend(q, keys, values, 0, tables, table_stride, starts, ends, rows, m->heads, m->kv_heads, d,
-                     block_size, m->layer[l].window, m->scale, attn, lse, threads);
+    int window = m->layer[l].window;
+    int status = m->attend(q, keys, values, 0, tables, table_stride, starts, ends, rows, m->heads, m->kv_heads, d,
+                           block_size, window, m->scale, attn, lse, threads);
+    if (status || !prefixes || prefixes->groups == 0) return status;
+    return m->prefix(q, keys, values, 0, prefixes->groups, prefixes->member_offsets, prefixes->members,
+                     prefixes->block_offsets, prefixes->blocks, ends, m->heads, m->kv_heads, d, block_size, window,
+                     m->scale, attn, lse, threads);
 }
 
 /* e^x in vectors: x = n ln2 + r, e^r by Cephes' expf polynomial, 2^n into the exponent; within 2 ulp
@@ -177,12 +195,13 @@ void wicore_silu_mul(const float *gate_up, int rows, int inter, float *act) {
 /* h [rows, hidden] fp32, the embeddings in, the hidden state after the last layer out (in place).
  * cos, sin [rows, head_dim]: each row's rotation; slots [rows]: where each row's K/V goes in every
  * layer's pool; keys[l], values[l]: layer l's pool [slots, kv_heads, head_dim] fp32; tables
- * [rows, table_stride], starts, ends [rows]: paged_decode's (one query per row). scratch: floats as
+ * [rows, table_stride], starts, ends [rows]: paged_decode's (one query per row; starts after a shared
+ * prefix); prefixes: the shared prefixes (wicore_prefix_decode's), or NULL. scratch: floats as
  * wicore_decode_scratch says. Returns 0, or the first failing kernel's nonzero status. */
 int wicore_decode_layers(const struct wicore_model *m, int kernel, float *h, int rows, const float *cos,
                          const float *sin, const int64_t *slots, float *const *keys, float *const *values,
                          int block_size, const int64_t *tables, int64_t table_stride, const int64_t *starts,
-                         const int64_t *ends, float *scratch, int threads) {
+                         const int64_t *ends, const struct wicore_prefixes *prefixes, float *scratch, int threads) {
     int d = m->head_dim, hidden = m->hidden, inter = m->intermediate;
     int q_width = m->heads * d, kv_width = m->kv_heads * d, qkv_width = q_width + 2 * kv_width;
     float *x = scratch;                        /* [rows, hidden] the normed input of a linear layer */
@@ -200,7 +219,7 @@ int wicore_decode_layers(const struct wicore_model *m, int kernel, float *h, int
         m->norm(h, l ? delta : NULL, layer->input_norm, x, rows, hidden, m->eps, threads);
         if ((status = linear(m, kernel, &layer->qkv, x, qkv, rows, tmp, threads))) return status;
         status = wicore_decode_attend(m, l, qkv, rows, cos, sin, slots, keys[l], values[l], block_size, tables,
-                                      table_stride, starts, ends, q, attn, lse, threads);
+                                      table_stride, starts, ends, prefixes, q, attn, lse, threads);
         if (status) return status;
         if ((status = linear(m, kernel, &layer->o, attn, delta, rows, tmp, threads))) return status;
         m->norm(h, delta, layer->post_norm, x, rows, hidden, m->eps, threads);

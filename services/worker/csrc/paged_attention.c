@@ -31,6 +31,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Vector width W: 16 floats where the build machine has AVX-512 (it is built with -march=native
@@ -68,13 +69,13 @@ INLINE vec load(const void *pool, int bf16, int64_t at) {
     return bf16 ? load_bf16((const uint16_t *)pool + at) : load_f32((const float *)pool + at);
 }
 
-INLINE vec select(veci mask, vec a, vec b) { return (vec)(((veci)a & mask) | ((veci)b & ~mask)); }
+INLINE vec choose(veci mask, vec a, vec b) { return (vec)(((veci)a & mask) | ((veci)b & ~mask)); }
 
 /* exp(x) for x <= 0: 2^n * p(r) with |r| <= ln2/2, p of degree 6 (relative error ~2e-7, as
  * expf); 0 below -87 (and for -inf). */
 INLINE vec exp_nonpos(vec x) {
     veci tiny = x < splat(-87.0f);
-    x = select(tiny, splat(-87.0f), x);
+    x = choose(tiny, splat(-87.0f), x);
     vec n = (x * splat(1.44269504088896341f) + splat(12582912.0f)) - splat(12582912.0f);
     vec r = x - n * splat(0.693145751953125f) - n * splat(1.428606765330187045e-06f);
     vec p = splat(1.0f / 720.0f);
@@ -85,7 +86,7 @@ INLINE vec exp_nonpos(vec x) {
     p = p * r + splat(1.0f);
     p = p * r + splat(1.0f);
     vec scale = (vec)((__builtin_convertvector(n, veci) + 127) << 23);
-    return select(tiny, splat(0.0f), p * scale);
+    return choose(tiny, splat(0.0f), p * scale);
 }
 
 /* Lane j of the result: the sum of the W lanes of part[j] (a transpose-and-add tree). */
@@ -207,7 +208,7 @@ INLINE float softmax_part(float *row, int n, float *m, float *l) {
     vec top = splat(-INFINITY);
     for (int j = 0; j < padded; j += W) {
         vec x = load_f32(row + j);
-        top = select(x > top, x, top);
+        top = choose(x > top, x, top);
     }
     float peak = max_lanes(top);
     peak = *m > peak ? *m : peak;
@@ -357,6 +358,237 @@ int wicore_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
             ATTEND_DIMS(1)
         else
             ATTEND_DIMS(0)
+    }
+    return 0;
+}
+
+/* ---- A shared prefix, once for every sequence that holds it (cascade attention) ----
+ *
+ * Sequences that share their leading blocks (prefix-cache hits of one prompt) attend those blocks
+ * together: for each KV head, the queries of every member and every query head of that KV head are
+ * the rows of one small GEMM-shaped attention against the prefix, so each prefix key and value is
+ * read once a step for all of them, not once per sequence. The rows' result is then merged, by
+ * log-sum-exp, into what the per-sequence kernel above computed over each one's own keys.
+ *
+ * Rows are kept transposed (a vector holds W rows), so that no key or value is ever transposed:
+ *
+ *   scores   St[key][rows] = K . Qt: each key's elements broadcast from where it lies in the pool
+ *            against W rows of queries at a time, a tile of PTK keys x PRV row vectors in registers;
+ *   softmax  column-wise, every op across W rows at once (running maximum and sum per row);
+ *   values   Ot[dim][rows] += V^T . St: each value element broadcast against W rows of weights, a
+ *            tile of PTK dimensions x PRV row vectors in registers.
+ *
+ * A task is a KV head, at most PROWS rows of it and a range of the prefix's keys (split so that
+ * every thread has work); each keeps its running sums apart, and all are merged at the end. */
+
+#define PCHUNK (4 * W)        /* prefix keys scored, then weighed, at a time */
+#define PROWS (8 * W)         /* rows (member, query head) per task at most */
+#define PTK (W == 16 ? 8 : 4) /* keys (scores) or dimensions (values) in a register tile */
+#define PRV 3                 /* row vectors in a register tile */
+
+INLINE float scalar_at(const void *pool, const int BF16, int64_t at) {
+    if (BF16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)pool)[at] << 16;
+        float x;
+        memcpy(&x, &bits, sizeof x);
+        return x;
+    }
+    return ((const float *)pool)[at];
+}
+
+/* St[j][rv0 .. rv0 + RV) for keys j0 .. j0 + PTK: Qt [dim][rp] (rp rows, padded), koff each key's
+ * first element in the pool. */
+INLINE void prefix_scores(const float *qt, int rp, const void *k_pool, const int BF16, const int64_t *koff,
+                          int j0, int rv0, const int RV, int dim, float *st) {
+    vec acc[PTK][PRV];
+    for (int t = 0; t < PTK; t++)
+        for (int r = 0; r < RV; r++) acc[t][r] = splat(0.0f);
+    for (int d = 0; d < dim; d++) {
+        vec qv[PRV];
+        for (int r = 0; r < RV; r++) qv[r] = load_f32(qt + (int64_t)d * rp + (rv0 + r) * W);
+        for (int t = 0; t < PTK; t++) {
+            vec k = splat(scalar_at(k_pool, BF16, koff[j0 + t] + d));
+            for (int r = 0; r < RV; r++) acc[t][r] += k * qv[r];
+        }
+    }
+    for (int t = 0; t < PTK; t++)
+        for (int r = 0; r < RV; r++) memcpy(st + (int64_t)(j0 + t) * rp + (rv0 + r) * W, &acc[t][r], sizeof(vec));
+}
+
+/* Ot[d0 .. d0 + PTK][rv0 .. rv0 + RV) += sum over j < n of value(j)[d] * St[j][rows]. */
+INLINE void prefix_values(const float *st, int rp, const void *v_pool, const int BF16, const int64_t *koff, int n,
+                          int d0, int rv0, const int RV, float *ot) {
+    vec acc[PTK][PRV];
+    for (int t = 0; t < PTK; t++)
+        for (int r = 0; r < RV; r++) acc[t][r] = load_f32(ot + (int64_t)(d0 + t) * rp + (rv0 + r) * W);
+    for (int j = 0; j < n; j++) {
+        vec p[PRV];
+        for (int r = 0; r < RV; r++) p[r] = load_f32(st + (int64_t)j * rp + (rv0 + r) * W);
+        for (int t = 0; t < PTK; t++) {
+            vec v = splat(scalar_at(v_pool, BF16, koff[j] + d0 + t));
+            for (int r = 0; r < RV; r++) acc[t][r] += v * p[r];
+        }
+    }
+    for (int t = 0; t < PTK; t++)
+        for (int r = 0; r < RV; r++) memcpy(ot + (int64_t)(d0 + t) * rp + (rv0 + r) * W, &acc[t][r], sizeof(vec));
+}
+
+/* Every row vector of a tile call, PRV at a time and the rest one by one (RV a constant in each). */
+#define ROW_TILES(rvs, CALL)                                                                                   \
+    do {                                                                                                       \
+        int rv0_ = 0;                                                                                          \
+        for (; rv0_ + PRV <= (rvs); rv0_ += PRV) CALL(rv0_, PRV);                                              \
+        for (; rv0_ < (rvs); rv0_++) CALL(rv0_, 1);                                                            \
+    } while (0)
+
+/* One task: the keys at prefix positions [p0, p1) (slot of position p: blocks[p / block_size] *
+ * block_size + p % block_size) of KV head h for rp rows (padded to vectors), their scaled queries
+ * in qt [dim][rp]; lo [rp]: each row's first visible position (its sliding window). Leaves the
+ * unnormalised sums in ot [dim][rp] and each row's running maximum and sum in m, l [rp]. */
+static void prefix_task(const float *qt, int rp, const float *lo, int window, const void *k_pool,
+                        const void *v_pool, const int BF16, const int64_t *blocks, int block_size, int64_t kv_stride,
+                        int h, int dim, int p0, int p1, float *st, float *ot, float *m, float *l) {
+    int rvs = rp / W;
+    int64_t koff[PCHUNK];
+    for (int i = 0; i < dim * rp; i++) ot[i] = 0.0f;
+    for (int i = 0; i < rp; i++) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+    }
+    for (int c0 = p0; c0 < p1; c0 += PCHUNK) {
+        int n = p1 - c0 < PCHUNK ? p1 - c0 : PCHUNK;
+        for (int j = 0; j < PCHUNK; j++) { /* past n: the last key again (scored, never weighed) */
+            int p = c0 + (j < n ? j : n - 1);
+            koff[j] = (blocks[p / block_size] * block_size + p % block_size) * kv_stride + (int64_t)h * dim;
+        }
+        for (int j0 = 0; j0 < PCHUNK; j0 += PTK) {
+#define SCORES(rv0, RV) prefix_scores(qt, rp, k_pool, BF16, koff, j0, rv0, RV, dim, st)
+            ROW_TILES(rvs, SCORES);
+#undef SCORES
+        }
+        for (int rv = 0; rv < rvs; rv++) {
+            vec top = splat(-INFINITY), first = splat(0.0f);
+            if (window > 0) first = load_f32(lo + rv * W);
+            for (int j = 0; j < n; j++) {
+                vec s = load_f32(st + (int64_t)j * rp + rv * W);
+                if (window > 0) {
+                    s = choose(splat((float)(c0 + j)) < first, splat(-INFINITY), s);
+                    memcpy(st + (int64_t)j * rp + rv * W, &s, sizeof s);
+                }
+                top = choose(s > top, s, top);
+            }
+            vec old = load_f32(m + rv * W);
+            vec peak = choose(old > top, old, top);
+            vec safe = choose(peak == splat(-INFINITY), splat(0.0f), peak);
+            vec correction = exp_nonpos(old - safe), sum = splat(0.0f);
+            for (int j = 0; j < n; j++) {
+                vec p = exp_nonpos(load_f32(st + (int64_t)j * rp + rv * W) - safe);
+                memcpy(st + (int64_t)j * rp + rv * W, &p, sizeof p);
+                sum += p;
+            }
+            vec total = load_f32(l + rv * W) * correction + sum;
+            memcpy(l + rv * W, &total, sizeof total);
+            memcpy(m + rv * W, &peak, sizeof peak);
+            for (int d = 0; d < dim; d++) {
+                vec o = load_f32(ot + (int64_t)d * rp + rv * W) * correction;
+                memcpy(ot + (int64_t)d * rp + rv * W, &o, sizeof o);
+            }
+        }
+        for (int d0 = 0; d0 < dim; d0 += PTK) {
+#define VALUES(rv0, RV) prefix_values(st, rp, v_pool, BF16, koff, n, d0, rv0, RV, ot)
+            ROW_TILES(rvs, VALUES);
+#undef VALUES
+        }
+    }
+}
+
+/* Merges each group's shared prefix into a decode step's own-keys attention, in place.
+ *
+ * q, out [rows, heads, dim] fp32 and lse [rows, heads]: the step's rotated queries, and the per-sequence
+ * kernel's output over each row's own keys with its log-sum-exp (wicore_paged_decode's). Group g's
+ * members are the rows members[member_offsets[g] .. member_offsets[g + 1]), sharing the prefix blocks
+ * blocks[block_offsets[g] .. block_offsets[g + 1]) (positions 0 .. its length); k_pool, v_pool as
+ * wicore_paged_decode's; ends [rows]: each row's key count (its query is at ends - 1, for `window`).
+ * Returns 0, -1 for sizes the kernel does not take (as wicore_paged_decode), -2 if out of memory. */
+int wicore_prefix_decode(const float *q, const void *k_pool, const void *v_pool, int bf16, int groups,
+                         const int64_t *member_offsets, const int64_t *members, const int64_t *block_offsets,
+                         const int64_t *blocks, const int64_t *ends, int heads, int kv_heads, int dim,
+                         int block_size, int window, float scale, float *out, float *lse, int threads) {
+    int group = kv_heads > 0 ? heads / kv_heads : 0;
+    if (group < 1 || group > MAX_GROUP || heads > MAX_HEADS || group * kv_heads != heads || dim % W ||
+        dim > MAX_DIM || block_size < 1)
+        return -1;
+    int64_t kv_stride = (int64_t)kv_heads * dim;
+    for (int g = 0; g < groups; g++) {
+        const int64_t *member = members + member_offsets[g], *prefix = blocks + block_offsets[g];
+        int count = (int)(member_offsets[g + 1] - member_offsets[g]);
+        int keys = (int)(block_offsets[g + 1] - block_offsets[g]) * block_size;
+        int rows = count * group; /* row i: member i / group, query head h * group + i % group */
+        if (rows == 0 || keys == 0) continue;
+        int row_blocks = (rows + PROWS - 1) / PROWS, chunks = (keys + PCHUNK - 1) / PCHUNK;
+        int base = kv_heads * row_blocks;
+        int splits = (2 * threads + base - 1) / base;
+        splits = splits > chunks ? chunks : splits;
+        int tasks = base * splits, rp_most = row_blocks > 1 ? PROWS : (rows + W - 1) / W * W;
+        int64_t per_task = (int64_t)rp_most * (2 * dim + PCHUNK + 3);
+        float *scratch = malloc((size_t)(tasks * per_task) * sizeof(float));
+        if (!scratch) return -2;
+#pragma omp parallel num_threads(threads) if (tasks > 1)
+        {
+#pragma omp for schedule(static)
+            for (int t = 0; t < tasks; t++) {
+                int h = t / (row_blocks * splits), rb = t / splits % row_blocks, s = t % splits;
+                int r0 = rb * PROWS, nr = rows - r0 < PROWS ? rows - r0 : PROWS, rp = (nr + W - 1) / W * W;
+                float *qt = scratch + t * per_task, *ot = qt + (int64_t)dim * rp, *st = ot + (int64_t)dim * rp;
+                float *m = st + (int64_t)PCHUNK * rp, *l = m + rp, *lo = l + rp;
+                for (int i = 0; i < rp; i++) {
+                    int row = r0 + (i < nr ? i : nr - 1); /* padding: the last row again, never read */
+                    int64_t r = member[row / group];
+                    const float *qrow = q + (r * heads + (int64_t)h * group + row % group) * dim;
+                    for (int d = 0; d < dim; d++) qt[(int64_t)d * rp + i] = qrow[d] * scale;
+                    lo[i] = (float)(ends[r] - window);
+                }
+                int p0 = (int)((int64_t)chunks * s / splits) * PCHUNK;
+                int p1 = (int)((int64_t)chunks * (s + 1) / splits) * PCHUNK;
+                p1 = p1 < keys ? p1 : keys;
+                if (bf16)
+                    prefix_task(qt, rp, lo, window, k_pool, v_pool, 1, prefix, block_size, kv_stride, h, dim, p0,
+                                p1, st, ot, m, l);
+                else
+                    prefix_task(qt, rp, lo, window, k_pool, v_pool, 0, prefix, block_size, kv_stride, h, dim, p0,
+                                p1, st, ot, m, l);
+            }
+            /* Each (KV head, row): its own part and every split of the prefix, by log-sum-exp. */
+#pragma omp for schedule(static)
+            for (int item = 0; item < kv_heads * rows; item++) {
+                int h = item / rows, row = item % rows, rb = row / PROWS, i = row % PROWS;
+                int nr = rows - rb * PROWS < PROWS ? rows - rb * PROWS : PROWS, rp = (nr + W - 1) / W * W;
+                int64_t r = member[row / group], head = (int64_t)h * group + row % group;
+                float *o = out + (r * heads + head) * dim, own = lse[r * heads + head];
+                float top = own;
+                for (int s = 0; s < splits; s++) {
+                    const float *m = scratch + ((int64_t)(h * row_blocks + rb) * splits + s) * per_task +
+                                     (int64_t)(2 * dim + PCHUNK) * rp;
+                    const float *l = m + rp;
+                    if (l[i] > 0.0f && m[i] + logf(l[i]) > top) top = m[i] + logf(l[i]);
+                }
+                if (top == -INFINITY) continue; /* no key at all: stays empty */
+                float w = own == -INFINITY ? 0.0f : expf(own - top), total = w;
+                for (int d = 0; d < dim; d++) o[d] *= w;
+                for (int s = 0; s < splits; s++) {
+                    const float *ot = scratch + ((int64_t)(h * row_blocks + rb) * splits + s) * per_task +
+                                      (int64_t)dim * rp;
+                    const float *m = ot + (int64_t)(dim + PCHUNK) * rp, *l = m + rp;
+                    if (!(l[i] > 0.0f)) continue;
+                    float e = expf(m[i] - top);
+                    total += l[i] * e;
+                    for (int d = 0; d < dim; d++) o[d] += ot[(int64_t)d * rp + i] * e;
+                }
+                for (int d = 0; d < dim; d++) o[d] /= total;
+                lse[r * heads + head] = top + logf(total);
+            }
+        }
+        free(scratch);
     }
     return 0;
 }
