@@ -13,10 +13,13 @@ them together, and each sequence then attends only its own blocks:
                  rows, against p0..p2 in one GEMM-shaped attention; the blocks are a
                  view of the pool when their ids are consecutive, one copy otherwise
     own part:    each sequence against its own blocks (gathered, as the gather path does,
-                 padded to the longest of its part: a's and b's together, c alone; in a
-                 decode step under `worker.attention_backend: paged`, read in place by the
-                 native kernel instead, native.py)
+                 padded to the longest of its part: a's and b's together, c alone)
     merge:       the two partial softmaxes combined by their log-sum-exp
+
+In a decode step under `worker.attention_backend: paged` the native kernels do the same without
+copying anything (`paged_decode_attention`, csrc/paged_attention.c): each sequence's own keys read
+in place, and each prefix read once for its members, all their query heads of a KV head as the
+rows of one GEMM-shaped attention (`PrefixTables` says who shares what).
 
 The merge is exact up to rounding order. Every real query attends its own key, which
 is never in a shared prefix, so the own part never has an empty row; the shared part

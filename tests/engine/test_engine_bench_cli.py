@@ -127,3 +127,20 @@ def test_llamacpp_compare_pairs_each_precision_and_reports_a_failing_llama_bench
     )
     assert crashed.returncode != 0
     assert "signal 4" in crashed.stderr
+
+
+def test_prefix_attention_times_the_native_kernel_and_torchs_on_the_same_prefix(tmp_path: Path) -> None:
+    out = tmp_path / "prefix.json"
+    done = bench(
+        "prefix_attention.py", "--prefix-tokens", "40,100", "--sequences", "3", "--heads", "4",
+        "--kv-heads", "2", "--head-dim", "16", "--layers", "2", "--runs", "1", "--scattered",
+        "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["prefix_tokens"] for r in results] == [48, 112]  # whole blocks of 16
+    for r in results:
+        assert r["native_s"] > 0 and r["torch_s"] > 0
+        assert r["ratio"] == pytest.approx(r["torch_s"] / r["native_s"])
+        assert r["max_abs_difference"] < 1e-4  # the two agree
+    assert "torch/native" in done.stdout

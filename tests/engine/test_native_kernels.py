@@ -138,35 +138,39 @@ def test_shared_prefixes_merge_into_each_rows_own_keys(
     window: int | None,
 ) -> None:
     """Own keys through the per-row kernel, then each shared prefix attended once for its members and
-    merged in: the same as every row attending its whole context. One prefix long enough to be split
-    over threads, with more (member, query head) rows than one task takes, in scattered blocks whose
-    keys end mid-chunk; a short one; rows that share nothing; a window that hides some prefixes."""
+    merged in: the same as every row attending its whole context. A short prefix shared by more
+    (member, query head) rows than one task takes; a long one, of a few rows, whose keys are split
+    over threads and end mid-chunk; both in scattered blocks; rows that share nothing; a window that
+    hides part of a prefix or all of it."""
     generator = torch.Generator().manual_seed(heads * dim + block_size)
-    long_members, short_members, alone, own_blocks = 70, 2, 3, 3
-    rows = long_members + short_members + alone
-    long_blocks, short_blocks = 300 // block_size + 1, 2
+    many, few, alone, own_blocks = 70, 2, 3, 3
+    rows = many + few + alone
+    short_blocks, long_blocks = 3, 300 // block_size + 1
     total = long_blocks + short_blocks + rows * own_blocks
     order = torch.randperm(total, generator=generator).tolist()
-    long_prefix, order = order[:long_blocks], order[long_blocks:]
     short_prefix, order = order[:short_blocks], order[short_blocks:]
+    long_prefix, order = order[:long_blocks], order[long_blocks:]
     keys = torch.randn(total * block_size, kv_heads, dim, generator=generator).to(dtype)
     values = torch.randn(total * block_size, kv_heads, dim, generator=generator).to(dtype)
     tables = torch.zeros(rows, long_blocks + own_blocks, dtype=torch.long)
     starts, ends = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
     for r in range(rows):
-        prefix = long_prefix if r < long_members else short_prefix if r < rows - alone else []
+        prefix = short_prefix if r < many else long_prefix if r < rows - alone else []
         own, order = order[:own_blocks], order[own_blocks:]
         tables[r, : len(prefix) + own_blocks] = torch.tensor(prefix + own)
         starts[r] = len(prefix) * block_size
         ends[r] = starts[r] + 1 + torch.randint(own_blocks * block_size, (1,), generator=generator)
-    prefixes = PrefixTables.of(
-        [(range(long_members), long_prefix), (range(long_members, rows - alone), short_prefix)]
-    )
+    prefixes = PrefixTables.of([(range(many), short_prefix), (range(many, rows - alone), long_prefix)])
     assert prefixes is not None
     query = torch.randn(rows, heads, dim, generator=generator)
     scale = dim**-0.5
-    out, lse = kernel(query, keys, values, tables, starts, ends, block_size, window, scale)
-    kernel.merge_prefixes(query, out, lse, prefixes, keys, values, ends, block_size, window, scale)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # the long prefix's few rows: its keys split over 4 threads' tasks
+    try:
+        out, lse = kernel(query, keys, values, tables, starts, ends, block_size, window, scale)
+        kernel.merge_prefixes(query, out, lse, prefixes, keys, values, ends, block_size, window, scale)
+    finally:
+        torch.set_num_threads(threads)
     whole = torch.zeros(rows, dtype=torch.long)
     want, want_lse = reference(query, keys, values, tables, whole, ends, block_size, window, scale)
     assert torch.allclose(out.double(), want, atol=1e-5, rtol=1e-5)

@@ -381,10 +381,11 @@ int wicore_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
  * A task is a KV head, at most PROWS rows of it and a range of the prefix's keys (split so that
  * every thread has work); each keeps its running sums apart, and all are merged at the end. */
 
-#define PCHUNK (4 * W)        /* prefix keys scored, then weighed, at a time */
+#define PCHUNK 64             /* prefix keys scored, then weighed, at a time */
 #define PROWS (8 * W)         /* rows (member, query head) per task at most */
 #define PTK (W == 16 ? 8 : 4) /* keys (scores) or dimensions (values) in a register tile */
 #define PRV 3                 /* row vectors in a register tile */
+_Static_assert(PCHUNK % PTK == 0 && W % PTK == 0, "a chunk's keys and a head's dimensions are whole tiles");
 
 INLINE float scalar_at(const void *pool, const int BF16, int64_t at) {
     if (BF16) {
@@ -441,6 +442,23 @@ INLINE void prefix_values(const float *st, int rp, const void *v_pool, const int
         for (; rv0_ < (rvs); rv0_++) CALL(rv0_, 1);                                                            \
     } while (0)
 
+/* offsets[j]: where the key at prefix position c0 + j starts in the pool (block blocks[p / block_size],
+ * slot p % block_size, then `head` elements in), for the chunk's keys before p1; past them, the last
+ * one again (scored, never weighed). Walks the blocks: no division per key. */
+INLINE void chunk_offsets(const int64_t *blocks, int block_size, int64_t kv_stride, int64_t head, int c0, int p1,
+                          int64_t *offsets) {
+    int n = p1 - c0 < PCHUNK ? p1 - c0 : PCHUNK;
+    int block = c0 / block_size, slot = c0 % block_size;
+    for (int j = 0; j < n; j++) {
+        offsets[j] = (blocks[block] * block_size + slot) * kv_stride + head;
+        if (++slot == block_size) {
+            slot = 0;
+            block++;
+        }
+    }
+    for (int j = n; j < PCHUNK; j++) offsets[j] = offsets[n - 1];
+}
+
 /* One task: the keys at prefix positions [p0, p1) (slot of position p: blocks[p / block_size] *
  * block_size + p % block_size) of KV head h for rp rows (padded to vectors), their scaled queries
  * in qt [dim][rp]; lo [rp]: each row's first visible position (its sliding window). Leaves the
@@ -449,17 +467,27 @@ static void prefix_task(const float *qt, int rp, const float *lo, int window, co
                         const void *v_pool, const int BF16, const int64_t *blocks, int block_size, int64_t kv_stride,
                         int h, int dim, int p0, int p1, float *st, float *ot, float *m, float *l) {
     int rvs = rp / W;
-    int64_t koff[PCHUNK];
+    int64_t offsets[2][PCHUNK]; /* each key's first element in the pool: this chunk's, the next one's */
     for (int i = 0; i < dim * rp; i++) ot[i] = 0.0f;
     for (int i = 0; i < rp; i++) {
         m[i] = -INFINITY;
         l[i] = 0.0f;
     }
-    for (int c0 = p0; c0 < p1; c0 += PCHUNK) {
+    int item = BF16 ? 2 : 4;
+    chunk_offsets(blocks, block_size, kv_stride, (int64_t)h * dim, p0, p1, offsets[0]);
+    for (int c0 = p0, c = 0; c0 < p1; c0 += PCHUNK, c ^= 1) {
         int n = p1 - c0 < PCHUNK ? p1 - c0 : PCHUNK;
-        for (int j = 0; j < PCHUNK; j++) { /* past n: the last key again (scored, never weighed) */
-            int p = c0 + (j < n ? j : n - 1);
-            koff[j] = (blocks[p / block_size] * block_size + p % block_size) * kv_stride + (int64_t)h * dim;
+        const int64_t *koff = offsets[c];
+        /* The next chunk's keys and values, asked of the memory while this one is computed: the
+         * prefix was last read a layer's step ago, and its rows lie kv_stride apart, in scattered blocks. */
+        if (c0 + PCHUNK < p1) {
+            int64_t *next = offsets[c ^ 1];
+            chunk_offsets(blocks, block_size, kv_stride, (int64_t)h * dim, c0 + PCHUNK, p1, next);
+            for (int j = 0; j < PCHUNK && c0 + PCHUNK + j < p1; j++)
+                for (int byte = 0; byte < dim * item; byte += 64) {
+                    __builtin_prefetch((const char *)k_pool + next[j] * item + byte);
+                    __builtin_prefetch((const char *)v_pool + next[j] * item + byte, 0, 2);
+                }
         }
         for (int j0 = 0; j0 < PCHUNK; j0 += PTK) {
 #define SCORES(rv0, RV) prefix_scores(qt, rp, k_pool, BF16, koff, j0, rv0, RV, dim, st)
