@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json
+from common import median_seconds, write_json
 
 from wicore.kv.codecs import Codec, decode, encode
 
@@ -40,16 +38,6 @@ def make_block(shape: tuple[int, ...]) -> torch.Tensor:
     kv = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     kv[..., 3] += 20.0
     return kv.half()
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def faults_per_call(fn: Callable[[], object], repeats: int) -> float:

@@ -8,7 +8,8 @@ import os
 import random
 import statistics
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,17 @@ def make_prompts(tokenizer: Any, requests: int, prompt_tokens: int, shared_prefi
         ids = tokenizer(text).input_ids[: shared_prefix_tokens + prompt_tokens]
         prompts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return prompts
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The median time of `repeats` calls of fn, after one untimed call (which warms caches)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def percentile(values: list[float], q: float) -> float:

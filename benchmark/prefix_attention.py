@@ -23,16 +23,13 @@ shapes (9 query heads over 3 KV heads of 64, 30 layers) at the engine benchmark'
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json
+from common import median_seconds, write_json
 from serving import machine, markdown_table
 
 from wicore.worker.cascade import Part, PrefixTables, merge, prefix_attention
@@ -40,16 +37,6 @@ from wicore.worker.native import decode_kernel
 from wicore.worker.paged_attention import KVPool
 
 BLOCK = 16
-
-
-def median_seconds(step: Callable[[], torch.Tensor], runs: int) -> float:
-    step()  # warm: the first call builds and loads nothing twice
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(args: argparse.Namespace, tokens: int) -> dict[str, float]:

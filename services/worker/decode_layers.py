@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from wicore.worker.cascade import PrefixTables
 from wicore.worker.cpu_kernels import CpuLinear, Kernel
 from wicore.worker.native import (
     LAYERS_SIGNATURE,
@@ -153,6 +154,7 @@ class DecodeLayers:
         self._scratch = torch.empty(0)
         self._scratch_sizes: dict[int, int] = {}
         self._pool: tuple[weakref.ref[KVPool], ctypes.Array, ctypes.Array] | None = None
+        self._prefixes: tuple[PrefixTables, _Prefixes] | None = None  # this step's, as the C struct
 
     @classmethod
     def build(cls, decoder: Decoder, kernel_dir: str | None = None) -> DecodeLayers | None:
@@ -292,14 +294,19 @@ class DecodeLayers:
         if status:
             raise RuntimeError(f"fused decode layers: a kernel returned {status}")
 
-    @staticmethod
-    def _step_args(cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata, keys: Any, values: Any) -> tuple:
+    def _step_args(
+        self, cos: torch.Tensor, sin: torch.Tensor, meta: StepMetadata, keys: Any, values: Any
+    ) -> tuple:
         """The arguments both C entry points take after the rows, in their order: the rotation,
         the slots, the pool (`keys`, `values`: one layer's or every layer's), its block tables,
-        the shared prefixes."""
+        the shared prefixes (their struct built once a step, not once a layer)."""
         decode = meta.decode
         assert decode is not None
-        prefixes = None if decode.prefixes is None else ctypes.byref(_Prefixes(*decode.prefixes.arguments()))
+        prefixes = None
+        if decode.prefixes is not None:
+            if self._prefixes is None or self._prefixes[0] is not decode.prefixes:
+                self._prefixes = (decode.prefixes, _Prefixes(*decode.prefixes.arguments()))
+            prefixes = ctypes.byref(self._prefixes[1])
         return (
             cos.data_ptr(),
             sin.data_ptr(),

@@ -315,6 +315,16 @@ INLINE void attend(const float *q, const void *k_pool, const void *v_pool, const
     }
 }
 
+/* Query heads per KV head, or 0 for sizes the kernels do not take (dim not a multiple of W or above
+ * 256, more than 16 query heads per KV head or 256 in all). */
+static int query_group(int heads, int kv_heads, int dim, int block_size) {
+    int group = kv_heads > 0 ? heads / kv_heads : 0;
+    if (group < 1 || group > MAX_GROUP || heads > MAX_HEADS || group * kv_heads != heads || dim % W ||
+        dim > MAX_DIM || block_size < 1)
+        return 0;
+    return group;
+}
+
 /* q, out [rows, heads, dim] fp32; k_pool, v_pool [slots, kv_heads, dim], fp32 (bf16 = 0) or bf16
  * (bf16 = 1); tables [rows, table_stride] int64 block ids; starts, ends [rows] int64; window > 0
  * also hides keys `window` or more positions before the row's last key (end - 1).
@@ -324,11 +334,8 @@ int wicore_paged_decode(const float *q, const void *k_pool, const void *v_pool, 
                         const int64_t *tables, int64_t table_stride, const int64_t *starts,
                         const int64_t *ends, int rows, int heads, int kv_heads, int dim, int block_size,
                         int window, float scale, float *out, float *lse, int threads) {
-    int group = kv_heads > 0 ? heads / kv_heads : 0;
-    int chunks = dim / W;
-    if (group < 1 || group > MAX_GROUP || heads > MAX_HEADS || group * kv_heads != heads || dim % W || dim > MAX_DIM ||
-        block_size < 1)
-        return -1;
+    int group = query_group(heads, kv_heads, dim, block_size), chunks = dim / W;
+    if (!group) return -1;
     int64_t kv_stride = (int64_t)kv_heads * dim;
     /* A task per row (all its KV heads: whole slot rows read) when there are rows enough to keep
      * every thread busy; otherwise a task per (row, KV head). */
@@ -530,6 +537,23 @@ static void prefix_task(const float *qt, int rp, const float *lo, int window, co
     }
 }
 
+/* A task's part of the scratch, rp rows (padded): its queries qt [dim][rp], sums ot [dim][rp], a
+ * chunk's scores st [PCHUNK][rp], running maximum m, sum l and first visible position lo [rp]. */
+struct prefix_scratch {
+    float *qt, *ot, *st, *m, *l, *lo;
+};
+
+INLINE struct prefix_scratch task_scratch(float *at, int dim, int rp) {
+    struct prefix_scratch t;
+    t.qt = at;
+    t.ot = t.qt + (int64_t)dim * rp;
+    t.st = t.ot + (int64_t)dim * rp;
+    t.m = t.st + (int64_t)PCHUNK * rp;
+    t.l = t.m + rp;
+    t.lo = t.l + rp;
+    return t;
+}
+
 /* Merges each group's shared prefix into a decode step's own-keys attention, in place.
  *
  * q, out [rows, heads, dim] fp32 and lse [rows, heads]: the step's rotated queries, and the per-sequence
@@ -542,10 +566,8 @@ int wicore_prefix_decode(const float *q, const void *k_pool, const void *v_pool,
                          const int64_t *member_offsets, const int64_t *members, const int64_t *block_offsets,
                          const int64_t *blocks, const int64_t *ends, int heads, int kv_heads, int dim,
                          int block_size, int window, float scale, float *out, float *lse, int threads) {
-    int group = kv_heads > 0 ? heads / kv_heads : 0;
-    if (group < 1 || group > MAX_GROUP || heads > MAX_HEADS || group * kv_heads != heads || dim % W ||
-        dim > MAX_DIM || block_size < 1)
-        return -1;
+    int group = query_group(heads, kv_heads, dim, block_size);
+    if (!group) return -1;
     int64_t kv_stride = (int64_t)kv_heads * dim;
     for (int g = 0; g < groups; g++) {
         const int64_t *member = members + member_offsets[g], *prefix = blocks + block_offsets[g];
@@ -567,8 +589,8 @@ int wicore_prefix_decode(const float *q, const void *k_pool, const void *v_pool,
             for (int t = 0; t < tasks; t++) {
                 int h = t / (row_blocks * splits), rb = t / splits % row_blocks, s = t % splits;
                 int r0 = rb * PROWS, nr = rows - r0 < PROWS ? rows - r0 : PROWS, rp = (nr + W - 1) / W * W;
-                float *qt = scratch + t * per_task, *ot = qt + (int64_t)dim * rp, *st = ot + (int64_t)dim * rp;
-                float *m = st + (int64_t)PCHUNK * rp, *l = m + rp, *lo = l + rp;
+                struct prefix_scratch x = task_scratch(scratch + t * per_task, dim, rp);
+                float *qt = x.qt, *lo = x.lo;
                 for (int i = 0; i < rp; i++) {
                     int row = r0 + (i < nr ? i : nr - 1); /* padding: the last row again, never read */
                     int64_t r = member[row / group];
@@ -581,10 +603,10 @@ int wicore_prefix_decode(const float *q, const void *k_pool, const void *v_pool,
                 p1 = p1 < keys ? p1 : keys;
                 if (bf16)
                     prefix_task(qt, rp, lo, window, k_pool, v_pool, 1, prefix, block_size, kv_stride, h, dim, p0,
-                                p1, st, ot, m, l);
+                                p1, x.st, x.ot, x.m, x.l);
                 else
                     prefix_task(qt, rp, lo, window, k_pool, v_pool, 0, prefix, block_size, kv_stride, h, dim, p0,
-                                p1, st, ot, m, l);
+                                p1, x.st, x.ot, x.m, x.l);
             }
             /* Each (KV head, row): its own part and every split of the prefix, by log-sum-exp. */
 #pragma omp for schedule(static)
@@ -593,24 +615,20 @@ int wicore_prefix_decode(const float *q, const void *k_pool, const void *v_pool,
                 int nr = rows - rb * PROWS < PROWS ? rows - rb * PROWS : PROWS, rp = (nr + W - 1) / W * W;
                 int64_t r = member[row / group], head = (int64_t)h * group + row % group;
                 float *o = out + (r * heads + head) * dim, own = lse[r * heads + head];
-                float top = own;
+                float *first = scratch + (int64_t)(h * row_blocks + rb) * splits * per_task, top = own;
                 for (int s = 0; s < splits; s++) {
-                    const float *m = scratch + ((int64_t)(h * row_blocks + rb) * splits + s) * per_task +
-                                     (int64_t)(2 * dim + PCHUNK) * rp;
-                    const float *l = m + rp;
-                    if (l[i] > 0.0f && m[i] + logf(l[i]) > top) top = m[i] + logf(l[i]);
+                    struct prefix_scratch x = task_scratch(first + s * per_task, dim, rp);
+                    if (x.l[i] > 0.0f && x.m[i] + logf(x.l[i]) > top) top = x.m[i] + logf(x.l[i]);
                 }
                 if (top == -INFINITY) continue; /* no key at all: stays empty */
                 float w = own == -INFINITY ? 0.0f : expf(own - top), total = w;
                 for (int d = 0; d < dim; d++) o[d] *= w;
                 for (int s = 0; s < splits; s++) {
-                    const float *ot = scratch + ((int64_t)(h * row_blocks + rb) * splits + s) * per_task +
-                                      (int64_t)dim * rp;
-                    const float *m = ot + (int64_t)(dim + PCHUNK) * rp, *l = m + rp;
-                    if (!(l[i] > 0.0f)) continue;
-                    float e = expf(m[i] - top);
-                    total += l[i] * e;
-                    for (int d = 0; d < dim; d++) o[d] += ot[(int64_t)d * rp + i] * e;
+                    struct prefix_scratch x = task_scratch(first + s * per_task, dim, rp);
+                    if (!(x.l[i] > 0.0f)) continue;
+                    float e = expf(x.m[i] - top);
+                    total += x.l[i] * e;
+                    for (int d = 0; d < dim; d++) o[d] += x.ot[(int64_t)d * rp + i] * e;
                 }
                 for (int d = 0; d < dim; d++) o[d] /= total;
                 lse[r * heads + head] = top + logf(total);
